@@ -1,0 +1,169 @@
+"""Logits processing and acceptance rules for speculative decoding (jittable, static shapes).
+
+* :func:`process_logits` turns verifier logits into the sampling distribution
+  (temperature -> top-k -> top-p -> renormalise).
+* :func:`greedy_accept` is the temperature-0 rule: accept the longest draft prefix that equals the
+  verifier's argmax, then emit the verifier's argmax at the first mismatch (the "bonus" token).
+* :func:`speculative_sample` is exact speculative (rejection) sampling for a deterministic,
+  one-hot draft q = delta(x_i): accept x_i with probability min(1, p_i(x_i) / q_i(x_i)) = p_i(x_i);
+  at the first rejection j sample from norm(max(0, p_j - q_j)) = p_j with x_j zeroed and
+  renormalised; if all drafts are accepted sample the bonus token from p_{n_draft}. Every emitted
+  token is then distributed exactly as the verifier's processed distribution.
+
+Both acceptance rules return ``(tokens [B, K+1] int32, n_emit [B] int32)``:
+``tokens[b, :n_emit[b]]`` are the tokens to append (accepted draft tokens followed by one bonus or
+correction token), ``n_emit = n_accepted + 1`` in [1, n_draft + 1]. Entries of ``tokens`` at
+positions ``>= n_emit`` carry no meaning.
+
+The draft logits layout is ``logits[b, t]`` = verifier logits after feeding
+``[last, draft_0, ..., draft_{K-1}]``, so position t predicts the token after draft_{t-1}.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+
+def process_logits(
+    logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+    """Probabilities of the sampling distribution.
+
+    Args:
+      logits: [..., V] float32.
+      temperature: > 0; logits are divided by it.
+      top_k: keep the top_k largest logits (0 or >= V = off). Ties with the k-th value are kept.
+      top_p: in (0, 1]; keep the smallest set of most likely tokens (after top-k) whose cumulative
+        probability is >= top_p (1.0 = off). The argmax is always kept; ties with the smallest
+        kept probability are kept too.
+
+    Returns:
+      [..., V] float32 probabilities (zeros outside the kept support), summing to 1.
+    """
+    if not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    if not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+    x = jnp.asarray(logits, dtype=jnp.float32) / jnp.float32(temperature)  # [..., V]
+    v = x.shape[-1]
+    neg_inf = jnp.float32(-jnp.inf)
+
+    if 0 < top_k < v:
+        kth = jax.lax.top_k(x, top_k)[0][..., -1:]  # [..., 1] k-th largest value
+        x = jnp.where(x >= kth, x, neg_inf)
+
+    probs = jax.nn.softmax(x, axis=-1)  # [..., V]
+    if top_p < 1.0:
+        sorted_p = -jnp.sort(-probs, axis=-1)  # [..., V] descending
+        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # [..., V] exclusive cumulative sum
+        # Position j is in the minimal nucleus iff the mass strictly before it is < top_p
+        # (position 0 always qualifies because top_p > 0).
+        n_keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # [..., 1] >= 1
+        threshold = jnp.take_along_axis(sorted_p, n_keep - 1, axis=-1)  # [..., 1]
+        probs = jnp.where(probs >= threshold, probs, 0.0)
+        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    return probs
+
+
+def sample_tokens(probs: jax.Array, key: jax.Array) -> jax.Array:
+    """Categorical sample from probabilities.
+
+    Args:
+      probs: [..., V] float32, non-negative (need not be normalised; zero entries are never drawn).
+      key: PRNG key.
+
+    Returns:
+      [...] int32 sampled token ids.
+    """
+    probs = jnp.asarray(probs, dtype=jnp.float32)
+    logp = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def _accepted_prefix(ok: jax.Array) -> jax.Array:
+    """ok [B, K] bool -> [B] int32 length of the all-True prefix."""
+    return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+
+
+def greedy_accept(
+    draft: jax.Array, n_draft: jax.Array, logits: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy (temperature 0) acceptance.
+
+    Args:
+      draft: [B, K] int32 draft tokens.
+      n_draft: [B] int32 number of valid draft tokens, in [0, K].
+      logits: [B, K+1, V] verifier logits at [last, draft_0 .. draft_{K-1}].
+
+    Returns:
+      tokens [B, K+1] int32 = g = argmax(logits, -1) (first maximal index); tokens[b, :n_emit[b]]
+      are the accepted draft tokens (equal to g there) followed by the bonus token g[b, n_accept].
+      n_emit [B] int32 = n_accept + 1, where n_accept is the longest prefix i < n_draft[b] with
+      draft[b, i] == g[b, i].
+    """
+    draft = jnp.asarray(draft).astype(jnp.int32)
+    k = draft.shape[-1]
+    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+    valid = jnp.arange(k, dtype=jnp.int32)[None, :] < jnp.asarray(n_draft)[:, None]  # [B, K]
+    n_accept = _accepted_prefix(valid & (draft == g[:, :k]))  # [B]
+    return g, n_accept + 1
+
+
+def speculative_sample(
+    draft: jax.Array, n_draft: jax.Array, probs: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Exact speculative sampling for a one-hot (deterministic) draft.
+
+    Args:
+      draft: [B, K] int32 draft tokens x_0 .. x_{K-1}.
+      n_draft: [B] int32 number of valid draft tokens, in [0, K].
+      probs: [B, K+1, V] float32 verifier PROCESSED distribution (output of process_logits).
+      key: PRNG key.
+
+    For i = 0 .. n_draft-1 in order, accept x_i iff u_i < p_i(x_i) with u_i ~ U[0, 1). At the first
+    rejection j emit a token from p_j with x_j zeroed and renormalised, and stop; if all n_draft
+    drafts are accepted emit a bonus token from p_{n_draft}.
+
+    Returns:
+      tokens [B, K+1] int32: accepted draft tokens, then the sampled token at index n_accept, then
+      zeros. n_emit [B] int32 = n_accept + 1.
+    """
+    draft = jnp.asarray(draft).astype(jnp.int32)
+    n_draft = jnp.asarray(n_draft).astype(jnp.int32)
+    probs = jnp.asarray(probs, dtype=jnp.float32)
+    b, k = draft.shape
+    v = probs.shape[-1]
+    key_u, key_s = jax.random.split(key)
+
+    # Acceptance of each draft position, then the accepted prefix length.
+    p_draft = jnp.take_along_axis(probs[:, :k, :], draft[:, :, None], axis=-1)[..., 0]  # [B, K]
+    u = jax.random.uniform(key_u, (b, k), dtype=jnp.float32)  # [B, K] in [0, 1)
+    valid = jnp.arange(k, dtype=jnp.int32)[None, :] < n_draft[:, None]  # [B, K]
+    n_accept = _accepted_prefix(valid & (u < p_draft))  # [B]
+
+    # Distribution of the single sampled token at position j = n_accept.
+    p_j = jnp.take_along_axis(probs, n_accept[:, None, None], axis=1)[:, 0, :]  # [B, V]
+    rejected = n_accept < n_draft  # [B] (else: bonus token from p_j as is)
+    x_j = jnp.take_along_axis(draft, jnp.minimum(n_accept, k - 1)[:, None], axis=1)  # [B, 1]
+    drop = rejected[:, None] & (jnp.arange(v, dtype=jnp.int32)[None, :] == x_j)  # [B, V]
+    resid = jnp.where(drop, 0.0, p_j)  # [B, V]
+    denom = jnp.sum(resid, axis=-1, keepdims=True)  # [B, 1]
+    # Zero residual mass only happens when p_j(x_j) == 1, i.e. never on an exact rejection; fall
+    # back to p_j itself so the sample stays well defined under float round-off.
+    resid = jnp.where(denom > 0, resid / jnp.where(denom > 0, denom, 1.0), p_j)
+    sampled = sample_tokens(resid, key_s)  # [B]
+
+    pos = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]
+    draft_ext = jnp.pad(draft, ((0, 0), (0, 1)))  # [B, K+1]
+    tokens = jnp.where(
+        pos < n_accept[:, None],
+        draft_ext,
+        jnp.where(pos == n_accept[:, None], sampled[:, None], 0),
+    ).astype(jnp.int32)
+    return tokens, n_accept + 1

@@ -1,0 +1,224 @@
+"""Command line decoding: ``python -m quasar_jax.decode --prompt "def fibonacci(n):"``.
+
+Loads a model (``demo`` = the small model shipped with the package, a local Hugging Face
+directory, a converted quasar_jax checkpoint, or a hub id), optionally quantises the verifier to
+int8, and generates with n-gram speculative decoding (Quasar when the verifier is int8), QSpec, or
+plain autoregressive decoding. Invalid input gets a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _float_in(lo: float, hi: float, lo_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {'(' if lo_open else '['}{lo}, {hi}], got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo",
+                   help="'demo', a local HF or converted directory, or a hub id (default: demo)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompt-file", help="one prompt per line, or .jsonl with 'turns' (first turn used)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--max-len", type=_positive_int, default=None,
+                   help="KV cache slots (default: longest prompt + max new tokens, rounded up)")
+    p.add_argument("--drafter", choices=["none", "ngram", "qspec"], default="ngram")
+    p.add_argument("--num-draft", type=_positive_int, default=5, help="K, draft tokens per step")
+    p.add_argument("--ngram-min", type=_positive_int, default=1)
+    p.add_argument("--ngram-max", type=_positive_int, default=3)
+    p.add_argument("--ngram-prefer", choices=["recent", "earliest"], default="recent")
+    p.add_argument("--verifier", choices=["fp", "w8a16", "w8a8"], default=None,
+                   help="verifier weights/matmul: float, int8 weight-only, int8 W8A8 "
+                        "(default fp; w8a16 for --drafter qspec)")
+    p.add_argument("--backend", choices=["xla", "pallas"], default="xla",
+                   help="int8 matmul implementation (default xla)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="int8 LM head too (untied models)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--temperature", type=_float_in(0.0, 100.0, False), default=0.0)
+    p.add_argument("--top-k", type=_non_negative_int, default=0)
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, True), default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are accepted (batch size 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            prompts = []
+            for n, line in enumerate(lines, 1):
+                try:
+                    prompts.append(json.loads(line)["turns"][0])
+                except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'turns' list") from None
+            return prompts
+        return [line.replace("\\n", "\n") for line in lines]
+    if not sys.stdin.isatty():
+        text = sys.stdin.read()
+        if text.strip():
+            return [text]
+    raise ValueError("no prompt: give --prompt, --prompt-file, or text on stdin")
+
+
+def stop_ids_of(tokenizer, model_dir) -> tuple[int, ...]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return tuple(sorted(ids))
+
+
+def encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def run(args) -> int:
+    import jax.numpy as jnp
+
+    from quasar_jax.engine import Engine, GenerationConfig
+    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
+
+    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "fp")
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, drafter=args.drafter, num_draft=args.num_draft,
+        ngram_min=args.ngram_min, ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer,
+        verifier=verifier, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_len=args.max_len, seed=args.seed)
+    config.validate()
+    if args.stream and args.batch_size != 1:
+        raise ValueError("--stream needs --batch-size 1")
+    prompts = read_prompts(args)
+
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    model = load_model(model_dir, dtype=dtype)
+    if verifier != "fp":
+        from quasar_jax.quant import quantize_model
+
+        model = quantize_model(model, lm_head=args.quantize_lm_head, mode=verifier, backend=args.backend)
+    stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
+    config = GenerationConfig(**{**config.__dict__, "stop_ids": stop})
+    engine = Engine(model)
+
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        ids = [encode(tokenizer, text, args.chat) for text in batch]
+        stream = None
+        if args.stream:
+            shown: list[int] = []
+
+            def stream(tokens, n_emit, _shown=shown):
+                before = tokenizer.decode(_shown, skip_special_tokens=True)
+                _shown.extend(tokens[0, :int(n_emit[0])].tolist())
+                sys.stdout.write(tokenizer.decode(_shown, skip_special_tokens=True)[len(before):])
+                sys.stdout.flush()
+
+            if not args.json:
+                sys.stdout.write(batch[0])
+        result = engine.generate(ids, config, stream=stream)
+        for i, text in enumerate(batch):
+            out_ids = result.tokens[i]
+            completion = tokenizer.decode(out_ids, skip_special_tokens=True)
+            row = result.stats[i]
+            stats = {"new_tokens": row["new_tokens"], "verify_steps": row["verify_steps"],
+                     "mean_accepted": round(row["mean_accepted"], 4),
+                     "emitted_hist": row["emitted_hist"],
+                     "tokens_per_s": round(result.batch_stats["tokens_per_s"], 2),
+                     "wall_s": round(result.batch_stats["wall_s"], 4),
+                     "compile_s": round(result.batch_stats["compile_s"], 3),
+                     "batch_size": len(batch), "drafter": config.drafter, "verifier": verifier,
+                     "num_draft": config.k}
+            if args.json:
+                print(json.dumps({"prompt": text, "prompt_ids": ids[i], "output_ids": out_ids,
+                                  "text": completion, "stats": stats}), flush=True)
+            else:
+                if args.stream:
+                    print()
+                else:
+                    print(text + completion)
+                print(f"[{config.drafter}/{verifier}] new_tokens={stats['new_tokens']} "
+                      f"verify_steps={stats['verify_steps']} tau={stats['mean_accepted']:.2f} "
+                      f"tokens/s={stats['tokens_per_s']:.1f} (batch) compile={stats['compile_s']:.2f}s",
+                      flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"python -m quasar_jax.decode: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Static key/value cache with per-row lengths.
+
+Layout: ``k``, ``v`` are ``[L, B, S, G, E]`` (layer, row, slot, kv head, head dim); ``lengths``
+``[B]`` counts the committed slots of each row. A forward call writes the K/V of token ``(b, t)``
+into slot ``positions[b, t]``; slots at or past ``S`` are dropped, never clamped onto valid ones.
+Rolling back rejected draft tokens is free: the engine just sets ``lengths`` back, and the
+attention mask hides slots ``>= lengths`` that are not part of the current chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from quasar_jax.config import Qwen3Config
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, B, S, G, E]
+    v: jax.Array  # [L, B, S, G, E]
+    lengths: jax.Array  # [B] int32: committed slots per row
+
+    @classmethod
+    def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:  # S
+        return self.k.shape[2]
+
+    def replace(self, **changes) -> "KVCache":
+        return dataclasses.replace(self, **changes)
+
+    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
+        """Write ``k_new, v_new [B, T, G, E]`` of ``layer`` at slots ``positions [B, T]``."""
+        rows = jnp.arange(self.batch)[:, None]  # [B, 1]
+        k = self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
+        v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
+        return dataclasses.replace(self, k=k, v=v)
+
+    def attention_mask(self, positions: jax.Array) -> jax.Array:
+        """Visibility ``[B, T, S]`` of cache slots for the queries at ``positions [B, T]``.
+
+        Slot ``s`` is visible to query ``(b, t)`` when ``s <= positions[b, t]`` (causal) and it is
+        either committed (``s < lengths[b]``) or part of this call's chunk (``s >= positions[b, 0]``).
+        """
+        slots = jnp.arange(self.max_len)[None, None, :]  # [1, 1, S]
+        causal = slots <= positions[:, :, None]
+        committed = slots < self.lengths[:, None, None]
+        in_chunk = slots >= positions[:, :1, None]
+        return causal & (committed | in_chunk)

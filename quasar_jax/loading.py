@@ -1,0 +1,228 @@
+"""Hugging Face checkpoints <-> quasar_jax models.
+
+``load_model`` reads a local directory (``config.json`` plus ``model.safetensors`` or sharded
+``model-*.safetensors`` with ``model.safetensors.index.json``), a hub id (downloaded with
+``huggingface_hub``), or ``"demo"`` (the model shipped in ``quasar_jax/assets``). Tensors are read
+one at a time and written straight into an abstractly built model, so the host never holds a
+second full copy of the weights; an optional ``tensor_hook`` may transform each projection as it
+arrives (the int8 loader quantises there).
+
+The key table is strict: every expected tensor must be present with the expected shape, and an
+unknown tensor is an error; each error names the tensor. A tied checkpoint may omit
+``lm_head.weight`` (if present it must equal the embedding's shape and is ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from quasar_jax.config import Qwen3Config
+from quasar_jax.model import Qwen3, abstract_model
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-qwen3"
+
+_LAYER_TENSORS = {
+    # HF name inside model.layers.{i}.  -> (attribute path inside DecoderLayer, is a Linear weight)
+    "self_attn.q_proj.weight": ("self_attn", "q_proj", "kernel"),
+    "self_attn.k_proj.weight": ("self_attn", "k_proj", "kernel"),
+    "self_attn.v_proj.weight": ("self_attn", "v_proj", "kernel"),
+    "self_attn.o_proj.weight": ("self_attn", "o_proj", "kernel"),
+    "self_attn.q_norm.weight": ("self_attn", "q_norm", "scale"),
+    "self_attn.k_norm.weight": ("self_attn", "k_norm", "scale"),
+    "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"),
+    "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"),
+    "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"),
+    "input_layernorm.weight": ("input_layernorm", "scale"),
+    "post_attention_layernorm.weight": ("post_attention_layernorm", "scale"),
+}
+
+
+def key_table(cfg: Qwen3Config) -> dict[str, tuple]:
+    """HF tensor name -> attribute path in ``Qwen3`` (a tuple of names and layer indices)."""
+    table = {"model.embed_tokens.weight": ("embed_tokens",), "model.norm.weight": ("norm", "scale")}
+    for i in range(cfg.num_hidden_layers):
+        for name, path in _LAYER_TENSORS.items():
+            table[f"model.layers.{i}.{name}"] = ("layers", i) + path
+    if not cfg.tie_word_embeddings:
+        table["lm_head.weight"] = ("lm_head", "kernel")
+    return table
+
+
+def is_linear_path(path: tuple) -> bool:
+    return path[-1] == "kernel"
+
+
+def _get_variable(model, path: tuple) -> nnx.Variable:
+    obj = model
+    for part in path:
+        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+    return obj
+
+
+def _set_path(model, path: tuple, value) -> None:
+    parent = _get_variable(model, path[:-1])
+    setattr(parent, path[-1], value) if not isinstance(path[-1], int) else parent.__setitem__(path[-1], value)
+
+
+# ------------------------------------------------------------------------ resolving a model name
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """``"demo"``, a local directory, or a hub id -> local directory with ``config.json``."""
+    name = str(name_or_path)
+    if name == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"the demo model is not installed at {DEMO_MODEL_DIR}")
+        return DEMO_MODEL_DIR
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return path
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model directory not found: {name}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception as err:  # network, auth, unknown repo: one line naming the id
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"model {name!r} is neither a local directory nor downloadable from the hub ({reason})") from None
+    return Path(local)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint shard listed in {index.name} is missing: {missing[0]}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray | jax.Array]]:
+    """Yield ``(name, array)`` one tensor at a time across all shards."""
+    from safetensors import safe_open
+
+    for file in _safetensors_files(model_dir):
+        with safe_open(str(file), framework="flax") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+# ------------------------------------------------------------------------ loading
+TensorHook = Callable[[str, tuple, jax.Array], object]
+
+
+def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | None = None) -> Qwen3:
+    """Fill ``model`` (built abstractly or not) from ``(hf_name, array)`` pairs, strictly.
+
+    ``tensor_hook(hf_name, path, kernel)`` may return a replacement module for a Linear
+    (``path`` ends in ``"kernel"``, ``kernel`` is ``[I, O]`` in ``dtype``) or ``None`` to keep it.
+    """
+    cfg = model.config
+    table = key_table(cfg)
+    seen: set[str] = set()
+    for name, array in tensors:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            if tuple(array.shape) != (cfg.vocab_size, cfg.hidden_size):
+                raise ValueError(f"tensor lm_head.weight has shape {tuple(array.shape)}, "
+                                 f"expected {(cfg.vocab_size, cfg.hidden_size)}")
+            continue  # tied: the head is the embedding
+        if name not in table:
+            raise ValueError(f"unknown tensor in checkpoint: {name}")
+        path = table[name]
+        variable = _get_variable(model, path)
+        array = jnp.asarray(array)
+        if is_linear_path(path):
+            array = array.T  # torch weight [O, I] -> kernel [I, O]
+        expected = tuple(variable.shape)
+        if tuple(array.shape) != expected:
+            raise ValueError(f"tensor {name} has shape {tuple(array.T.shape if is_linear_path(path) else array.shape)}, "
+                             f"expected {expected[::-1] if is_linear_path(path) else expected}")
+        array = array.astype(dtype)
+        replacement = tensor_hook(name, path, array) if (tensor_hook and is_linear_path(path)) else None
+        if replacement is not None:
+            _set_path(model, path[:-1], replacement)
+        else:
+            variable.set_value(array) if hasattr(variable, "set_value") else setattr(variable, "value", array)
+        seen.add(name)
+    missing = [k for k in table if k not in seen]
+    if missing:
+        raise ValueError(f"checkpoint is missing tensor {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return model
+
+
+def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32,
+               tensor_hook: TensorHook | None = None) -> Qwen3:
+    """Load a Qwen3 model from ``"demo"``, a local HF directory or a hub id."""
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = Qwen3Config.from_json(model_dir / "config.json")
+    model = abstract_model(cfg, dtype)
+    return load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = "demo"):
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:
+        raise ValueError(f"could not load a tokenizer from {model_dir}: {str(err).splitlines()[0]}") from None
+
+
+def load(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32):
+    """``(model, tokenizer)`` for ``"demo"``, a local HF directory or a hub id."""
+    return load_model(name_or_path, dtype=dtype), load_tokenizer(name_or_path)
+
+
+# ------------------------------------------------------------------------ saving
+def hf_state_dict(model: Qwen3) -> dict[str, np.ndarray]:
+    """The model's float parameters under HF names (torch layout), as numpy arrays."""
+    out = {}
+    for name, path in key_table(model.config).items():
+        value = _get_variable(model, path)[...]
+        value = np.asarray(jax.device_get(value))
+        out[name] = np.ascontiguousarray(value.T) if is_linear_path(path) else value
+    return out
+
+
+def save_pretrained(model: Qwen3, out_dir: str | os.PathLike, *, dtype=None, tokenizer=None,
+                    generation_config: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) that transformers loads."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    if dtype is not None:
+        import ml_dtypes  # numpy has no bfloat16; safetensors.numpy accepts ml_dtypes arrays
+
+        np_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+        tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_hf_dict()
+    cfg["dtype"] = str(jnp.dtype(dtype or model.dtype))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if generation_config is not None:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random Hugging Face Qwen3 checkpoints written offline."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"aqt\..*")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, intermediate_size=64, rms_norm_eps=1e-6,
+            max_position_embeddings=256)
+
+
+def make_hf_checkpoint(out_dir, *, tie=False, kv_heads=2, seed=0, **overrides):
+    """Save a random ``Qwen3ForCausalLM`` with non-trivial norm weights; return the HF model."""
+    import torch
+    from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = HFConfig(**{**TINY, "num_key_value_heads": kv_heads, "tie_word_embeddings": tie,
+                      "rope_theta": 10000.0, **overrides})
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # RMSNorm weights init to 1: make them matter
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(out_dir))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """Factory: (tie, kv_heads) -> (checkpoint dir, HF model); cached per session."""
+    made = {}
+
+    def get(tie=False, kv_heads=2):
+        key = (tie, kv_heads)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"hf_tie{int(tie)}_kv{kv_heads}")
+            made[key] = (d, make_hf_checkpoint(d, tie=tie, kv_heads=kv_heads))
+        return made[key]
+
+    return get

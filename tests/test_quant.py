@@ -1,0 +1,368 @@
+"""Tests for quasar_jax.quant: int8 weight quantisation (AQT), Int8Linear, quantize_model.
+
+Error bounds. Symmetric per-channel int8 with step s = absmax / 127 gives an elementwise rounding
+error uniform in [-s/2, s/2], rms s / sqrt(12). For Gaussian columns of length I = 256 the absmax
+is ~2.9 sigma, so the relative rms weight error is ~2.9 / (127 sqrt(12)) ~= 0.0066, and since the
+errors are independent of x the matmul output has the same relative error: measured 0.0066
+(float32) / 0.0070 (bfloat16 activations, which add bf16 rounding), bound 1e-2. w8a8 adds an
+independent per-token activation error of the same size, sqrt(2) * 0.0066 ~= 0.0093: measured
+0.0097 / 0.0101, bound 2e-2.
+
+Whole model (2 layers + quantised lm_head, random init N(0, 0.02), float32): the errors of the
+~8 quantised matmuls on each token's path partly add up; measured relative logit error 0.0105
+(w8a16) and 0.0152 (w8a8), bounds 3e-2 / 4e-2; top-1 agreement measured 63/64 positions,
+bound >= 0.9 (random-init logits have small margins, so a flip or two is expected).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from quasar_jax import quant
+from quasar_jax.config import Qwen3Config
+from quasar_jax.model import Linear, Qwen3
+
+CFG = Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, intermediate_size=128)
+# every projection has I >= 128 (scale overhead 4 / I bytes per int8 byte) and no float tensor
+# (embedding [160, 128]) shares a shape with a projection kernel
+CFG_MEM = Qwen3Config(vocab_size=160, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, intermediate_size=256)
+
+W8A16_BOUND = 1e-2
+W8A8_BOUND = 2e-2
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def gaussian(seed, shape, scale=1.0, dtype=jnp.float32):
+    return (scale * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+
+
+def has_pallas() -> bool:
+    try:
+        from pallas_kernels import int8_matmul  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def iter_eqns(jaxpr):
+    """All equations of a jaxpr, sub-jaxprs (pjit, custom_vjp, ...) included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from iter_eqns(sub)
+
+
+# ---------------------------------------------------------------------------- quantize_kernel
+
+
+def test_quantize_kernel_format_and_roundtrip():
+    w = gaussian(0, (96, 48), 0.05)
+    q, s = quant.quantize_kernel(w)
+    assert q.dtype == jnp.int8 and q.shape == (96, 48)
+    assert s.dtype == jnp.float32 and s.shape == (48,)
+    np.testing.assert_allclose(np.asarray(s), np.abs(np.asarray(w)).max(0) / 127, rtol=1e-6)
+    assert int(jnp.abs(q.astype(jnp.int32)).max()) == 127  # the absmax maps onto +-127
+    w_hat = quant.dequantize(q, s)
+    assert w_hat.dtype == jnp.float32 and w_hat.shape == w.shape
+    # round to nearest: |w - q s| <= s / 2 (plus float slack)
+    assert bool(jnp.all(jnp.abs(w_hat - w) <= s * (0.5 + 1e-4)))
+    assert quant.dequantize(q, s, jnp.bfloat16).dtype == jnp.bfloat16
+    # bf16 kernels and the torch layout (transpose=True) give the same [I, O] result
+    q2, s2 = quant.quantize_kernel(w.T, transpose=True)
+    np.testing.assert_array_equal(np.asarray(q2), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(s2), np.asarray(s))
+    qb, sb = quant.quantize_kernel(w.astype(jnp.bfloat16))
+    assert qb.dtype == jnp.int8 and sb.dtype == jnp.float32
+
+
+def test_zero_channel_and_zero_row_give_no_nan():
+    w = gaussian(1, (64, 32), 0.05).at[:, 5].set(0.0)
+    q, s = quant.quantize_kernel(w)
+    assert bool(jnp.all(jnp.isfinite(s))) and float(s[5]) == np.float32(quant.MIN_SCALE)
+    assert bool(jnp.all(q[:, 5] == 0))
+    x = gaussian(2, (4, 64)).at[2].set(0.0)  # one all-zero activation row
+    for mode in quant.MODES:
+        y = quant.int8_matmul_xla(x, q, s, mode=mode)
+        assert bool(jnp.all(jnp.isfinite(y))), mode
+        assert bool(jnp.all(y[:, 5] == 0)) and bool(jnp.all(y[2] == 0)), mode
+
+
+# ---------------------------------------------------------------------------- matmul numerics
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_error_bounds(dtype):
+    x = gaussian(3, (2, 8, 256), dtype=dtype)  # [B, T, I]
+    w = gaussian(4, (256, 192), 0.05)
+    y = jnp.einsum("bti,io->bto", x.astype(jnp.float32), w, precision="highest")
+    layer = quant.Int8Linear.from_kernel(w)
+    for mode, bound in (("w8a16", W8A16_BOUND), ("w8a8", W8A8_BOUND)):
+        yq = layer(x, quant_mode=mode)
+        assert yq.dtype == dtype and yq.shape == (2, 8, 192)
+        err = rel_err(yq.astype(jnp.float32), y)
+        assert err < bound, (mode, err)
+    # w8a8 loses more than w8a16 (activations are quantised too)
+    assert rel_err(layer(x, quant_mode="w8a8").astype(jnp.float32), y) > rel_err(
+        layer(x, quant_mode="w8a16").astype(jnp.float32), y)
+
+
+def test_w8a16_equals_dequantized_matmul():
+    x = gaussian(5, (3, 128))
+    q, s = quant.quantize_kernel(gaussian(6, (128, 64), 0.05))
+    ref = jnp.dot(x, quant.dequantize(q, s), precision="highest")
+    y = quant.int8_matmul_xla(x, q, s, mode="w8a16")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # bf16 activations: f32 accumulation, one bf16 rounding of the output
+    xb = x.astype(jnp.bfloat16)
+    refb = jnp.dot(xb.astype(jnp.float32), quant.dequantize(q, s), precision="highest")
+    yb = quant.int8_matmul_xla(xb, q, s, mode="w8a16")
+    assert yb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(refb), rtol=1e-2, atol=1e-3)
+
+
+def test_w8a8_equals_explicit_integer_formula():
+    x = gaussian(7, (5, 128))
+    q, s = quant.quantize_kernel(gaussian(8, (128, 64), 0.05))
+    x_scale = jnp.maximum(jnp.abs(x).max(-1) / 127, quant.MIN_SCALE)  # [M]
+    x_q = jnp.clip(jnp.round(x / x_scale[:, None]), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot_general(x_q, q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    ref = acc.astype(jnp.float32) * x_scale[:, None] * s[None, :]
+    y = quant.int8_matmul_xla(x, q, s, mode="w8a8")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_jaxpr_int8_dots_and_no_float_weight_copy():
+    i, o = 128, 96
+    x = jnp.zeros((4, i), jnp.bfloat16)
+    q, s = jnp.zeros((i, o), jnp.int8), jnp.ones((o,), jnp.float32)
+    for mode, lhs_dtype, acc_dtype in (("w8a16", jnp.bfloat16, jnp.float32),
+                                       ("w8a8", jnp.int8, jnp.int32)):
+        jaxpr = jax.make_jaxpr(functools.partial(quant.int8_matmul_xla, mode=mode))(x, q, s)
+        eqns = list(iter_eqns(jaxpr))
+        dots = [e for e in eqns if e.primitive.name == "dot_general"]
+        assert len(dots) == 1, mode
+        lhs, rhs = (v.aval for v in dots[0].invars)
+        assert (lhs.dtype, rhs.dtype, rhs.shape) == (lhs_dtype, jnp.int8, (i, o)), mode
+        assert dots[0].params["preferred_element_type"] == acc_dtype, mode
+        for e in eqns:  # nothing float of the weight's shape is ever built
+            for v in e.outvars:
+                assert not (tuple(v.aval.shape) == (i, o)
+                            and jnp.issubdtype(v.aval.dtype, jnp.floating)), (mode, e)
+
+
+@pytest.mark.skipif(not has_pallas(), reason="pallas_kernels.int8_matmul not importable")
+def test_pallas_backend_matches_xla():
+    x = gaussian(9, (2, 3, 128))
+    w = gaussian(10, (128, 64), 0.05)
+    xla = quant.Int8Linear.from_kernel(w)
+    pallas = quant.Int8Linear.from_kernel(w, backend="pallas")
+    for mode in quant.MODES:
+        np.testing.assert_allclose(np.asarray(pallas(x, quant_mode=mode)),
+                                   np.asarray(xla(x, quant_mode=mode)), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- Int8Linear
+
+
+def test_int8linear_holds_only_int8_and_scale():
+    layer = quant.Int8Linear.from_kernel(gaussian(11, (64, 32), 0.05), mode="w8a8")
+    leaves = nnx.to_flat_state(nnx.state(layer))
+    got = {path: (v.get_value().dtype, v.get_value().shape) for path, v in leaves}
+    assert got == {("qvalue",): (jnp.int8, (64, 32)), ("scale",): (jnp.float32, (32,))}
+    assert (layer.in_features, layer.out_features) == (64, 32)
+    x = gaussian(12, (3, 64))
+    # quant_mode=None -> the layer's default mode
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(layer(x, quant_mode="w8a8")))
+    assert not np.array_equal(np.asarray(layer(x)), np.asarray(layer(x, quant_mode="w8a16")))
+
+
+def test_bad_mode_and_backend_errors():
+    w = gaussian(13, (16, 8))
+    with pytest.raises(ValueError, match=r"unknown quant_mode 'w4a4'.*'w8a16', 'w8a8'"):
+        quant.Int8Linear.from_kernel(w)(jnp.ones((1, 16)), quant_mode="w4a4")
+    with pytest.raises(ValueError, match=r"unknown mode 'int4'.*'w8a16', 'w8a8'"):
+        quant.Int8Linear.from_kernel(w, mode="int4")
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*'xla', 'pallas'"):
+        quant.Int8Linear.from_kernel(w, backend="cuda")
+    model = Qwen3(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"unknown mode 'fp8'"):
+        quant.quantize_model(model, mode="fp8")
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'"):
+        quant.quantize_model(model, backend="tpu")
+    assert isinstance(model.layers[0].self_attn.q_proj, Linear)  # nothing changed
+
+
+def test_not_a_kernel_errors():
+    with pytest.raises(ValueError, match=r"cannot quantise kernel: expected a rank-2.*\(4, 4, 4\)"):
+        quant.quantize_kernel(jnp.ones((4, 4, 4)))
+    with pytest.raises(ValueError, match=r"cannot quantise bias: expected a rank-2.*\(8,\)"):
+        quant.quantize_kernel(jnp.ones((8,)), name="bias")
+    with pytest.raises(ValueError, match=r"cannot quantise w: expected a floating-point.*int32"):
+        quant.quantize_kernel(jnp.ones((4, 4), jnp.int32), name="w")
+    model = Qwen3(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"cannot quantise input_layernorm: expected a "
+                                         r"quasar_jax.model.Linear, got RMSNorm"):
+        quant.quantize_linear(model.layers[0].input_layernorm, name="input_layernorm")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight.*rank-2.*\(3, 4, 5\)"):
+        quant.quantize_linear_weight_hook("model.layers.0.mlp.up_proj.weight", np.ones((3, 4, 5)))
+
+
+def test_tied_lm_head_request_errors():
+    tied = Qwen3(Qwen3Config(**{**CFG.__dict__, "tie_word_embeddings": True}), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"lm_head=True.*ties its LM head.*embedding"):
+        quant.quantize_model(tied, lm_head=True)
+    assert isinstance(tied.layers[0].mlp.down_proj, Linear)  # checked before any change
+    quant.quantize_model(tied)  # without the head it is fine
+    assert isinstance(tied.layers[0].mlp.down_proj, quant.Int8Linear) and tied.lm_head is None
+    qw = quant.QuantizedWeight(("lm_head",), jnp.zeros((64, 128), jnp.int8), jnp.ones((128,)))
+    with pytest.raises(ValueError, match=r"no lm_head \(tied LM head"):
+        quant.install_quantized(tied, qw)
+
+
+# ---------------------------------------------------------------------------- whole model
+
+
+def test_quantize_model_memory():
+    model = Qwen3(CFG_MEM, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    float_bytes = quant.param_bytes(model)
+    proj_shapes, kernel_refs = set(), []
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear):
+            proj_shapes.add(tuple(module.kernel.shape))
+            kernel_refs.append(weakref.ref(module.kernel.get_value()))
+    assert len(kernel_refs) == 7 * CFG_MEM.num_hidden_layers + 1
+
+    assert quant.quantize_model(model, lm_head=True) is model
+    pb = quant.quantized_projection_bytes(model)
+    assert pb.count == len(kernel_refs)
+    assert pb.quantized <= 0.52 * pb.bf16, pb  # int8 + f32 scales vs bf16
+    # every leaf of the param pytree: no float array shaped like a projection kernel
+    leaves = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    total = 0
+    for path, var in leaves:
+        value = var.get_value()
+        total += value.size * value.dtype.itemsize
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            assert tuple(value.shape) not in proj_shapes, path
+            assert path[-1] != "kernel", path
+    assert total == quant.param_bytes(model)
+    saved = float_bytes - total
+    assert saved == pb.bf16 - pb.quantized
+    # the float kernels were released (nothing in quant keeps them alive)
+    gc.collect()
+    assert all(ref() is None for ref in kernel_refs)
+
+
+def _jit_forward(model, batch, max_len):
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="quant_mode")
+    def forward(state, tokens, positions, quant_mode=None):
+        m = nnx.merge(graphdef, state)
+        logits, _ = m(tokens, positions, m.init_cache(batch, max_len), quant_mode=quant_mode)
+        return logits
+
+    return functools.partial(forward, state)
+
+
+def test_quantized_model_forward_close_to_float():
+    model = Qwen3(CFG, rngs=nnx.Rngs(0))
+    b, t = 4, 16
+    tokens = jax.random.randint(jax.random.key(14), (b, t), 0, CFG.vocab_size, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    ref = _jit_forward(model, b, t)(tokens, positions)
+
+    quant.quantize_model(model, lm_head=True, mode="w8a16")
+    assert isinstance(model.lm_head, quant.Int8Linear)
+    fwd = _jit_forward(model, b, t)
+    results = {}
+    for mode, bound in (("w8a16", 3e-2), ("w8a8", 4e-2)):
+        logits = fwd(tokens, positions, quant_mode=mode)
+        assert logits.dtype == jnp.float32 and logits.shape == ref.shape
+        err = rel_err(logits, ref)
+        agree = float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(ref, -1)))
+        assert err < bound and agree >= 0.9, (mode, err, agree)
+        results[mode] = logits
+    assert not np.array_equal(np.asarray(results["w8a16"]), np.asarray(results["w8a8"]))
+    # quant_mode=None -> each layer's default (w8a16 here), also under nnx.jit
+    logits, _ = nnx.jit(lambda m, tk, ps: m(tk, ps, m.init_cache(b, t)))(model, tokens, positions)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(results["w8a16"]), rtol=1e-5,
+                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- loader hook
+
+
+def test_hook_and_install_match_quantize_model():
+    model = Qwen3(CFG, rngs=nnx.Rngs(0))
+    # a fake HF state dict: torch layout weight [O, I]
+    hf = {}
+    for i, layer in enumerate(model.layers):
+        for proj in quant.ATTN_PROJECTIONS:
+            hf[f"model.layers.{i}.self_attn.{proj}.weight"] = getattr(layer.self_attn, proj).kernel[...].T
+        for proj in quant.MLP_PROJECTIONS:
+            hf[f"model.layers.{i}.mlp.{proj}.weight"] = getattr(layer.mlp, proj).kernel[...].T
+        hf[f"model.layers.{i}.input_layernorm.weight"] = layer.input_layernorm.scale[...]
+    hf["model.embed_tokens.weight"] = model.embed_tokens[...]
+    hf["lm_head.weight"] = model.lm_head.kernel[...].T
+
+    assert quant.projection_path("model.layers.1.mlp.down_proj.weight") == ("layers", 1, "mlp",
+                                                                           "down_proj")
+    assert quant.projection_path("model.layers.1.mlp.q_proj.weight") is None
+    assert quant.projection_path("lm_head.weight") is None
+    assert quant.projection_path("lm_head.weight", lm_head=True) == ("lm_head",)
+
+    hook = quant.make_quantize_hook(lm_head=True)
+    target = Qwen3(CFG, rngs=nnx.Rngs(1))  # different float weights, to be replaced
+    installed = 0
+    for key, array in hf.items():
+        qw = hook(key, np.asarray(array))
+        if qw is None:
+            assert "proj" not in key and key != "lm_head.weight"
+            continue
+        layer = quant.install_quantized(target, qw, mode="w8a8")
+        assert layer.mode == "w8a8"
+        installed += 1
+    assert installed == 7 * CFG.num_hidden_layers + 1
+
+    quant.quantize_model(model, lm_head=True)
+    for (path, a), (path_b, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                      nnx.to_flat_state(nnx.state(target, nnx.Param))):
+        assert path == path_b
+        if path[-1] in ("qvalue", "scale"):
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+    bad = quant.QuantizedWeight(("layers", 0, "mlp", "up_proj"),
+                                jnp.zeros((128, 64), jnp.int8), jnp.ones((64,)))
+    with pytest.raises(ValueError, match=r"layers.0.mlp.up_proj expects \[I, O\] = \(64, 128\)"):
+        quant.install_quantized(target, bad)
+
+
+def test_abstract_quantized_model_layout():
+    abstract = quant.abstract_quantized_model(CFG_MEM, jnp.bfloat16, lm_head=True)
+    flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    q = flat[("layers", 1, "self_attn", "k_proj", "qvalue")].get_value()
+    s = flat[("layers", 1, "self_attn", "k_proj", "scale")].get_value()
+    assert isinstance(q, jax.ShapeDtypeStruct)
+    assert (q.shape, q.dtype, s.shape, s.dtype) == ((128, 64), jnp.int8, (64,), jnp.float32)
+    assert ("lm_head", "qvalue") in flat and not any(p[-1] == "kernel" for p in flat)
+    concrete = quant.quantize_model(Qwen3(CFG_MEM, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+                                    lm_head=True)
+    assert quant.param_bytes(abstract) == quant.param_bytes(concrete)
