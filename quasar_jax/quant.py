@@ -203,8 +203,8 @@ def int8_matmul_pallas(x: jax.Array, qvalue: jax.Array, scale: jax.Array, *, mod
     try:
         from pallas_kernels import int8_matmul
     except ImportError as err:
-        raise ValueError(f"backend 'pallas' needs pallas_kernels.int8_matmul, which cannot be "
-                         f"imported: {err}") from err
+        raise ImportError(f"backend 'pallas' needs pallas_kernels.int8_matmul, which cannot be "
+                          f"imported: {err}") from err
     return int8_matmul(x, qvalue, scale, act_quant=mode == "w8a8", backend="auto").astype(x.dtype)
 
 

@@ -47,3 +47,39 @@ def hf_tiny(tmp_path_factory):
         return made[key]
 
     return get
+
+
+TOKENIZER_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "the quick brown fox jumps over the lazy dog\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+]
+
+
+def make_tiny_tokenizer(out_dir, vocab_size=160):
+    """A byte-level BPE tokenizer trained offline on a few lines, saved as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny Qwen3 checkpoint with a matching tokenizer (for engine and CLI tests)."""
+    d = tmp_path_factory.mktemp("tiny_with_tokenizer")
+    tok = make_tiny_tokenizer(d)
+    make_hf_checkpoint(d, tie=True, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    return d
