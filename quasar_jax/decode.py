@@ -141,6 +141,7 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from quasar_jax.engine import Engine, GenerationConfig
+    from quasar_jax.checkpoint import is_quantized
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 
     verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "fp")
@@ -157,11 +158,11 @@ def run(args) -> int:
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    model = load_model(model_dir, dtype=dtype)
-    if verifier != "fp":
-        from quasar_jax.quant import quantize_model
-
-        model = quantize_model(model, lm_head=args.quantize_lm_head, mode=verifier, backend=args.backend)
+    model = load_model(model_dir, dtype=dtype, quantize="none" if verifier == "fp" else "int8",
+                       quantize_lm_head=args.quantize_lm_head, mode=verifier if verifier != "fp" else "w8a16",
+                       backend=args.backend)
+    if verifier == "fp" and is_quantized(model):
+        raise ValueError(f"{model_dir} holds int8 weights: use --verifier w8a16 or --verifier w8a8")
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
     config = GenerationConfig(**{**config.__dict__, "stop_ids": stop})
     engine = Engine(model)

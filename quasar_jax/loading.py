@@ -170,10 +170,40 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
 
 
 def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32,
-               tensor_hook: TensorHook | None = None) -> Qwen3:
-    """Load a Qwen3 model from ``"demo"``, a local HF directory or a hub id."""
+               quantize: str = "none", quantize_lm_head: bool = False, mode: str = "w8a16",
+               backend: str = "xla", tensor_hook: TensorHook | None = None) -> Qwen3:
+    """Load a Qwen3 model from ``"demo"``, a local HF or converted directory, or a hub id.
+
+    ``quantize="int8"`` quantises every attention/MLP projection (and the untied LM head with
+    ``quantize_lm_head``) as it is read, so no float copy of those weights is ever kept;
+    ``mode`` / ``backend`` are the int8 layers' default matmul mode and implementation.
+    """
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"unknown quantize {quantize!r}; choose none or int8")
     model_dir = resolve_model_dir(name_or_path)
+    from quasar_jax import checkpoint
+
+    if checkpoint.is_converted_dir(model_dir):
+        model = checkpoint.load_converted(model_dir, dtype=dtype, mode=mode, backend=backend)
+        if quantize == "int8" and not checkpoint.is_quantized(model):
+            from quasar_jax.quant import quantize_model
+
+            model = quantize_model(model, lm_head=quantize_lm_head, mode=mode, backend=backend)
+        return model
     cfg = Qwen3Config.from_json(model_dir / "config.json")
+    if quantize == "int8":
+        if quantize_lm_head and cfg.tie_word_embeddings:
+            raise ValueError("quantize_lm_head: this model ties its LM head to the float embedding; "
+                             "there is no separate lm_head to quantise")
+        if tensor_hook is not None:
+            raise ValueError("give either quantize='int8' or a tensor_hook, not both")
+        from quasar_jax.quant import Int8Linear
+
+        def tensor_hook(name, path, kernel):
+            if path[0] == "lm_head" and not quantize_lm_head:
+                return None
+            return Int8Linear.from_kernel(kernel, mode=mode, backend=backend)
+
     model = abstract_model(cfg, dtype)
     return load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook)
 

@@ -1,0 +1,122 @@
+"""Converted checkpoints: float or int8 params saved with orbax-checkpoint, ready to serve.
+
+A converted directory holds::
+
+    quasar_jax.json        format marker: {"format": 1, "quantize": "none"|"int8", "lm_head_int8", "dtype"}
+    config.json            the model's Hugging Face style config
+    params/                orbax-checkpoint of the model's parameter pytree (int8 values + scales
+                           for quantised projections, float arrays otherwise)
+    tokenizer files, generation_config.json (copied from the source)
+
+Loading it skips safetensors conversion and quantisation: the abstract (quantised) model is built
+with ``nnx.eval_shape`` and orbax restores straight into its layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from quasar_jax.config import Qwen3Config
+from quasar_jax.model import Qwen3, abstract_model
+
+MARKER = "quasar_jax.json"
+FORMAT = 1
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+               "merges.txt", "chat_template.jinja", "generation_config.json", "added_tokens.json")
+
+
+def is_converted_dir(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def is_quantized(model: Qwen3) -> bool:
+    from quasar_jax.quant import Int8Linear
+
+    return any(isinstance(m, Int8Linear) for _, m in nnx.iter_modules(model))
+
+
+def save_converted(model: Qwen3, out_dir: str | Path, *, source_dir: str | Path | None = None) -> Path:
+    """Save ``model`` (float or quantised) with orbax; copy tokenizer files from ``source_dir``."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).resolve()
+    if (out / "params").exists():
+        raise FileExistsError(f"output directory already holds a checkpoint: {out / 'params'}")
+    out.mkdir(parents=True, exist_ok=True)
+    quantized = is_quantized(model)
+    lm_head_int8 = quantized and model.lm_head is not None and not hasattr(model.lm_head, "kernel")
+    meta = {"format": FORMAT, "quantize": "int8" if quantized else "none",
+            "lm_head_int8": bool(lm_head_int8), "dtype": jnp.dtype(model.dtype).name}
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out / "params", nnx.to_pure_dict(nnx.state(model)))
+        ckpt.wait_until_finished()
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    if source_dir is not None:
+        for name in _SIDE_FILES:
+            if (Path(source_dir) / name).is_file():
+                shutil.copy(Path(source_dir) / name, out / name)
+    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_converted(path: str | Path, *, dtype=None, mode: str = "w8a16", backend: str = "xla") -> Qwen3:
+    """Restore a converted directory; ``dtype`` casts the float params (default: as saved)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not a converted quasar_jax checkpoint (no {MARKER}): {path}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / MARKER}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
+    for needed in ("config.json", "params"):
+        if not (path / needed).exists():
+            raise FileNotFoundError(f"converted checkpoint {path} is missing {needed}")
+    cfg = Qwen3Config.from_json(path / "config.json")
+    saved_dtype = jnp.dtype(meta["dtype"])
+    if meta["quantize"] == "int8":
+        from quasar_jax.quant import abstract_quantized_model
+
+        abstract = abstract_quantized_model(cfg, saved_dtype, lm_head=meta["lm_head_int8"],
+                                            mode=mode, backend=backend)
+    elif meta["quantize"] == "none":
+        abstract = abstract_model(cfg, saved_dtype)
+    else:
+        raise ValueError(f"{path / MARKER}: unknown quantize value {meta['quantize']!r}")
+    graphdef, state = nnx.split(abstract)
+    target = nnx.to_pure_dict(state)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(path / "params", target)
+    except Exception as err:  # orbax reports missing / mismatched arrays in many shapes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not restore params from {path / 'params'}: {first}") from None
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(graphdef, state)
+    if dtype is not None and jnp.dtype(dtype) != saved_dtype:
+        model = cast_float_params(model, dtype)
+    return model
+
+
+def cast_float_params(model: Qwen3, dtype) -> Qwen3:
+    """Cast, in place, the float params (embedding, norms, float projections) to ``dtype``.
+
+    int8 values and their float32 scales are left alone. Returns ``model``.
+    """
+    from quasar_jax.model import Linear, RMSNorm
+
+    dtype = jnp.dtype(dtype)
+    model.embed_tokens.set_value(model.embed_tokens[...].astype(dtype))
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, RMSNorm):
+            module.scale.set_value(module.scale[...].astype(dtype))
+        elif isinstance(module, Linear):
+            module.kernel.set_value(module.kernel[...].astype(dtype))
+    model.dtype = dtype
+    return model
