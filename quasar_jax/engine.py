@@ -127,8 +127,14 @@ def _round_up(x: int, m: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the device program
-def _make_program(graphdef, cfg: GenerationConfig, stream: Callable | None):
-    """Return ``run(state, prompt [B, P], prompt_lens [B], max_new [], stop [NS], key) -> LoopState``."""
+def make_program(graphdef, cfg: GenerationConfig, stream: Callable | None = None):
+    """The device functions of one generation config, to be jitted by the caller.
+
+    Returns ``(init, step, run)``: ``init(params, prompt [B, P], prompt_lens [B], S, key)`` prefills
+    and gives the first ``LoopState``; ``step(params, state, max_new [], stop [NS])`` is one loop
+    iteration; ``run(params, prompt, prompt_lens, S, max_new, stop, key)`` is ``init`` followed by
+    the ``while_loop`` of ``step`` until every row is done (what ``Engine`` compiles).
+    """
     k = cfg.k
     mode = cfg.quant_mode
     greedy = cfg.temperature == 0
@@ -203,24 +209,33 @@ def _make_program(graphdef, cfg: GenerationConfig, stream: Callable | None):
             emitted_hist=state.emitted_hist.at[jnp.arange(b), n_emit].add(active),
             key=key, iteration=state.iteration + 1)
 
-    def run(params, prompt, prompt_lens, max_len_static: int, max_new, stop, key):
+    def init(params, prompt, prompt_lens, max_len_static: int, key) -> LoopState:
+        """Prefill every prompt token but each row's last one; the loop's state before step 1."""
         model = nnx.merge(graphdef, params)
         b, p = prompt.shape
         s = max_len_static
         cache = KVCache.init(model.config, b, s, model.dtype)
-        if p > 1:  # prefill all prompt tokens but each row's last one
+        if p > 1:
             positions = jnp.broadcast_to(jnp.arange(p - 1, dtype=jnp.int32), (b, p - 1))
             _, cache = model(prompt[:, :-1], positions, cache, quant_mode=mode)
         history = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompt)
-        state = LoopState(
+        return LoopState(
             history=history, lengths=prompt_lens, cache=cache.replace(lengths=prompt_lens - 1),
             done=jnp.zeros((b,), bool) | (prompt_lens >= s), new_tokens=jnp.zeros((b,), jnp.int32),
             steps=jnp.zeros((b,), jnp.int32), emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
             key=key, iteration=jnp.zeros((), jnp.int32))
+
+    def step(params, state: LoopState, max_new, stop) -> LoopState:
+        """One draft-verify-accept-commit iteration (the loop body)."""
+        return body(nnx.merge(graphdef, params), state, max_new, stop)
+
+    def run(params, prompt, prompt_lens, max_len_static: int, max_new, stop, key) -> LoopState:
+        model = nnx.merge(graphdef, params)
+        state = init(params, prompt, prompt_lens, max_len_static, key)
         return jax.lax.while_loop(lambda st: jnp.any(~st.done),
                                   lambda st: body(model, st, max_new, stop), state)
 
-    return run
+    return init, step, run
 
 
 # ----------------------------------------------------------------------------- host side
@@ -237,7 +252,7 @@ class Engine:
         key = (static, b, p, s, n_stop, stream)
         if key in self._compiled:
             return self._compiled[key], 0.0
-        run = _make_program(self.graphdef, static, stream)
+        _, _, run = make_program(self.graphdef, static, stream)
         jitted = jax.jit(run, static_argnums=(3,))
         t0 = time.perf_counter()
         compiled = jitted.lower(
