@@ -3,15 +3,15 @@
 Error bounds. Symmetric per-channel int8 with step s = absmax / 127 gives an elementwise rounding
 error uniform in [-s/2, s/2], rms s / sqrt(12). For Gaussian columns of length I = 256 the absmax
 is ~2.9 sigma, so the relative rms weight error is ~2.9 / (127 sqrt(12)) ~= 0.0066, and since the
-errors are independent of x the matmul output has the same relative error: measured 0.0066
-(float32) / 0.0070 (bfloat16 activations, which add bf16 rounding), bound 1e-2. w8a8 adds an
-independent per-token activation error of the same size, sqrt(2) * 0.0066 ~= 0.0093: measured
-0.0097 / 0.0101, bound 2e-2.
+errors are independent of x the matmul output has the same relative error: measured 0.0067
+(float32) / 0.0069 (bfloat16 activations, which add bf16 rounding), bound 1e-2. w8a8 adds an
+independent per-token activation error of similar size, ~sqrt(2) * 0.0066 ~= 0.0093: measured
+0.0094 / 0.0097, bound 2e-2.
 
 Whole model (2 layers + quantised lm_head, random init N(0, 0.02), float32): the errors of the
-~8 quantised matmuls on each token's path partly add up; measured relative logit error 0.0105
-(w8a16) and 0.0152 (w8a8), bounds 3e-2 / 4e-2; top-1 agreement measured 63/64 positions,
-bound >= 0.9 (random-init logits have small margins, so a flip or two is expected).
+~8 quantised matmuls on each token's path partly add up; measured relative logit error 0.0099
+(w8a16) and 0.0135 (w8a8), bounds 3e-2 / 4e-2; top-1 agreement measured 64/64 and 62/64
+positions, bound >= 0.9 (random-init logits have small margins, so a flip or two is expected).
 """
 
 from __future__ import annotations
@@ -149,22 +149,33 @@ def test_w8a8_equals_explicit_integer_formula():
 
 
 def test_jaxpr_int8_dots_and_no_float_weight_copy():
+    """w8a8: int8 x int8 -> int32 dot, nothing float of the weight's shape. w8a16: the only float
+    [I, O] value is the int8 -> x.dtype convert feeding the dot (fused into the GEMM by XLA on
+    GPU), never a float32 copy of a bf16 model's weight."""
     i, o = 128, 96
     x = jnp.zeros((4, i), jnp.bfloat16)
     q, s = jnp.zeros((i, o), jnp.int8), jnp.ones((o,), jnp.float32)
-    for mode, lhs_dtype, acc_dtype in (("w8a16", jnp.bfloat16, jnp.float32),
-                                       ("w8a8", jnp.int8, jnp.int32)):
+    for mode, operand_dtypes, acc_dtype in (("w8a16", (jnp.bfloat16, jnp.bfloat16), jnp.float32),
+                                            ("w8a8", (jnp.int8, jnp.int8), jnp.int32)):
         jaxpr = jax.make_jaxpr(functools.partial(quant.int8_matmul_xla, mode=mode))(x, q, s)
         eqns = list(iter_eqns(jaxpr))
         dots = [e for e in eqns if e.primitive.name == "dot_general"]
         assert len(dots) == 1, mode
         lhs, rhs = (v.aval for v in dots[0].invars)
-        assert (lhs.dtype, rhs.dtype, rhs.shape) == (lhs_dtype, jnp.int8, (i, o)), mode
+        assert (lhs.dtype, rhs.dtype) == operand_dtypes and rhs.shape == (i, o), mode
         assert dots[0].params["preferred_element_type"] == acc_dtype, mode
-        for e in eqns:  # nothing float of the weight's shape is ever built
-            for v in e.outvars:
-                assert not (tuple(v.aval.shape) == (i, o)
-                            and jnp.issubdtype(v.aval.dtype, jnp.floating)), (mode, e)
+        float_weights = [e for e in eqns for v in e.outvars
+                         if tuple(v.aval.shape) == (i, o)
+                         and jnp.issubdtype(v.aval.dtype, jnp.floating)]
+        if mode == "w8a8":
+            assert not float_weights
+        else:
+            assert len(float_weights) == 1, float_weights
+            convert = float_weights[0]
+            assert convert.primitive.name == "convert_element_type"
+            assert convert.invars[0].aval.dtype == jnp.int8
+            assert convert.outvars[0].aval.dtype == jnp.bfloat16
+            assert convert.outvars[0] is dots[0].invars[1]
 
 
 @pytest.mark.skipif(not has_pallas(), reason="pallas_kernels.int8_matmul not importable")
@@ -173,9 +184,11 @@ def test_pallas_backend_matches_xla():
     w = gaussian(10, (128, 64), 0.05)
     xla = quant.Int8Linear.from_kernel(w)
     pallas = quant.Int8Linear.from_kernel(w, backend="pallas")
+    # identical on CPU (the wrapper runs its XLA reference); the GPU/TPU kernels may use
+    # TF32/bf16 passes for float32 activations, hence the looser tolerance
     for mode in quant.MODES:
         np.testing.assert_allclose(np.asarray(pallas(x, quant_mode=mode)),
-                                   np.asarray(xla(x, quant_mode=mode)), rtol=1e-5, atol=1e-5)
+                                   np.asarray(xla(x, quant_mode=mode)), rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------------------- Int8Linear
