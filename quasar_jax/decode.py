@@ -174,7 +174,7 @@ def run(args) -> int:
         if args.stream:
             shown: list[int] = []
 
-            def stream(tokens, n_emit, _shown=shown):
+            def stream(tokens, n_emit, _shown=shown):  # noqa: F811 (host callback from the loop)
                 before = tokenizer.decode(_shown, skip_special_tokens=True)
                 _shown.extend(tokens[0, :int(n_emit[0])].tolist())
                 sys.stdout.write(tokenizer.decode(_shown, skip_special_tokens=True)[len(before):])

@@ -45,16 +45,14 @@ How AQT (``aqtp``, imported ``aqt``) is used:
   backend="auto")`` (imported lazily at trace time), same numerics and weight format.
 
 Entry points: ``Int8Linear`` (drop-in for ``quasar_jax.model.Linear``), ``quantize_model`` (in
-place, layer by layer), ``quantize_linear_weight_hook`` / ``install_quantized`` (for a streaming
-checkpoint loader), ``abstract_quantized_model``, ``param_bytes``, ``quantized_projection_bytes``.
+place, layer by layer), ``abstract_quantized_model``, ``param_bytes``, ``quantized_projection_bytes``.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -330,94 +328,6 @@ def abstract_quantized_model(cfg: Qwen3Config, dtype=jnp.bfloat16, *, lm_head: b
     """
     return nnx.eval_shape(lambda: quantize_model(Qwen3(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
                                                  lm_head=lm_head, mode=mode, backend=backend))
-
-
-# ----------------------------------------------------------------------------- loader hook
-_PROJECTION_KEY = re.compile(
-    r"^model\.layers\.(\d+)\.(?:(self_attn)\.(q_proj|k_proj|v_proj|o_proj)"
-    r"|(mlp)\.(gate_proj|up_proj|down_proj))\.weight$")
-
-
-class QuantizedWeight(NamedTuple):
-    """One quantised projection: where it goes in the model and its int8 data."""
-
-    path: tuple  # module path in the Qwen3 graph, e.g. ("layers", 3, "self_attn", "q_proj")
-    qvalue: jax.Array  # [I, O] int8
-    scale: jax.Array  # [O] float32
-
-
-def projection_path(hf_key: str, *, lm_head: bool = False) -> tuple | None:
-    """HF checkpoint key of a projection weight -> its module path in ``Qwen3``, else ``None``.
-
-    ``"model.layers.3.self_attn.q_proj.weight"`` -> ``("layers", 3, "self_attn", "q_proj")``;
-    ``"lm_head.weight"`` -> ``("lm_head",)`` only when ``lm_head=True``.
-    """
-    if lm_head and hf_key == "lm_head.weight":
-        return ("lm_head",)
-    m = _PROJECTION_KEY.match(hf_key)
-    if m is None:
-        return None
-    layer, attn, attn_proj, mlp, mlp_proj = m.groups()
-    return ("layers", int(layer), attn or mlp, attn_proj or mlp_proj)
-
-
-def quantize_linear_weight_hook(hf_key: str, array: Any, *, lm_head: bool = False,
-                                hf_layout: bool = True) -> QuantizedWeight | None:
-    """Streaming-loader hook: quantise a projection right after it is read.
-
-    ``array`` is the checkpoint tensor (jax/numpy array) for ``hf_key``; with ``hf_layout=True``
-    (the default) it is torch's ``weight [O, I]``, otherwise already the kernel ``[I, O]``.
-    Returns ``None`` for keys that stay float (embeddings, norms, the LM head unless
-    ``lm_head=True``), else a :class:`QuantizedWeight` ``(path, qvalue [I, O], scale [O])``
-    for :func:`install_quantized`. Raises ``ValueError`` naming ``hf_key`` if it is not rank 2.
-    """
-    path = projection_path(hf_key, lm_head=lm_head)
-    if path is None:
-        return None
-    qvalue, scale = quantize_kernel(array, name=hf_key, transpose=hf_layout)
-    return QuantizedWeight(path, qvalue, scale)
-
-
-def make_quantize_hook(*, lm_head: bool = False,
-                       hf_layout: bool = True) -> Callable[[str, Any], QuantizedWeight | None]:
-    """``quantize_linear_weight_hook`` with its options bound: ``hook(hf_key, array)``."""
-    return functools.partial(quantize_linear_weight_hook, lm_head=lm_head, hf_layout=hf_layout)
-
-
-def install_quantized(model: Qwen3, weight: QuantizedWeight, *, mode: str = "w8a16",
-                      backend: str = "xla") -> Int8Linear:
-    """Put ``weight`` into ``model`` (in place) as an ``Int8Linear`` at ``weight.path``.
-
-    The slot may hold a float ``Linear`` (concrete or abstract, from ``nnx.eval_shape``) or an
-    ``Int8Linear``; its shape must match. Raises ``ValueError`` for a bad path, a shape mismatch
-    or an ``lm_head`` on a tied model.
-    """
-    _check_mode(mode, "mode")
-    _check_backend(backend)
-    *parents, leaf = weight.path
-    node: Any = model
-    try:
-        for part in parents:
-            node = node[part] if isinstance(part, int) else getattr(node, part)
-        current = getattr(node, leaf)
-    except (AttributeError, IndexError, TypeError):
-        raise ValueError(f"install_quantized: no module at path {weight.path}") from None
-    if current is None:
-        raise ValueError(f"install_quantized: the model has no {'.'.join(map(str, weight.path))} "
-                         "(tied LM head: it is the float embedding)")
-    if isinstance(current, Linear):
-        expected = tuple(current.kernel.shape)
-    elif isinstance(current, Int8Linear):
-        expected = tuple(current.qvalue.shape)
-    else:
-        raise ValueError(f"install_quantized: {'.'.join(map(str, weight.path))} is a "
-                         f"{type(current).__name__}, not a Linear")
-    if tuple(weight.qvalue.shape) != expected:
-        raise ValueError(f"install_quantized: {'.'.join(map(str, weight.path))} expects [I, O] = "
-                         f"{expected}, got {tuple(weight.qvalue.shape)}")
-    layer = Int8Linear(weight.qvalue, weight.scale, mode=mode, backend=backend)
-    setattr(node, leaf, layer)
-    return layer
 
 
 # ----------------------------------------------------------------------------- accounting

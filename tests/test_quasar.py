@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quasar_jax.checkpoint import is_quantized, load_converted, save_converted
+from quasar_jax.checkpoint import is_quantized, load_converted
 from quasar_jax.convert import main as convert_main
 from quasar_jax.engine import Engine, GenerationConfig
 from quasar_jax.loading import load_model
