@@ -27,53 +27,53 @@ MIN_SCALE = 1e-8  # guards all-zero rows: scale 0 would give 0/0 = NaN
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Dynamic per-row symmetric int8 quantisation.
+    """Dynamic per-row symmetric int8 quantisation.
 
-  Args:
-    x: [..., I] float array (any float dtype; the maths is done in float32).
+    Args:
+      x: [..., I] float array (any float dtype; the maths is done in float32).
 
-  Returns:
-    ``(x_q, x_scale)``: ``x_q`` [..., I] int8 in [-127, 127] and ``x_scale``
-    [...] float32 with ``x ~= x_q * x_scale[..., None]``.  ``x_scale`` is
-    ``max(|x_row|) / 127`` clamped to ``>= 1e-8`` so an all-zero row gives
-    ``x_q = 0`` and a finite scale (no NaN).
-  """
-  x32 = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x32), axis=-1)
-  x_scale = jnp.maximum(amax / INT8_MAX, MIN_SCALE)
-  x_q = jnp.clip(jnp.round(x32 / x_scale[..., None]), -INT8_MAX, INT8_MAX)
-  return x_q.astype(jnp.int8), x_scale
+    Returns:
+      ``(x_q, x_scale)``: ``x_q`` [..., I] int8 in [-127, 127] and ``x_scale``
+      [...] float32 with ``x ~= x_q * x_scale[..., None]``.  ``x_scale`` is
+      ``max(|x_row|) / 127`` clamped to ``>= 1e-8`` so an all-zero row gives
+      ``x_q = 0`` and a finite scale (no NaN).
+    """
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1)
+    x_scale = jnp.maximum(amax / INT8_MAX, MIN_SCALE)
+    x_q = jnp.clip(jnp.round(x32 / x_scale[..., None]), -INT8_MAX, INT8_MAX)
+    return x_q.astype(jnp.int8), x_scale
 
 
 def dequant_epilogue(acc: jax.Array, w_scale: jax.Array,
                      x_scale: jax.Array | None, out_dtype) -> jax.Array:
-  """Applies the scales to an [M, O] accumulator (int32 or float32).
+    """Applies the scales to an [M, O] accumulator (int32 or float32).
 
-  Shared by the reference and by the split-K reduction of the GPU kernel so
-  that the multiplication order is the same everywhere.
-  """
-  y = acc.astype(jnp.float32)
-  if x_scale is not None:
-    y = y * x_scale.astype(jnp.float32)[:, None]
-  y = y * w_scale.astype(jnp.float32)[None, :]
-  return y.astype(out_dtype)
+    Shared by the reference and by the split-K reduction of the GPU kernel so
+    that the multiplication order is the same everywhere.
+    """
+    y = acc.astype(jnp.float32)
+    if x_scale is not None:
+        y = y * x_scale.astype(jnp.float32)[:, None]
+    y = y * w_scale.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
 
 
 def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array,
                           *, act_quant: bool) -> jax.Array:
-  """Reference int8 matmul.  x [M, I] (f32 or bf16), w_q [I, O] int8,
-  w_scale [O] f32 -> [M, O] in x.dtype.  Leading dims of x other than the
-  last are not flattened here (use the wrapper for [..., I])."""
-  if act_quant:
-    x_q, x_scale = quantize_rows(x)
+    """Reference int8 matmul.  x [M, I] (f32 or bf16), w_q [I, O] int8,
+    w_scale [O] f32 -> [M, O] in x.dtype.  Leading dims of x other than the
+    last are not flattened here (use the wrapper for [..., I])."""
+    if act_quant:
+        x_q, x_scale = quantize_rows(x)
+        acc = jax.lax.dot_general(
+            x_q, w_q, (((x_q.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=jnp.int32)
+        return dequant_epilogue(acc.reshape(-1, acc.shape[-1]), w_scale,
+                                x_scale.reshape(-1), x.dtype).reshape(acc.shape)
     acc = jax.lax.dot_general(
-        x_q, w_q, (((x_q.ndim - 1,), (0,)), ((), ())),
-        preferred_element_type=jnp.int32)
-    return dequant_epilogue(acc.reshape(-1, acc.shape[-1]), w_scale,
-                            x_scale.reshape(-1), x.dtype).reshape(acc.shape)
-  acc = jax.lax.dot_general(
-      x, w_q.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
-      precision=jax.lax.Precision.HIGHEST,
-      preferred_element_type=jnp.float32)
-  return dequant_epilogue(acc.reshape(-1, acc.shape[-1]), w_scale, None,
-                          x.dtype).reshape(acc.shape)
+        x, w_q.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32)
+    return dequant_epilogue(acc.reshape(-1, acc.shape[-1]), w_scale, None,
+                            x.dtype).reshape(acc.shape)
