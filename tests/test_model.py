@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from flax import nnx
+
 from quasar_jax.config import Qwen3Config, preset_names
 from quasar_jax.loading import load_model
 from quasar_jax.model import abstract_model, count_params
@@ -19,13 +21,19 @@ BF16_TOL = 0.15
 F32_TOL = 1e-4
 
 
+@nnx.jit
+def _call(model, tokens, positions, cache):
+    """The model's one entry point, jitted (eager op-by-op dispatch is slow on CPU)."""
+    return model(tokens, positions, cache)
+
+
 def _positions(batch, length, start=0):
     return jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), (batch, length))
 
 
 def _forward(model, tokens, max_len=64):
     tokens = jnp.asarray(tokens, jnp.int32)
-    logits, _ = model(tokens, _positions(*tokens.shape), model.init_cache(tokens.shape[0], max_len))
+    logits, _ = _call(model, tokens, _positions(*tokens.shape), model.init_cache(tokens.shape[0], max_len))
     return np.asarray(logits)
 
 
@@ -63,14 +71,14 @@ def test_prefill_then_chunks_at_per_row_offsets_matches_full_forward(hf_tiny):
     # Row 0 prefills 8 tokens, row 1 prefills 5 (right-padded): then T=3 chunks at per-row offsets.
     prefill_lens = np.array([8, 5])
     cache = model.init_cache(2, 64)
-    _, cache = model(tokens[:, :8], _positions(2, 8), cache)
+    _, cache = _call(model, tokens[:, :8], _positions(2, 8), cache)
     cache = cache.replace(lengths=jnp.asarray(prefill_lens, jnp.int32))
     got = {0: [], 1: []}
     offsets = prefill_lens.copy()
     for _ in range(4):
         idx = offsets[:, None] + np.arange(3)[None, :]  # [B, 3]
         chunk = jnp.take_along_axis(tokens, jnp.asarray(idx), axis=1)
-        logits, cache = model(chunk, jnp.asarray(idx, jnp.int32), cache)
+        logits, cache = _call(model, chunk, jnp.asarray(idx, jnp.int32), cache)
         for b in range(2):
             got[b].append(np.asarray(logits[b]))
         offsets += 3
@@ -87,11 +95,11 @@ def test_rejected_slots_are_hidden_after_rollback(hf_tiny):
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 96, size=(1, 12)), jnp.int32)
     full = _forward(model, tokens)
     cache = model.init_cache(1, 64)
-    _, cache = model(tokens[:, :6], _positions(1, 6), cache)
+    _, cache = _call(model, tokens[:, :6], _positions(1, 6), cache)
     junk = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
-    _, cache = model(junk, _positions(1, 4, 6), cache)
+    _, cache = _call(model, junk, _positions(1, 4, 6), cache)
     cache = cache.replace(lengths=jnp.asarray([6], jnp.int32))  # reject everything
-    logits, _ = model(tokens[:, 6:8], _positions(1, 2, 6), cache)
+    logits, _ = _call(model, tokens[:, 6:8], _positions(1, 2, 6), cache)
     assert np.abs(np.asarray(logits[0]) - full[0, 6:8]).max() < 1e-4
 
 
@@ -112,9 +120,9 @@ def test_ragged_batch_rows_match_each_row_alone(hf_tiny):
 def test_writes_past_the_cache_are_dropped_not_clamped(hf_tiny):
     model = load_model(hf_tiny(False, 2)[0])
     cache = model.init_cache(1, 8)
-    _, cache = model(jnp.ones((1, 8), jnp.int32), _positions(1, 8), cache)
+    _, cache = _call(model, jnp.ones((1, 8), jnp.int32), _positions(1, 8), cache)
     before = np.asarray(cache.k)
-    _, cache2 = model(jnp.full((1, 2), 3, jnp.int32), _positions(1, 2, 8), cache)
+    _, cache2 = _call(model, jnp.full((1, 2), 3, jnp.int32), _positions(1, 2, 8), cache)
     assert np.array_equal(before, np.asarray(cache2.k))
 
 
