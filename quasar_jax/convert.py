@@ -8,15 +8,14 @@ projections to int8, and saves the params with orbax-checkpoint plus config and 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 
-from quasar_jax.decode import EXIT_USAGE, _Parser
+from quasar_jax.cli import OneLineParser, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m quasar_jax.convert", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m quasar_jax.convert", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="'demo', a local HF directory, or a hub id")
     p.add_argument("--quantize", choices=["none", "int8"], default="none")
     p.add_argument("--quantize-lm-head", action="store_true", help="int8 LM head too (untied models)")
@@ -43,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load+convert {t_load:.2f}s, save {time.perf_counter() - t0 - t_load:.2f}s")
         return 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"python -m quasar_jax.convert: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("python -m quasar_jax.convert", err)
 
 
 if __name__ == "__main__":

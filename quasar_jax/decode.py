@@ -15,64 +15,23 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage block otherwise)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _float_in(lo: float, hi: float, lo_open: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok = (value > lo if lo_open else value >= lo) and value <= hi
-        if not ok:
-            raise argparse.ArgumentTypeError(
-                f"expected a number in {'(' if lo_open else '['}{lo}, {hi}], got {text!r}")
-        return value
-    return parse
-
+from quasar_jax.cli import OneLineParser, fail, float_in, non_negative_int, positive_int
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo",
                    help="'demo', a local HF or converted directory, or a hub id (default: demo)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompt-file", help="one prompt per line, or .jsonl with 'turns' (first turn used)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--max-len", type=_positive_int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache slots (default: longest prompt + max new tokens, rounded up)")
     p.add_argument("--drafter", choices=["none", "ngram", "qspec"], default="ngram")
-    p.add_argument("--num-draft", type=_positive_int, default=5, help="K, draft tokens per step")
-    p.add_argument("--ngram-min", type=_positive_int, default=1)
-    p.add_argument("--ngram-max", type=_positive_int, default=3)
+    p.add_argument("--num-draft", type=positive_int, default=5, help="K, draft tokens per step")
+    p.add_argument("--ngram-min", type=positive_int, default=1)
+    p.add_argument("--ngram-max", type=positive_int, default=3)
     p.add_argument("--ngram-prefer", choices=["recent", "earliest"], default="recent")
     p.add_argument("--verifier", choices=["fp", "w8a16", "w8a8"], default=None,
                    help="verifier weights/matmul: float, int8 weight-only, int8 W8A8 "
@@ -81,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 matmul implementation (default xla)")
     p.add_argument("--quantize-lm-head", action="store_true", help="int8 LM head too (untied models)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--temperature", type=_float_in(0.0, 100.0, False), default=0.0)
-    p.add_argument("--top-k", type=_non_negative_int, default=0)
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, True), default=1.0)
+    p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, True), default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted (batch size 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -174,12 +133,13 @@ def run(args) -> int:
         if args.stream:
             shown: list[int] = []
 
-            def stream(tokens, n_emit, _shown=shown):  # noqa: F811 (host callback from the loop)
+            def stream_text(tokens, n_emit, _shown=shown):  # host callback from the device loop
                 before = tokenizer.decode(_shown, skip_special_tokens=True)
                 _shown.extend(tokens[0, :int(n_emit[0])].tolist())
                 sys.stdout.write(tokenizer.decode(_shown, skip_special_tokens=True)[len(before):])
                 sys.stdout.flush()
 
+            stream = stream_text
             if not args.json:
                 sys.stdout.write(batch[0])
         result = engine.generate(ids, config, stream=stream)
@@ -217,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"python -m quasar_jax.decode: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("python -m quasar_jax.decode", err)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from quasar_jax.model import Qwen3
 
 DRAFTERS = ("none", "ngram", "qspec")
 VERIFIERS = ("fp", "w8a16", "w8a8")
-PROMPT_BUCKET = 32  # prompts are right-padded to a multiple of this (fewer recompiles)
+PROMPT_BUCKET = 32  # default prompt padding multiple (coarser: fewer programs, more padded prefill)
 CACHE_BUCKET = 128  # default cache lengths are rounded up to a multiple of this
 
 
@@ -242,8 +242,11 @@ def make_program(graphdef, cfg: GenerationConfig, stream: Callable | None = None
 class Engine:
     """Holds a model split into (graph, params) and the compiled programs, one per shape bucket."""
 
-    def __init__(self, model: Qwen3):
+    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET):
+        if not isinstance(prompt_bucket, int) or prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
         self.model = model
+        self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.graphdef, self.params = nnx.split(model)
         self._compiled: dict = {}
 
@@ -283,7 +286,7 @@ class Engine:
             raise ValueError(f"prompt of {longest} tokens does not fit in a cache of {s} slots "
                              "(needs at least one free slot); raise max_len")
         b = len(prompts)
-        p = min(_round_up(longest, PROMPT_BUCKET), s)
+        p = min(_round_up(longest, self.prompt_bucket), s)
         prompt = np.zeros((b, p), np.int32)
         for i, row in enumerate(prompts):
             prompt[i, :len(row)] = np.asarray(row, np.int32)

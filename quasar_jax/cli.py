@@ -1,0 +1,56 @@
+"""Shared command-line plumbing: one-line argument errors with exit status 2, value parsers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints ONE line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def float_in(lo: float, hi: float, lo_open: bool):
+    """Parser of a float in ``(lo, hi]`` (``lo_open``) or ``[lo, hi]``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ((value > lo if lo_open else value >= lo) and value <= hi):
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {'(' if lo_open else '['}{lo}, {hi}], got {text!r}")
+        return value
+    return parse
+
+
+def fail(prog: str, err: Exception) -> int:
+    """Report an input error on one line; the exit status for it."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return EXIT_USAGE
