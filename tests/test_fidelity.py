@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from quasar_jax.fidelity import common_prefix, main
 
