@@ -73,8 +73,13 @@ def load_converted(path: str | Path, *, dtype=None, mode: str = "w8a16", backend
         meta = json.loads((path / MARKER).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"not a converted quasar_jax checkpoint (no {MARKER}): {path}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path / MARKER}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / MARKER} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path / MARKER}: unsupported format (expected {{\"format\": {FORMAT}, ...}})")
+    missing = [k for k in ("quantize", "dtype", "lm_head_int8") if k not in meta]
+    if missing:
+        raise ValueError(f"{path / MARKER} lacks field {missing[0]!r}")
     for needed in ("config.json", "params"):
         if not (path / needed).exists():
             raise FileNotFoundError(f"converted checkpoint {path} is missing {needed}")

@@ -66,6 +66,8 @@ class Qwen3Config:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "Qwen3Config":
         """Build from the dict of a Hugging Face ``config.json``; reject unsupported features."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"config must be a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type", "qwen3")
         if model_type != "qwen3":
             raise ValueError(f"unsupported model_type {model_type!r}: only dense 'qwen3' is implemented")

@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from quasar_jax.cli import OneLineParser, fail, float_in, non_negative_int, positive_int
+from quasar_jax.cli import OneLineParser, fail, float_in, int_at_least, non_negative_int, positive_int
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0)
     p.add_argument("--top-k", type=non_negative_int, default=0)
     p.add_argument("--top-p", type=float_in(0.0, 1.0, True), default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted (batch size 1)")
@@ -58,14 +58,22 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read prompt file {path}: {err}") from None
+        if not lines:
+            raise ValueError(f"prompt file {path} holds no prompt")
         if path.suffix == ".jsonl":
             prompts = []
             for n, line in enumerate(lines, 1):
                 try:
-                    prompts.append(json.loads(line)["turns"][0])
+                    turn = json.loads(line)["turns"][0]
                 except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'turns' list") from None
+                    turn = None
+                if not isinstance(turn, str) or not turn:
+                    raise ValueError(f"{path}:{n}: expected a JSON object whose 'turns' starts with a non-empty string")
+                prompts.append(turn)
             return prompts
         return [line.replace("\\n", "\n") for line in lines]
     if not sys.stdin.isatty():
@@ -76,13 +84,16 @@ def read_prompts(args) -> list[str]:
 
 
 def stop_ids_of(tokenizer, model_dir) -> tuple[int, ...]:
+    """EOS ids of the tokenizer, ``generation_config.json`` and ``config.json``."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen = Path(model_dir) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            eos = data.get("eos_token_id") if isinstance(data, dict) else None
+            ids.update(e for e in ([eos] if isinstance(eos, int) else (eos or [])) if isinstance(e, int))
     return tuple(sorted(ids))
 
 
@@ -100,7 +111,6 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from quasar_jax.engine import Engine, GenerationConfig
-    from quasar_jax.checkpoint import is_quantized
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 
     verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "fp")
@@ -120,8 +130,6 @@ def run(args) -> int:
     model = load_model(model_dir, dtype=dtype, quantize="none" if verifier == "fp" else "int8",
                        quantize_lm_head=args.quantize_lm_head, mode=verifier if verifier != "fp" else "w8a16",
                        backend=args.backend)
-    if verifier == "fp" and is_quantized(model):
-        raise ValueError(f"{model_dir} holds int8 weights: use --verifier w8a16 or --verifier w8a8")
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
     config = GenerationConfig(**{**config.__dict__, "stop_ids": stop})
     engine = Engine(model)
@@ -132,12 +140,16 @@ def run(args) -> int:
         stream = None
         if args.stream:
             shown: list[int] = []
+            sink = sys.stderr if args.json else sys.stdout  # keep --json output valid JSONL
 
-            def stream_text(tokens, n_emit, _shown=shown):  # host callback from the device loop
-                before = tokenizer.decode(_shown, skip_special_tokens=True)
+            def stream_text(tokens, n_emit, _shown=shown, _printed=[0], _out=sink):
                 _shown.extend(tokens[0, :int(n_emit[0])].tolist())
-                sys.stdout.write(tokenizer.decode(_shown, skip_special_tokens=True)[len(before):])
-                sys.stdout.flush()
+                text = tokenizer.decode(_shown, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+                    return
+                _out.write(text[_printed[0]:])
+                _out.flush()
+                _printed[0] = len(text)
 
             stream = stream_text
             if not args.json:

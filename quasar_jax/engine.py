@@ -76,23 +76,31 @@ class GenerationConfig:
         return None if self.verifier == "fp" else self.verifier
 
     def validate(self) -> "GenerationConfig":
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
         if self.verifier not in VERIFIERS:
             raise ValueError(f"unknown verifier {self.verifier!r}; choose one of {', '.join(VERIFIERS)}")
-        if self.drafter != "none":
+        if self.drafter == "ngram":
             _check_ngram_args(self.num_draft, self.ngram_min, self.ngram_max, self.ngram_prefer)
+        elif self.drafter == "qspec" and (not _is_int(self.num_draft) or self.num_draft < 1):
+            raise ValueError(f"num_draft must be an integer >= 1, got {self.num_draft!r}")
+        if not isinstance(self.stop_ids, (tuple, list)) or not all(
+                _is_int(t) and 0 <= t < 2**31 for t in self.stop_ids):
+            raise ValueError(f"stop_ids must be a tuple of non-negative int32 token ids, got {self.stop_ids!r}")
+        if not _is_int(self.seed) or not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
         if self.drafter == "qspec" and self.verifier != "w8a16":
             raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier='w8a16'")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+        if isinstance(self.temperature, bool) or not (
+                isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
+        if self.max_len is not None and (not _is_int(self.max_len) or self.max_len < 2):
             raise ValueError(f"max_len must be an integer >= 2, got {self.max_len!r}")
         return self
 
@@ -120,6 +128,10 @@ class GenerationResult:
     tokens: list[list[int]]
     stats: list[dict]  # per row: new_tokens, verify_steps, mean_accepted, emitted_hist
     batch_stats: dict  # new_tokens, verify_steps, mean_accepted, wall_s, tokens_per_s, compile_s
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -249,13 +261,22 @@ class Engine:
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.graphdef, self.params = nnx.split(model)
         self._compiled: dict = {}
+        from quasar_jax.checkpoint import is_quantized
 
-    def _program(self, cfg: GenerationConfig, b: int, p: int, s: int, n_stop: int, stream):
+        self.quantized = is_quantized(model)
+        self._stream_target: Callable | None = None  # the current call's stream callback
+
+    def _stream(self, tokens, n_emit) -> None:
+        """The one host callback compiled into streaming programs; forwards to this call's."""
+        if self._stream_target is not None:
+            self._stream_target(tokens, n_emit)
+
+    def _program(self, cfg: GenerationConfig, b: int, p: int, s: int, n_stop: int, stream: bool):
         static = dataclasses.replace(cfg, max_new_tokens=1, stop_ids=(), max_len=None, seed=0)
         key = (static, b, p, s, n_stop, stream)
         if key in self._compiled:
             return self._compiled[key], 0.0
-        _, _, run = make_program(self.graphdef, static, stream)
+        _, _, run = make_program(self.graphdef, static, self._stream if stream else None)
         jitted = jax.jit(run, static_argnums=(3,))
         t0 = time.perf_counter()
         compiled = jitted.lower(
@@ -275,11 +296,16 @@ class Engine:
         lens = [len(p) for p in prompts]
         if min(lens) == 0:
             raise ValueError(f"prompt {lens.index(0)} is empty")
+        if cfg.verifier == "fp" and self.quantized:
+            raise ValueError("this model holds int8 weights: use verifier 'w8a16' or 'w8a8'")
+        if cfg.verifier != "fp" and not self.quantized:
+            raise ValueError(f"verifier {cfg.verifier!r} needs an int8 model "
+                             "(load_model(..., quantize='int8') or quant.quantize_model)")
         vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
-            bad = [t for t in p if not 0 <= int(t) < vocab]
+            bad = [t for t in p if not (_is_int(t) and 0 <= t < vocab)]
             if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+                raise ValueError(f"prompt {i} has token id {bad[0]!r}: ids must be integers in [0, {vocab})")
         longest = max(lens)
         s = cfg.max_len or _round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
         if longest >= s:
@@ -291,13 +317,17 @@ class Engine:
         for i, row in enumerate(prompts):
             prompt[i, :len(row)] = np.asarray(row, np.int32)
         stop = np.asarray(cfg.stop_ids or (-1,), np.int32)
-        program, compile_s = self._program(cfg, b, p, s, len(stop), stream)
+        program, compile_s = self._program(cfg, b, p, s, len(stop), stream is not None)
+        self._stream_target = stream
 
         args = (self.params, jnp.asarray(prompt), jnp.asarray(lens, jnp.int32),
                 jnp.asarray(cfg.max_new_tokens, jnp.int32), jnp.asarray(stop),
                 jax.random.key(cfg.seed))
         t0 = time.perf_counter()
-        final = jax.block_until_ready(program(*args))
+        try:
+            final = jax.block_until_ready(program(*args))
+        finally:
+            self._stream_target = None
         wall = time.perf_counter() - t0
 
         history, lengths = np.asarray(final.history), np.asarray(final.lengths)

@@ -120,9 +120,14 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray | jax.Ar
     from safetensors import safe_open
 
     for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="flax") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                names = list(f.keys())
+                for name in names:
+                    yield name, f.get_tensor(name)
+        except Exception as err:  # safetensors' own error types: report which file is broken
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot read safetensors file {file}: {first}") from None
 
 
 # ------------------------------------------------------------------------ loading
@@ -146,6 +151,8 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
             continue  # tied: the head is the embedding
         if name not in table:
             raise ValueError(f"unknown tensor in checkpoint: {name}")
+        if name in seen:
+            raise ValueError(f"tensor {name} appears twice in the checkpoint")
         path = table[name]
         variable = _get_variable(model, path)
         array = jnp.asarray(array)
@@ -155,12 +162,14 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
         if tuple(array.shape) != expected:
             raise ValueError(f"tensor {name} has shape {tuple(array.T.shape if is_linear_path(path) else array.shape)}, "
                              f"expected {expected[::-1] if is_linear_path(path) else expected}")
-        array = array.astype(dtype)
-        replacement = tensor_hook(name, path, array) if (tensor_hook and is_linear_path(path)) else None
+        # A hook (int8 quantisation) sees the checkpoint's values in float32, not rounded to the
+        # load dtype first, so the int8 weights do not depend on --dtype.
+        hooked = tensor_hook and is_linear_path(path)
+        replacement = tensor_hook(name, path, array.astype(jnp.float32)) if hooked else None
         if replacement is not None:
             _set_path(model, path[:-1], replacement)
         else:
-            variable.set_value(array) if hasattr(variable, "set_value") else setattr(variable, "value", array)
+            variable.set_value(array.astype(dtype))
         seen.add(name)
     missing = [k for k in table if k not in seen]
     if missing:
@@ -228,7 +237,11 @@ def hf_state_dict(model: Qwen3) -> dict[str, np.ndarray]:
     """The model's float parameters under HF names (torch layout), as numpy arrays."""
     out = {}
     for name, path in key_table(model.config).items():
-        value = _get_variable(model, path)[...]
+        try:
+            value = _get_variable(model, path)[...]
+        except AttributeError:
+            raise ValueError(f"cannot export {name} to Hugging Face format: it is quantised to int8 "
+                             "(save int8 models with quasar_jax.convert / checkpoint.save_converted)") from None
         value = np.asarray(jax.device_get(value))
         out[name] = np.ascontiguousarray(value.T) if is_linear_path(path) else value
     return out

@@ -108,3 +108,39 @@ def test_sharded_checkpoint_with_index(hf_tiny, tmp_path):
     (out / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         load_model(out)
+
+
+def test_duplicate_and_corrupt_tensors(hf_tiny, tmp_path):
+    src, _ = hf_tiny(False, 2)
+    tensors = load_file(str(src / "model.safetensors"))
+    out = tmp_path / "dup"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    name = "model.norm.weight"
+    save_file(tensors, str(out / "a.safetensors"))
+    save_file({name: tensors[name]}, str(out / "b.safetensors"))
+    weight_map = {k: "a.safetensors" for k in tensors}
+    weight_map["extra-copy"] = "b.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=f"tensor {name} appears twice"):
+        load_model(out)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(src / "config.json", broken / "config.json")
+    (broken / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read safetensors file .*model.safetensors"):
+        load_model(broken)
+
+
+def test_config_must_be_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config must be a JSON object, got list"):
+        Qwen3Config.from_json(tmp_path)
+
+
+def test_int8_weights_do_not_depend_on_the_load_dtype(hf_tiny):
+    src, _ = hf_tiny(False, 2)
+    a = load_model(src, dtype="float32", quantize="int8").layers[0].mlp.up_proj.qvalue[...]
+    b = load_model(src, dtype="bfloat16", quantize="int8").layers[0].mlp.up_proj.qvalue[...]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -74,3 +74,19 @@ def test_cli_prompt_longer_than_cache(tiny_model_dir):
                     "--max-len", "8")
     assert proc.returncode == 2
     assert "does not fit in a cache of 8 slots" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_stream_with_json_keeps_stdout_valid_jsonl(tiny_model_dir):
+    proc = _run_cli("--model", str(tiny_model_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "8",
+                    "--ignore-eos", "--stream", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip())  # exactly one JSON object on stdout
+    norm = row["text"].replace("\r\n", "\n").replace("\r", "\n")  # text-mode pipes translate newlines
+    assert norm in proc.stderr  # the streamed text went to stderr
+
+
+def test_cli_empty_prompt_file(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["--model", str(tiny_model_dir), "--prompt-file", str(empty)]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
