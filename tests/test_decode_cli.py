@@ -90,3 +90,12 @@ def test_cli_empty_prompt_file(tiny_model_dir, tmp_path, capsys):
     empty.write_text("\n  \n")
     assert main(["--model", str(tiny_model_dir), "--prompt-file", str(empty)]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_cli_unreachable_hub_id_is_one_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "quasar_jax.decode", "--model", "Qwen/Qwen3-0.6B", "--prompt", "x"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "'Qwen/Qwen3-0.6B' is neither a local directory nor downloadable" in err and len(err.splitlines()) == 1
