@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Sequence
 
 from quasar_jax.cli import EXIT_USAGE, OneLineParser, float_in, positive_int
+from quasar_jax.engine import round_up
 from quasar_jax.fidelity import common_prefix, fidelity, pool_fidelity, ratio
 
 # ----------------------------------------------------------------------------- modes
@@ -317,7 +318,7 @@ def _make_batches(categories: Sequence[str], batch_size: int) -> list[Batch]:
 
 def _shape_key(prompt_ids, rows, bucket: int) -> tuple:
     longest = max(len(prompt_ids[i]) for i in rows)
-    return len(rows), int(math.ceil(longest / bucket))
+    return len(rows), round_up(longest, bucket)
 
 
 class JaxRunner:
@@ -432,7 +433,7 @@ def _run_benchmark(args, progress: bool, bucket: int) -> dict:
             raise ValueError(f"question {q.question_id} ({q.source}) tokenizes to nothing")
         prompt_ids.append(ids)
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
-    max_len = int(math.ceil((max(map(len, prompt_ids)) + args.max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET)
+    max_len = round_up(max(map(len, prompt_ids)) + args.max_new_tokens, CACHE_BUCKET)
 
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     model_fp = load_model(model_dir, dtype=dtype)

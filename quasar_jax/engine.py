@@ -28,7 +28,6 @@ separately from run time) and reuses it across calls.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Callable, Sequence
 
@@ -134,8 +133,9 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _round_up(x: int, m: int) -> int:
-    return int(math.ceil(x / m) * m)
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of ``m`` that is >= ``x`` (shape buckets)."""
+    return -(-x // m) * m
 
 
 # ----------------------------------------------------------------------------- the device program
@@ -307,12 +307,12 @@ class Engine:
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad[0]!r}: ids must be integers in [0, {vocab})")
         longest = max(lens)
-        s = cfg.max_len or _round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
+        s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
         if longest >= s:
             raise ValueError(f"prompt of {longest} tokens does not fit in a cache of {s} slots "
                              "(needs at least one free slot); raise max_len")
         b = len(prompts)
-        p = min(_round_up(longest, self.prompt_bucket), s)
+        p = min(round_up(longest, self.prompt_bucket), s)
         prompt = np.zeros((b, p), np.int32)
         for i, row in enumerate(prompts):
             prompt[i, :len(row)] = np.asarray(row, np.int32)

@@ -16,7 +16,6 @@ Prints a table and writes JSON (``--json``). ``quasar_jax.bench`` reuses ``fidel
 from __future__ import annotations
 
 import json
-import math
 import sys
 import warnings
 from typing import Sequence
@@ -64,6 +63,8 @@ def fidelity(model_fp, model_q, mode: str, prompts_ids: Sequence[Sequence[int]],
     import numpy as np
     from flax import nnx
 
+    from quasar_jax.engine import round_up
+
     if len(prompts_ids) != len(ar_fp_outputs):
         raise ValueError(f"fidelity: {len(prompts_ids)} prompts but {len(ar_fp_outputs)} outputs")
     g_fp, p_fp = nnx.split(model_fp)
@@ -89,7 +90,7 @@ def fidelity(model_fp, model_q, mode: str, prompts_ids: Sequence[Sequence[int]],
             per_prompt.append({"positions": 0, "agree": 0, "kl_sum": 0.0, "common_prefix": 0})
             continue
         seq = prompt + out[:-1]
-        length = int(math.ceil(len(seq) / bucket) * bucket)
+        length = round_up(len(seq), bucket)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(seq)] = seq
         agree, kl = score(p_fp, p_q, jnp.asarray(tokens))

@@ -121,9 +121,9 @@ def test_writes_past_the_cache_are_dropped_not_clamped(hf_tiny):
     model = load_model(hf_tiny(False, 2)[0])
     cache = model.init_cache(1, 8)
     _, cache = _call(model, jnp.ones((1, 8), jnp.int32), _positions(1, 8), cache)
-    before = np.asarray(cache.k)
+    before = (np.asarray(cache.k), np.asarray(cache.v))
     _, cache2 = _call(model, jnp.full((1, 2), 3, jnp.int32), _positions(1, 2, 8), cache)
-    assert np.array_equal(before, np.asarray(cache2.k))
+    assert np.array_equal(before[0], np.asarray(cache2.k)) and np.array_equal(before[1], np.asarray(cache2.v))
 
 
 @pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b",
