@@ -149,22 +149,15 @@ def load_questions(files: Sequence[str | os.PathLike], num_prompts: int | None =
     already taken (the same question listed in two files) are skipped. The result is grouped by
     category in order of first appearance.
     """
+    from quasar_jax.decode import read_jsonl_turns
+
     by_cat: dict[str, list[Question]] = {}
     seen: set[str] = set()
     for file in files:
         path = Path(file)
         if not path.is_file():
             raise FileNotFoundError(f"questions file not found: {path}")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["turns"][0]
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty 'turns' list") from None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: the first turn is not a non-empty string")
+        for n, row, text in read_jsonl_turns(path):
             cat = row.get("category") or path.stem
             cat = str(cat)
             if text in seen:
@@ -410,7 +403,6 @@ def _loadavg() -> float | None:
 
 def _run_benchmark(args, progress: bool, bucket: int) -> dict:
     import jax.numpy as jnp
-    from flax import nnx
     from tqdm import tqdm
 
     from quasar_jax.decode import encode, stop_ids_of
@@ -439,13 +431,11 @@ def _run_benchmark(args, progress: bool, bucket: int) -> dict:
     model_fp = load_model(model_dir, dtype=dtype)
     model_q = None
     if any(SPECS[m].model == "int8" for m in modes):
-        from quasar_jax.quant import quantize_model
-
-        t0 = time.perf_counter()
-        model_q = quantize_model(nnx.clone(model_fp), lm_head=False, mode="w8a16", backend=args.backend)
-        quantize_s = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the same int8 weights as decode --verifier / fidelity
+        model_q = load_model(model_dir, dtype=dtype, quantize="int8", backend=args.backend)
+        int8_load_s = time.perf_counter() - t0
     else:
-        quantize_s = None
+        int8_load_s = None
     engines = {"fp": Engine(model_fp, prompt_bucket=bucket),
                "int8": Engine(model_q, prompt_bucket=bucket) if model_q is not None else None}
     hf_model = None
@@ -530,7 +520,7 @@ def _run_benchmark(args, progress: bool, bucket: int) -> dict:
                   categories={c: categories.count(c) for c in dict.fromkeys(categories)},
                   prompt_tokens={"min": min(map(len, prompt_ids)), "max": max(map(len, prompt_ids)),
                                  "mean": sum(map(len, prompt_ids)) / len(prompt_ids)},
-                  stop_ids=list(stop), cache_len=max_len, quantize_s=quantize_s,
+                  stop_ids=list(stop), cache_len=max_len, int8_load_s=int8_load_s,
                   model_config=dataclasses.asdict(model_fp.config),
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
     results = {"machine": machine_info(), "config": config, "modes": summary, "fidelity": fid}

@@ -34,12 +34,6 @@ def is_converted_dir(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def is_quantized(model: Qwen3) -> bool:
-    from quasar_jax.quant import Int8Linear
-
-    return any(isinstance(m, Int8Linear) for _, m in nnx.iter_modules(model))
-
-
 def save_converted(model: Qwen3, out_dir: str | Path, *, source_dir: str | Path | None = None) -> Path:
     """Save ``model`` (float or quantised) with orbax; copy tokenizer files from ``source_dir``."""
     import orbax.checkpoint as ocp
@@ -48,8 +42,10 @@ def save_converted(model: Qwen3, out_dir: str | Path, *, source_dir: str | Path 
     if (out / "params").exists():
         raise FileExistsError(f"output directory already holds a checkpoint: {out / 'params'}")
     out.mkdir(parents=True, exist_ok=True)
+    from quasar_jax.quant import Int8Linear, is_quantized
+
     quantized = is_quantized(model)
-    lm_head_int8 = quantized and model.lm_head is not None and not hasattr(model.lm_head, "kernel")
+    lm_head_int8 = isinstance(model.lm_head, Int8Linear)
     meta = {"format": FORMAT, "quantize": "int8" if quantized else "none",
             "lm_head_int8": bool(lm_head_int8), "dtype": jnp.dtype(model.dtype).name}
     with ocp.StandardCheckpointer() as ckpt:

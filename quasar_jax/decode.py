@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_jsonl_turns(path: Path) -> list[tuple[int, dict, str]]:
+    """``(line number, row, first turn)`` of each non-empty line of a Spec-Bench style .jsonl."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            turn = row["turns"][0]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            turn = None
+        if not isinstance(turn, str) or not turn.strip():
+            raise ValueError(f"{path}:{n}: expected a JSON object whose 'turns' starts with a non-empty string")
+        rows.append((n, row, turn))
+    return rows
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt:
         return list(args.prompt)
@@ -65,16 +82,7 @@ def read_prompts(args) -> list[str]:
         if not lines:
             raise ValueError(f"prompt file {path} holds no prompt")
         if path.suffix == ".jsonl":
-            prompts = []
-            for n, line in enumerate(lines, 1):
-                try:
-                    turn = json.loads(line)["turns"][0]
-                except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                    turn = None
-                if not isinstance(turn, str) or not turn:
-                    raise ValueError(f"{path}:{n}: expected a JSON object whose 'turns' starts with a non-empty string")
-                prompts.append(turn)
-            return prompts
+            return [turn for _, _, turn in read_jsonl_turns(path)]
         return [line.replace("\\n", "\n") for line in lines]
     if not sys.stdin.isatty():
         text = sys.stdin.read()

@@ -261,7 +261,7 @@ class Engine:
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.graphdef, self.params = nnx.split(model)
         self._compiled: dict = {}
-        from quasar_jax.checkpoint import is_quantized
+        from quasar_jax.quant import is_quantized  # AQT is imported only here, not per call
 
         self.quantized = is_quantized(model)
         self._stream_target: Callable | None = None  # the current call's stream callback

@@ -194,9 +194,9 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32,
 
     if checkpoint.is_converted_dir(model_dir):
         model = checkpoint.load_converted(model_dir, dtype=dtype, mode=mode, backend=backend)
-        if quantize == "int8" and not checkpoint.is_quantized(model):
-            from quasar_jax.quant import quantize_model
+        from quasar_jax.quant import is_quantized, quantize_model
 
+        if quantize == "int8" and not is_quantized(model):
             model = quantize_model(model, lm_head=quantize_lm_head, mode=mode, backend=backend)
         return model
     cfg = Qwen3Config.from_json(model_dir / "config.json")

@@ -335,6 +335,11 @@ def _nbytes(x: Any) -> int:
     return int(x.size) * jnp.dtype(x.dtype).itemsize
 
 
+def is_quantized(model: nnx.Module) -> bool:
+    """Whether any layer of ``model`` is an ``Int8Linear``."""
+    return any(isinstance(m, Int8Linear) for _, m in nnx.iter_modules(model))
+
+
 def param_bytes(model: nnx.Module) -> int:
     """Total bytes of the model's ``nnx.Param`` leaves (works on abstract models too)."""
     return sum(_nbytes(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
