@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_jsonl_turns(path: Path) -> list[tuple[int, dict, str]]:
+def read_jsonl_turns(path: Path, text: str | None = None) -> list[tuple[int, dict, str]]:
     """``(line number, row, first turn)`` of each non-empty line of a Spec-Bench style .jsonl."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate((path.read_text() if text is None else text).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -76,14 +76,16 @@ def read_prompts(args) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
         try:
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            text = path.read_text()
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read prompt file {path}: {err}") from None
-        if not lines:
-            raise ValueError(f"prompt file {path} holds no prompt")
         if path.suffix == ".jsonl":
-            return [turn for _, _, turn in read_jsonl_turns(path)]
-        return [line.replace("\\n", "\n") for line in lines]
+            prompts = [turn for _, _, turn in read_jsonl_turns(path, text)]
+        else:
+            prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt file {path} holds no prompt")
+        return prompts
     if not sys.stdin.isatty():
         text = sys.stdin.read()
         if text.strip():
@@ -150,14 +152,17 @@ def run(args) -> int:
             shown: list[int] = []
             sink = sys.stderr if args.json else sys.stdout  # keep --json output valid JSONL
 
-            def stream_text(tokens, n_emit, _shown=shown, _printed=[0], _out=sink):
-                _shown.extend(tokens[0, :int(n_emit[0])].tolist())
-                text = tokenizer.decode(_shown, skip_special_tokens=True)
+            printed = 0
+
+            def stream_text(tokens, n_emit):
+                nonlocal printed
+                shown.extend(tokens[0, :int(n_emit[0])].tolist())
+                text = tokenizer.decode(shown, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
                     return
-                _out.write(text[_printed[0]:])
-                _out.flush()
-                _printed[0] = len(text)
+                sink.write(text[printed:])
+                sink.flush()
+                printed = len(text)
 
             stream = stream_text
             if not args.json:
