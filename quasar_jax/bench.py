@@ -86,6 +86,7 @@ from typing import Sequence
 from quasar_jax.cli import EXIT_USAGE, OneLineParser, float_in, positive_int
 from quasar_jax.engine import round_up
 from quasar_jax.fidelity import common_prefix, fidelity, pool_fidelity, ratio
+from quasar_jax.prompts import Question, load_questions
 
 # ----------------------------------------------------------------------------- modes
 MODES = ("ar-fp", "ar-int8", "ar-w8a8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "hf-ar",
@@ -134,45 +135,6 @@ def resolve_modes(requested: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 # ----------------------------------------------------------------------------- prompts
-@dataclasses.dataclass
-class Question:
-    category: str
-    question_id: object
-    text: str
-    source: str  # file stem
-
-
-def load_questions(files: Sequence[str | os.PathLike], num_prompts: int | None = None) -> list[Question]:
-    """Spec-Bench jsonl files -> the first ``num_prompts`` questions of each category.
-
-    The first turn is the prompt; a missing/empty ``category`` becomes the file's stem. Texts
-    already taken (the same question listed in two files) are skipped. The result is grouped by
-    category in order of first appearance.
-    """
-    from quasar_jax.decode import read_jsonl_turns
-
-    by_cat: dict[str, list[Question]] = {}
-    seen: set[str] = set()
-    for file in files:
-        path = Path(file)
-        if not path.is_file():
-            raise FileNotFoundError(f"questions file not found: {path}")
-        for n, row, text in read_jsonl_turns(path):
-            cat = row.get("category") or path.stem
-            cat = str(cat)
-            if text in seen:
-                continue
-            bucket = by_cat.setdefault(cat, [])
-            if num_prompts is not None and len(bucket) >= num_prompts:
-                continue
-            seen.add(text)
-            bucket.append(Question(cat, row.get("question_id", n), text, path.stem))
-    questions = [q for qs in by_cat.values() for q in qs]
-    if not questions:
-        raise ValueError("no questions found in " + ", ".join(map(str, files)))
-    return questions
-
-
 # ----------------------------------------------------------------------------- measurements
 @dataclasses.dataclass
 class Batch:
@@ -405,7 +367,7 @@ def _run_benchmark(args, progress: bool, bucket: int) -> dict:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from quasar_jax.decode import encode, stop_ids_of
+    from quasar_jax.prompts import encode, stop_ids_of
     from quasar_jax.engine import CACHE_BUCKET, Engine, GenerationConfig
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 

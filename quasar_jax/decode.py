@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 
 from quasar_jax.cli import OneLineParser, fail, float_in, int_at_least, non_negative_int, positive_int
+from quasar_jax.prompts import encode, read_jsonl_turns, stop_ids_of
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
@@ -51,23 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_jsonl_turns(path: Path, text: str | None = None) -> list[tuple[int, dict, str]]:
-    """``(line number, row, first turn)`` of each non-empty line of a Spec-Bench style .jsonl."""
-    rows = []
-    for n, line in enumerate((path.read_text() if text is None else text).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            turn = row["turns"][0]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            turn = None
-        if not isinstance(turn, str) or not turn.strip():
-            raise ValueError(f"{path}:{n}: expected a JSON object whose 'turns' starts with a non-empty string")
-        rows.append((n, row, turn))
-    return rows
-
-
 def read_prompts(args) -> list[str]:
     if args.prompt:
         return list(args.prompt)
@@ -91,30 +76,6 @@ def read_prompts(args) -> list[str]:
         if text.strip():
             return [text]
     raise ValueError("no prompt: give --prompt, --prompt-file, or text on stdin")
-
-
-def stop_ids_of(tokenizer, model_dir) -> tuple[int, ...]:
-    """EOS ids of the tokenizer, ``generation_config.json`` and ``config.json``."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            eos = data.get("eos_token_id") if isinstance(data, dict) else None
-            ids.update(e for e in ([eos] if isinstance(eos, int) else (eos or [])) if isinstance(e, int))
-    return tuple(sorted(ids))
-
-
-def encode(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--chat: this tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(text)["input_ids"]
 
 
 def run(args) -> int:

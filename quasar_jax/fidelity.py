@@ -134,8 +134,7 @@ def build_parser():
 
 
 def run(args) -> dict:
-    from quasar_jax.bench import load_questions
-    from quasar_jax.decode import encode, stop_ids_of
+    from quasar_jax.prompts import encode, load_questions, stop_ids_of
     from quasar_jax.engine import Engine, GenerationConfig
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 

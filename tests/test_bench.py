@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from quasar_jax import bench
+from quasar_jax import bench, prompts
 from quasar_jax.bench import Batch, ModeRun, summarize
 
 
@@ -94,16 +94,16 @@ def test_load_questions(tmp_path):
     b = tmp_path / "more.jsonl"
     b.write_text(json.dumps({"question_id": 9, "category": "qa", "turns": ["third"]}) + "\n"
                  + json.dumps({"question_id": 10, "category": "qa", "turns": ["tenth"]}) + "\n")
-    qs = bench.load_questions([a, b], num_prompts=2)
+    qs = prompts.load_questions([a, b], num_prompts=2)
     assert [(q.category, q.text) for q in qs] == [
         ("alpaca", "first"), ("alpaca", "second"), ("qa", "third"), ("qa", "tenth")]
-    assert len(bench.load_questions([a, b])) == 5  # duplicate "third" used once
+    assert len(prompts.load_questions([a, b])) == 5  # duplicate "third" used once
     with pytest.raises(FileNotFoundError):
-        bench.load_questions([tmp_path / "missing.jsonl"])
+        prompts.load_questions([tmp_path / "missing.jsonl"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"category": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        bench.load_questions([bad])
+        prompts.load_questions([bad])
 
 
 def test_fidelity_identical_and_quantized(tiny_model_dir):
