@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 
 def process_logits(
-    logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+    logits: jax.Array, *, temperature, top_k=0, top_p=1.0
 ) -> jax.Array:
     """Probabilities of the sampling distribution.
 
@@ -40,35 +40,74 @@ def process_logits(
         probability is >= top_p (1.0 = off). The argmax is always kept; ties with the smallest
         kept probability are kept too.
 
+    Each parameter is either a Python number (validated here; one setting for every row, and
+    top-k without a sort) or an array broadcastable to ``logits.shape[:-1]`` (per-row settings
+    as device data, so one compiled program serves any values; the caller validates them).
+
     Returns:
       [..., V] float32 probabilities (zeros outside the kept support), summing to 1.
     """
-    if not isinstance(temperature, numbers.Real) or not temperature > 0:
+    if all(isinstance(v, numbers.Number) for v in (temperature, top_k, top_p)):
+        return _process_logits_static(logits, float(_checked(temperature, top_k, top_p)),
+                                      int(top_k), float(top_p))
+    return _process_logits_rows(logits, temperature, top_k, top_p)
+
+
+def _checked(temperature, top_k, top_p):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not isinstance(top_k, numbers.Integral) or top_k < 0:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     if not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    return temperature
 
+
+def _nucleus(probs: jax.Array, sorted_p: jax.Array, top_p) -> jax.Array:
+    """Keep the minimal top-p nucleus of ``probs`` given the same values sorted descending."""
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # [..., V] exclusive cumulative sum
+    # Position j is in the minimal nucleus iff the mass strictly before it is < top_p
+    # (position 0 always qualifies because top_p > 0).
+    n_keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # [..., 1] >= 1
+    threshold = jnp.take_along_axis(sorted_p, n_keep - 1, axis=-1)  # [..., 1]
+    kept = jnp.where(probs >= threshold, probs, 0.0)
+    return kept / jnp.sum(kept, axis=-1, keepdims=True)
+
+
+def _process_logits_static(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
     x = jnp.asarray(logits, dtype=jnp.float32) / jnp.float32(temperature)  # [..., V]
     v = x.shape[-1]
-    neg_inf = jnp.float32(-jnp.inf)
-
     if 0 < top_k < v:
         kth = jax.lax.top_k(x, top_k)[0][..., -1:]  # [..., 1] k-th largest value
-        x = jnp.where(x >= kth, x, neg_inf)
-
+        x = jnp.where(x >= kth, x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)  # [..., V]
     if top_p < 1.0:
-        sorted_p = -jnp.sort(-probs, axis=-1)  # [..., V] descending
-        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # [..., V] exclusive cumulative sum
-        # Position j is in the minimal nucleus iff the mass strictly before it is < top_p
-        # (position 0 always qualifies because top_p > 0).
-        n_keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # [..., 1] >= 1
-        threshold = jnp.take_along_axis(sorted_p, n_keep - 1, axis=-1)  # [..., 1]
-        probs = jnp.where(probs >= threshold, probs, 0.0)
-        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+        probs = _nucleus(probs, -jnp.sort(-probs, axis=-1), top_p)
     return probs
+
+
+def _process_logits_rows(logits, temperature, top_k, top_p) -> jax.Array:
+    """Per-row parameters: one descending sort serves top-k (any k) and top-p."""
+    x = jnp.asarray(logits, dtype=jnp.float32)  # [..., V]
+    v = x.shape[-1]
+    t = jnp.asarray(temperature, jnp.float32)[..., None]  # [..., 1]
+    k = jnp.asarray(top_k, jnp.int32)[..., None]  # [..., 1]
+    p = jnp.asarray(top_p, jnp.float32)[..., None]  # [..., 1]
+    x = x / t
+    sorted_x = -jnp.sort(-x, axis=-1)  # [..., V] descending
+    use_k = (k > 0) & (k < v)
+    kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(jnp.clip(k - 1, 0, v - 1), sorted_x.shape[:-1] + (1,)),
+                              axis=-1)  # [..., 1]
+    x = jnp.where(use_k & (x < kth), -jnp.inf, x)
+    sorted_x = jnp.where(use_k & (sorted_x < kth), -jnp.inf, sorted_x)
+    # Top-p on the sorted values, then a cut in logit space (no second sort, no float mismatch
+    # between a sorted and an unsorted softmax): keep x >= the smallest kept sorted logit.
+    sorted_p = jax.nn.softmax(sorted_x, axis=-1)  # [..., V] descending
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # exclusive cumulative sum
+    n_keep = jnp.sum(before < p, axis=-1, keepdims=True)  # [..., 1] >= 1
+    x_min = jnp.take_along_axis(sorted_x, n_keep - 1, axis=-1)  # [..., 1]
+    x = jnp.where((p < 1.0) & (x < x_min), -jnp.inf, x)
+    return jax.nn.softmax(x, axis=-1)
 
 
 def sample_tokens(probs: jax.Array, key: jax.Array) -> jax.Array:
@@ -84,6 +123,13 @@ def sample_tokens(probs: jax.Array, key: jax.Array) -> jax.Array:
     probs = jnp.asarray(probs, dtype=jnp.float32)
     logp = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def row_keys(key: jax.Array, b: int) -> jax.Array:
+    """``[B]`` keys: ``key`` itself when it already holds one key per row, else split into B."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    per_row = key.ndim == (1 if typed else 2)
+    return key if per_row else jax.random.split(key, b)
 
 
 def _accepted_prefix(ok: jax.Array) -> jax.Array:
@@ -124,7 +170,7 @@ def speculative_sample(
       draft: [B, K] int32 draft tokens x_0 .. x_{K-1}.
       n_draft: [B] int32 number of valid draft tokens, in [0, K].
       probs: [B, K+1, V] float32 verifier PROCESSED distribution (output of process_logits).
-      key: PRNG key.
+      key: one PRNG key, or one per row (``[B]``: each row's draws then depend on its key only).
 
     For i = 0 .. n_draft-1 in order, accept x_i iff u_i < p_i(x_i) with u_i ~ U[0, 1). At the first
     rejection j emit a token from p_j with x_j zeroed and renormalised, and stop; if all n_draft
@@ -139,11 +185,12 @@ def speculative_sample(
     probs = jnp.asarray(probs, dtype=jnp.float32)
     b, k = draft.shape
     v = probs.shape[-1]
-    key_u, key_s = jax.random.split(key)
+    keys = jax.vmap(jax.random.split)(row_keys(key, b))  # [B, 2]
+    key_u, key_s = keys[:, 0], keys[:, 1]
 
     # Acceptance of each draft position, then the accepted prefix length.
     p_draft = jnp.take_along_axis(probs[:, :k, :], draft[:, :, None], axis=-1)[..., 0]  # [B, K]
-    u = jax.random.uniform(key_u, (b, k), dtype=jnp.float32)  # [B, K] in [0, 1)
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, (k,), dtype=jnp.float32))(key_u)  # [B, K] in [0, 1)
     valid = jnp.arange(k, dtype=jnp.int32)[None, :] < n_draft[:, None]  # [B, K]
     n_accept = _accepted_prefix(valid & (u < p_draft))  # [B]
 
@@ -157,7 +204,7 @@ def speculative_sample(
     # Zero residual mass only happens when p_j(x_j) == 1, i.e. never on an exact rejection; fall
     # back to p_j itself so the sample stays well defined under float round-off.
     resid = jnp.where(denom > 0, resid / jnp.where(denom > 0, denom, 1.0), p_j)
-    sampled = sample_tokens(resid, key_s)  # [B]
+    sampled = jax.vmap(sample_tokens)(resid, key_s)  # [B]
 
     pos = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]
     draft_ext = jnp.pad(draft, ((0, 0), (0, 1)))  # [B, K+1]

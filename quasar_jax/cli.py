@@ -53,3 +53,68 @@ def fail(prog: str, err: Exception) -> int:
     """Report an input error on one line; the exit status for it."""
     print(f"{prog}: error: {err}", file=sys.stderr)
     return EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------- shared flags
+# Every CLI defines these flags through the functions below, so names, defaults and help agree.
+# The functions only touch argparse: parsing (and --help) never imports JAX.
+DTYPES = ("float32", "bfloat16")
+VERIFIERS = ("float", "w8a16", "w8a8")  # quasar_jax.modes.QuantMode values
+BACKENDS = ("xla", "pallas")  # quasar_jax.modes.Backend values
+DRAFTERS = ("none", "ngram", "qspec")  # quasar_jax.drafters.DrafterKind values
+NGRAM_PREFER = ("recent", "earliest")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --backend, --quantize-lm-head."""
+    p.add_argument("--model", default="demo",
+                   help="'demo' (the model shipped with the package), a local Hugging Face or "
+                        "converted directory, or a hub id (default: demo)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="compute dtype of the float weights and activations (default: float32)")
+    p.add_argument("--backend", choices=BACKENDS, default="xla",
+                   help="int8 matmul implementation (default: xla)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantise the LM head to int8 too (untied models; default: off)")
+
+
+def add_drafting_flags(p: argparse.ArgumentParser) -> None:
+    """--num-draft, --ngram-min, --ngram-max, --ngram-prefer."""
+    p.add_argument("--num-draft", type=positive_int, default=5,
+                   help="K, draft tokens proposed per verify step (default: 5)")
+    p.add_argument("--ngram-min", type=positive_int, default=1,
+                   help="smallest n-gram the prompt-lookup drafter matches (default: 1)")
+    p.add_argument("--ngram-max", type=positive_int, default=3,
+                   help="largest n-gram the prompt-lookup drafter matches (default: 3)")
+    p.add_argument("--ngram-prefer", choices=NGRAM_PREFER, default="recent",
+                   help="which earlier occurrence of the n-gram wins (default: recent)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p, --seed."""
+    p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0,
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=non_negative_int, default=0,
+                   help="keep the k most likely tokens; 0 = off (default: 0)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, True), default=1.0,
+                   help="nucleus sampling mass; 1 = off (default: 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
+
+
+def add_prompt_flags(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """--chat, --max-new-tokens, --ignore-eos."""
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
+                   help=f"tokens to generate per prompt at most (default: {max_new_tokens})")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+
+
+def generation_kwargs(args: argparse.Namespace, **overrides) -> dict:
+    """``GenerationConfig`` keyword arguments from the shared flags present on ``args``."""
+    names = {"max_new_tokens": "max_new_tokens", "num_draft": "num_draft", "ngram_min": "ngram_min",
+             "ngram_max": "ngram_max", "ngram_prefer": "ngram_prefer", "temperature": "temperature",
+             "top_k": "top_k", "top_p": "top_p", "seed": "seed", "max_len": "max_len"}
+    kw = {field: getattr(args, attr) for field, attr in names.items() if hasattr(args, attr)}
+    if kw.get("ngram_min", 1) > kw.get("ngram_max", kw.get("ngram_min", 1)):
+        raise ValueError(f"--ngram-min {kw['ngram_min']} > --ngram-max {kw['ngram_max']}")
+    return {**kw, **overrides}

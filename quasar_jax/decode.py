@@ -9,45 +9,36 @@ plain autoregressive decoding. Invalid input gets a one-line error and exit stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from quasar_jax.cli import OneLineParser, fail, float_in, int_at_least, non_negative_int, positive_int
+from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, add_drafting_flags, add_model_flags, add_prompt_flags,
+                            add_sampling_flags, fail, generation_kwargs, positive_int)
 from quasar_jax.prompts import encode, read_jsonl_turns, stop_ids_of
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="demo",
-                   help="'demo', a local HF or converted directory, or a hub id (default: demo)")
+    add_model_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompt-file", help="one prompt per line, or .jsonl with 'turns' (first turn used)")
-    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    add_prompt_flags(p, max_new_tokens=128)
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache slots (default: longest prompt + max new tokens, rounded up)")
-    p.add_argument("--drafter", choices=["none", "ngram", "qspec"], default="ngram")
-    p.add_argument("--num-draft", type=positive_int, default=5, help="K, draft tokens per step")
-    p.add_argument("--ngram-min", type=positive_int, default=1)
-    p.add_argument("--ngram-max", type=positive_int, default=3)
-    p.add_argument("--ngram-prefer", choices=["recent", "earliest"], default="recent")
-    p.add_argument("--verifier", choices=["fp", "w8a16", "w8a8"], default=None,
+    p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
+                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft) "
+                        "(default: ngram)")
+    add_drafting_flags(p)
+    p.add_argument("--verifier", choices=VERIFIERS, default=None,
                    help="verifier weights/matmul: float, int8 weight-only, int8 W8A8 "
-                        "(default fp; w8a16 for --drafter qspec)")
-    p.add_argument("--backend", choices=["xla", "pallas"], default="xla",
-                   help="int8 matmul implementation (default xla)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="int8 LM head too (untied models)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0)
-    p.add_argument("--top-k", type=non_negative_int, default=0)
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, True), default=1.0)
-    p.add_argument("--seed", type=int_at_least(0), default=0)
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+                        "(default: float; w8a16 for --drafter qspec)")
+    add_sampling_flags(p)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="prompts per batch (default: 1)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted (batch size 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
@@ -84,13 +75,8 @@ def run(args) -> int:
     from quasar_jax.engine import Engine, GenerationConfig
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 
-    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "fp")
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, drafter=args.drafter, num_draft=args.num_draft,
-        ngram_min=args.ngram_min, ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer,
-        verifier=verifier, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_len=args.max_len, seed=args.seed)
-    config.validate()
+    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "float")
+    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier))
     if args.stream and args.batch_size != 1:
         raise ValueError("--stream needs --batch-size 1")
     prompts = read_prompts(args)
@@ -98,11 +84,10 @@ def run(args) -> int:
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    model = load_model(model_dir, dtype=dtype, quantize="none" if verifier == "fp" else "int8",
-                       quantize_lm_head=args.quantize_lm_head, mode=verifier if verifier != "fp" else "w8a16",
-                       backend=args.backend)
+    model = load_model(model_dir, dtype=dtype, int8=config.verifier.is_int8,
+                       quantize_lm_head=args.quantize_lm_head, backend=args.backend)
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
-    config = GenerationConfig(**{**config.__dict__, "stop_ids": stop})
+    config = dataclasses.replace(config, stop_ids=stop)
     engine = Engine(model)
 
     for start in range(0, len(prompts), args.batch_size):
@@ -132,15 +117,12 @@ def run(args) -> int:
         for i, text in enumerate(batch):
             out_ids = result.tokens[i]
             completion = tokenizer.decode(out_ids, skip_special_tokens=True)
-            row = result.stats[i]
-            stats = {"new_tokens": row["new_tokens"], "verify_steps": row["verify_steps"],
-                     "mean_accepted": round(row["mean_accepted"], 4),
-                     "emitted_hist": row["emitted_hist"],
-                     "tokens_per_s": round(result.batch_stats["tokens_per_s"], 2),
-                     "wall_s": round(result.batch_stats["wall_s"], 4),
-                     "compile_s": round(result.batch_stats["compile_s"], 3),
-                     "batch_size": len(batch), "drafter": config.drafter, "verifier": verifier,
-                     "num_draft": config.k}
+            row, batch_stats = result.stats[i], result.batch_stats
+            stats = {**row.to_dict(), "mean_accepted": round(row.mean_accepted, 4),
+                     "tokens_per_s": round(batch_stats.tokens_per_s, 2),
+                     "wall_s": round(batch_stats.wall_s, 4), "compile_s": round(batch_stats.compile_s, 3),
+                     "batch_size": len(batch), "drafter": str(config.drafter),
+                     "verifier": str(config.verifier), "num_draft": config.k}
             if args.json:
                 print(json.dumps({"prompt": text, "prompt_ids": ids[i], "output_ids": out_ids,
                                   "text": completion, "stats": stats}), flush=True)
@@ -149,7 +131,7 @@ def run(args) -> int:
                     print()
                 else:
                     print(text + completion)
-                print(f"[{config.drafter}/{verifier}] new_tokens={stats['new_tokens']} "
+                print(f"[{config.drafter}/{config.verifier}] new_tokens={stats['new_tokens']} "
                       f"verify_steps={stats['verify_steps']} tau={stats['mean_accepted']:.2f} "
                       f"tokens/s={stats['tokens_per_s']:.1f} (batch) compile={stats['compile_s']:.2f}s",
                       flush=True)

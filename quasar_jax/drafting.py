@@ -31,10 +31,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-_PREFER = ("recent", "earliest")
+NGRAM_PREFER = ("recent", "earliest")
 
 
-def _check_args(num_draft: int, ngram_min: int, ngram_max: int, prefer: str) -> None:
+def check_ngram_args(num_draft: int, ngram_min: int, ngram_max: int, prefer: str) -> None:
     if not isinstance(num_draft, numbers.Integral) or num_draft < 1:
         raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
     if (
@@ -46,8 +46,8 @@ def _check_args(num_draft: int, ngram_min: int, ngram_max: int, prefer: str) -> 
             f"ngram_min/ngram_max must satisfy 1 <= ngram_min <= ngram_max, "
             f"got ngram_min={ngram_min!r}, ngram_max={ngram_max!r}"
         )
-    if prefer not in _PREFER:
-        raise ValueError(f"prefer must be one of {_PREFER}, got {prefer!r}")
+    if prefer not in NGRAM_PREFER:
+        raise ValueError(f"prefer must be one of {NGRAM_PREFER}, got {prefer!r}")
 
 
 def ngram_draft(
@@ -74,7 +74,7 @@ def ngram_draft(
 
     Under ``jax.jit`` pass the keyword arguments as static (``static_argnames``).
     """
-    _check_args(num_draft, ngram_min, ngram_max, prefer)
+    check_ngram_args(num_draft, ngram_min, ngram_max, prefer)
     history = jnp.asarray(history)
     if history.ndim != 2:
         raise ValueError(f"history must have shape [B, S], got shape {history.shape}")

@@ -7,10 +7,12 @@ Sequence bookkeeping (per row b)::
 
 One loop iteration (all rows at once, static shapes, no host round trip):
 
-1. draft   ``draft [B, K], n_draft [B]`` from the drafter (n-gram lookup, QSpec's W8A8 path, none)
+1. draft   ``draft [B, K], n_draft [B]`` from the ``Drafter`` (``quasar_jax.drafters``: n-gram
+           lookup, QSpec's W8A8 path, none)
 2. verify  forward ``[last, draft_0..draft_{K-1}]`` at positions ``lengths-1 .. lengths-1+K``
            (each row at its own offset) -> logits ``[B, K+1, V]``; K/V of all K+1 are written
-3. accept  greedy prefix match, or exact speculative sampling -> ``tokens [B, K+1], n_emit [B]``
+3. accept  the ``Sampler`` (``quasar_jax.sampling``): greedy prefix match, or exact speculative
+           sampling with each row's own settings -> ``tokens [B, K+1], n_emit [B]``
 4. commit  truncate at the token budget / stop ids, append, ``lengths += n_emit``. Rejected K/V
            stay in the cache past ``lengths - 1``: they are hidden by the mask and overwritten by
            the next verify pass (rollback is free); the bonus token's K/V is written next step.
@@ -20,14 +22,16 @@ A row stops on a stop id (EOS), on ``max_new_tokens``, or when its sequence fill
 The prompt's last token is not prefilled: it is the first token the loop verifies, so drafts are
 used from the first step on.
 
-The compiled program depends on (batch, prompt bucket, cache length S, K, drafter, modes,
-sampling); ``Engine`` compiles each such shape once (ahead of time, so compile time is measured
-separately from run time) and reuses it across calls.
+The compiled program depends on (drafter, sampler kind, verifier mode, batch, prompt bucket, cache
+length S, number of stop ids); ``Engine`` compiles each once (ahead of time, so compile time is
+measured separately from run time) and reuses it. Everything per row is device data: token
+budgets, stop ids, temperature / top-k / top-p and PRNG keys, so new values never recompile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import time
 from typing import Callable, Sequence
 
@@ -36,29 +40,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from quasar_jax.accept import greedy_accept, process_logits, sample_tokens, speculative_sample
-from quasar_jax.drafting import _check_args as _check_ngram_args
-from quasar_jax.drafting import ngram_draft
+from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, make_drafter
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.model import Qwen3
+from quasar_jax.modes import QuantMode
+from quasar_jax.quant import is_quantized
+from quasar_jax.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
+                                 row_keys, sampler_for)
 
-DRAFTERS = ("none", "ngram", "qspec")
-VERIFIERS = ("fp", "w8a16", "w8a8")
 PROMPT_BUCKET = 32  # default prompt padding multiple (coarser: fewer programs, more padded prefill)
 CACHE_BUCKET = 128  # default cache lengths are rounded up to a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """What to generate and how. All fields are validated by ``validate``."""
+    """What to generate and how; validated on construction (one-line ``ValueError``).
+
+    ``drafter`` is a built-in drafter's name (``DrafterKind``: none | ngram | qspec, built from
+    ``num_draft`` and the ``ngram_*`` fields) or any ``Drafter`` instance. ``verifier`` is the
+    ``QuantMode`` of the verify (and autoregressive) forward. ``temperature`` / ``top_k`` /
+    ``top_p`` / ``seed`` are the batch's sampling settings; ``Engine.generate(sampling=...)``
+    may give each row its own.
+    """
 
     max_new_tokens: int = 128
-    drafter: str = "ngram"  # none | ngram | qspec
+    drafter: DrafterKind | Drafter | str = DrafterKind.NGRAM
     num_draft: int = 5  # K (ignored for drafter="none")
     ngram_min: int = 1
     ngram_max: int = 3
     ngram_prefer: str = "recent"  # which earlier occurrence wins: recent | earliest
-    verifier: str = "fp"  # fp | w8a16 | w8a8: quant_mode of the verify (and AR) forward
+    verifier: QuantMode | str = QuantMode.FLOAT
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -66,42 +77,52 @@ class GenerationConfig:
     max_len: int | None = None  # cache slots S; None = prompt + max_new_tokens rounded up
     seed: int = 0
 
+    def __post_init__(self):
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.drafter, (str, DrafterKind)):
+            object.__setattr__(self, "drafter", DrafterKind.parse(self.drafter, "drafter"))
+        elif not callable(getattr(self.drafter, "draft", None)):
+            raise ValueError(f"drafter must be one of {', '.join(DrafterKind.values())} or a Drafter, "
+                             f"got {self.drafter!r}")
+        object.__setattr__(self, "verifier", QuantMode.parse(self.verifier, "verifier"))
+        self.make_drafter()  # validates num_draft / ngram_* for the built-in drafters
+        if not isinstance(self.stop_ids, (tuple, list)) or not all(
+                is_int(t) and 0 <= t < 2**31 for t in self.stop_ids):
+            raise ValueError(f"stop_ids must be a tuple of non-negative int32 token ids, got {self.stop_ids!r}")
+        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+        check_seed(self.seed)
+        if isinstance(self.make_drafter(), QSpecDrafter) and self.verifier is not QuantMode.W8A16:
+            raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier='w8a16'")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.max_len is not None and (not is_int(self.max_len) or self.max_len < 2):
+            raise ValueError(f"max_len must be an integer >= 2, got {self.max_len!r}")
+
+    def make_drafter(self) -> Drafter:
+        if not isinstance(self.drafter, DrafterKind):
+            return self.drafter
+        return make_drafter(self.drafter, num_draft=self.num_draft, ngram_min=self.ngram_min,
+                            ngram_max=self.ngram_max, ngram_prefer=self.ngram_prefer)
+
     @property
     def k(self) -> int:
-        return 0 if self.drafter == "none" else self.num_draft
+        return self.make_drafter().num_draft
 
     @property
-    def quant_mode(self) -> str | None:
-        return None if self.verifier == "fp" else self.verifier
+    def sampling(self) -> SamplingParams:
+        """The batch's sampling settings (rows without their own use these)."""
+        return SamplingParams(self.temperature, self.top_k, self.top_p)
 
-    def validate(self) -> "GenerationConfig":
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.drafter not in DRAFTERS:
-            raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
-        if self.verifier not in VERIFIERS:
-            raise ValueError(f"unknown verifier {self.verifier!r}; choose one of {', '.join(VERIFIERS)}")
-        if self.drafter == "ngram":
-            _check_ngram_args(self.num_draft, self.ngram_min, self.ngram_max, self.ngram_prefer)
-        elif self.drafter == "qspec" and (not _is_int(self.num_draft) or self.num_draft < 1):
-            raise ValueError(f"num_draft must be an integer >= 1, got {self.num_draft!r}")
-        if not isinstance(self.stop_ids, (tuple, list)) or not all(
-                _is_int(t) and 0 <= t < 2**31 for t in self.stop_ids):
-            raise ValueError(f"stop_ids must be a tuple of non-negative int32 token ids, got {self.stop_ids!r}")
-        if not _is_int(self.seed) or not -2**63 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
-        if self.drafter == "qspec" and self.verifier != "w8a16":
-            raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier='w8a16'")
-        if isinstance(self.temperature, bool) or not (
-                isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.max_len is not None and (not _is_int(self.max_len) or self.max_len < 2):
-            raise ValueError(f"max_len must be an integer >= 2, got {self.max_len!r}")
-        return self
+
+class FinishReason(str, enum.Enum):
+    """Why a row stopped: a stop id, its token budget, or a full cache."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CACHE_FULL = "cache_full"
+
+
+_FINISH_CODES = (None, FinishReason.STOP, FinishReason.LENGTH, FinishReason.CACHE_FULL)  # 0 = running
 
 
 @jax.tree_util.register_dataclass
@@ -113,11 +134,44 @@ class LoopState:
     lengths: jax.Array  # [B] int32: valid tokens in history
     cache: KVCache  # K/V of history[:, :lengths-1]
     done: jax.Array  # [B] bool
+    finish: jax.Array  # [B] int32: 0 running, else the index of a FinishReason in _FINISH_CODES
     new_tokens: jax.Array  # [B] int32: tokens generated so far
     steps: jax.Array  # [B] int32: verify steps while the row was active
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
-    key: jax.Array  # PRNG key
+    keys: jax.Array  # [B] PRNG keys, one stream per row
     iteration: jax.Array  # [] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class RowStats:
+    """One row's generation statistics."""
+
+    new_tokens: int
+    verify_steps: int
+    mean_accepted: float  # tau: tokens emitted per verify step
+    emitted_hist: list[int]  # [K+2]: steps that emitted n = 0..K+1 tokens
+    finish_reason: str  # a FinishReason value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """Statistics of one ``generate`` call (all rows)."""
+
+    new_tokens: int
+    verify_steps: int
+    loop_iterations: int
+    mean_accepted: float
+    wall_s: float  # run time of the compiled program (compile time excluded)
+    tokens_per_s: float
+    compile_s: float  # 0.0 when the program was already compiled
+    cache_len: int
+    num_draft: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -125,12 +179,8 @@ class GenerationResult:
     """Generated ids per row (prompt excluded) and statistics."""
 
     tokens: list[list[int]]
-    stats: list[dict]  # per row: new_tokens, verify_steps, mean_accepted, emitted_hist
-    batch_stats: dict  # new_tokens, verify_steps, mean_accepted, wall_s, tokens_per_s, compile_s
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    stats: list[RowStats]
+    batch_stats: BatchStats
 
 
 def round_up(x: int, m: int) -> int:
@@ -139,46 +189,26 @@ def round_up(x: int, m: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the device program
-def make_program(graphdef, cfg: GenerationConfig, stream: Callable | None = None):
-    """The device functions of one generation config, to be jitted by the caller.
+def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMode,
+                 stream: Callable | None = None):
+    """The device functions of one (drafter, sampler, verifier), to be jitted by the caller.
 
-    Returns ``(init, step, run)``: ``init(params, prompt [B, P], prompt_lens [B], S, key)`` prefills
-    and gives the first ``LoopState``; ``step(params, state, max_new [], stop [NS])`` is one loop
-    iteration; ``run(params, prompt, prompt_lens, S, max_new, stop, key)`` is ``init`` followed by
-    the ``while_loop`` of ``step`` until every row is done (what ``Engine`` compiles).
+    Returns ``(init, step, run)``. Per-row inputs: ``max_new [B]`` token budgets, ``stop [B, NS]``
+    stop ids (-1 = none), ``rows`` the ``RowSampling`` arrays, ``keys [B]`` PRNG keys.
+
+    * ``init(params, prompt [B, P], prompt_lens [B], S, keys)`` prefills and gives the first
+      ``LoopState``;
+    * ``step(params, state, max_new, stop, rows)`` is one loop iteration;
+    * ``run(params, prompt, prompt_lens, S, max_new, stop, rows, keys)`` is ``init`` followed by
+      the ``while_loop`` of ``step`` until every row is done (what ``Engine`` compiles).
     """
-    k = cfg.k
-    mode = cfg.quant_mode
-    greedy = cfg.temperature == 0
+    k = drafter.num_draft
 
-    def draft_fn(model, state: LoopState):
-        b = state.lengths.shape[0]
-        if cfg.drafter == "none":
-            return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32), state.cache
-        if cfg.drafter == "ngram":
-            draft, n_draft = ngram_draft(state.history, state.lengths, num_draft=k,
-                                         ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max,
-                                         prefer=cfg.ngram_prefer)
-            return draft, n_draft, state.cache
-        # QSpec: K greedy single-token steps on the W8A8 path, sharing the verifier's cache. Their
-        # K/V land in the slots the verify pass rewrites next, so nothing needs undoing.
-        last = jnp.take_along_axis(state.history, state.lengths[:, None] - 1, axis=1)  # [B, 1]
-
-        def one(i, carry):
-            tok, cache, draft = carry
-            pos = state.lengths[:, None] - 1 + i  # [B, 1]
-            logits, cache = model(tok, pos, cache, quant_mode="w8a8")
-            tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]  # [B, 1]
-            return tok, cache, draft.at[:, i].set(tok[:, 0])
-
-        cache = state.cache.replace(lengths=state.lengths - 1)
-        _, cache, draft = jax.lax.fori_loop(0, k, one, (last, cache, jnp.zeros((b, k), jnp.int32)))
-        return draft, jnp.full((b,), k, jnp.int32), cache
-
-    def body(model, state: LoopState, max_new, stop) -> LoopState:
+    def body(model, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
         b, s = state.history.shape
-        key, k_sample = jax.random.split(state.key)
-        draft, n_draft, cache = draft_fn(model, state)
+        split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]
+        keys, step_keys = split[:, 0], split[:, 1]
+        draft, n_draft, cache = drafter.draft(model, state.history, state.lengths, state.cache)
         # Never propose past the cache (each emitted token needs a history slot) or the budget.
         room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
         n_draft = jnp.clip(jnp.minimum(n_draft, room), 0, k)
@@ -187,21 +217,12 @@ def make_program(graphdef, cfg: GenerationConfig, stream: Callable | None = None
         verify_tokens = jnp.concatenate([last, draft], axis=1)  # [B, K+1]
         positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
         cache = cache.replace(lengths=state.lengths - 1)
-        logits, cache = model(verify_tokens, positions, cache, quant_mode=mode)  # [B, K+1, V]
-
-        if greedy:
-            tokens, n_emit = greedy_accept(draft, n_draft, logits)
-        else:
-            probs = process_logits(logits, temperature=float(cfg.temperature), top_k=cfg.top_k,
-                                   top_p=float(cfg.top_p))
-            if k == 0:
-                tokens, n_emit = sample_tokens(probs, k_sample), jnp.ones((b,), jnp.int32)
-            else:
-                tokens, n_emit = speculative_sample(draft, n_draft, probs, k_sample)
+        logits, cache = model(verify_tokens, positions, cache, mode=verifier)  # [B, K+1, V]
+        tokens, n_emit = sampler.accept(draft, n_draft, logits, rows, step_keys)
 
         # Stop ids: emit up to and including the first one.
         j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]
-        is_stop = jnp.any(tokens[:, :, None] == stop[None, None, :], axis=-1) & (j < n_emit[:, None])
+        is_stop = jnp.any(tokens[:, :, None] == stop[:, None, :], axis=-1) & (j < n_emit[:, None])
         first_stop = jnp.min(jnp.where(is_stop, j, k + 1), axis=1)  # [B]
         hit_stop = first_stop <= k
         n_emit = jnp.where(hit_stop, first_stop + 1, n_emit)
@@ -212,16 +233,17 @@ def make_program(graphdef, cfg: GenerationConfig, stream: Callable | None = None
         lengths = state.lengths + n_emit
         new_tokens = state.new_tokens + n_emit
         active = (~state.done).astype(jnp.int32)
-        done = state.done | hit_stop | (new_tokens >= max_new) | (lengths >= s)
+        reason = jnp.where(hit_stop, 1, jnp.where(new_tokens >= max_new, 2, jnp.where(lengths >= s, 3, 0)))
+        finish = jnp.where(state.done, state.finish, reason).astype(jnp.int32)
         if stream is not None:
             jax.experimental.io_callback(stream, None, tokens, n_emit, ordered=True)
         return LoopState(
-            history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1), done=done,
-            new_tokens=new_tokens, steps=state.steps + active,
+            history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1),
+            done=finish > 0, finish=finish, new_tokens=new_tokens, steps=state.steps + active,
             emitted_hist=state.emitted_hist.at[jnp.arange(b), n_emit].add(active),
-            key=key, iteration=state.iteration + 1)
+            keys=keys, iteration=state.iteration + 1)
 
-    def init(params, prompt, prompt_lens, max_len_static: int, key) -> LoopState:
+    def init(params, prompt, prompt_lens, max_len_static: int, keys) -> LoopState:
         """Prefill every prompt token but each row's last one; the loop's state before step 1."""
         model = nnx.merge(graphdef, params)
         b, p = prompt.shape
@@ -229,120 +251,156 @@ def make_program(graphdef, cfg: GenerationConfig, stream: Callable | None = None
         cache = KVCache.init(model.config, b, s, model.dtype)
         if p > 1:
             positions = jnp.broadcast_to(jnp.arange(p - 1, dtype=jnp.int32), (b, p - 1))
-            _, cache = model(prompt[:, :-1], positions, cache, quant_mode=mode)
+            _, cache = model(prompt[:, :-1], positions, cache, mode=verifier)
         history = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompt)
+        full = prompt_lens >= s
         return LoopState(
             history=history, lengths=prompt_lens, cache=cache.replace(lengths=prompt_lens - 1),
-            done=jnp.zeros((b,), bool) | (prompt_lens >= s), new_tokens=jnp.zeros((b,), jnp.int32),
-            steps=jnp.zeros((b,), jnp.int32), emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
-            key=key, iteration=jnp.zeros((), jnp.int32))
+            done=full, finish=jnp.where(full, 3, 0).astype(jnp.int32),
+            new_tokens=jnp.zeros((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32),
+            emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32))
 
-    def step(params, state: LoopState, max_new, stop) -> LoopState:
+    def step(params, state: LoopState, max_new, stop, rows) -> LoopState:
         """One draft-verify-accept-commit iteration (the loop body)."""
-        return body(nnx.merge(graphdef, params), state, max_new, stop)
+        return body(nnx.merge(graphdef, params), state, max_new, stop, rows)
 
-    def run(params, prompt, prompt_lens, max_len_static: int, max_new, stop, key) -> LoopState:
+    def run(params, prompt, prompt_lens, max_len_static: int, max_new, stop, rows, keys) -> LoopState:
         model = nnx.merge(graphdef, params)
-        state = init(params, prompt, prompt_lens, max_len_static, key)
+        state = init(params, prompt, prompt_lens, max_len_static, keys)
         return jax.lax.while_loop(lambda st: jnp.any(~st.done),
-                                  lambda st: body(model, st, max_new, stop), state)
+                                  lambda st: body(model, st, max_new, stop, rows), state)
 
     return init, step, run
 
 
 # ----------------------------------------------------------------------------- host side
 class Engine:
-    """Holds a model split into (graph, params) and the compiled programs, one per shape bucket."""
+    """Holds a model split into (graph, params) and the compiled programs, one per shape bucket.
+
+    A program is keyed by (drafter, sampler kind, verifier, batch, prompt bucket, cache length,
+    number of stop ids, streaming); budgets, stop ids, sampling values and seeds are device inputs,
+    so calls that differ only in those reuse it.
+    """
 
     def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET):
-        if not isinstance(prompt_bucket, int) or prompt_bucket < 1:
+        if not is_int(prompt_bucket) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
         self.model = model
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.graphdef, self.params = nnx.split(model)
         self._compiled: dict = {}
-        from quasar_jax.quant import is_quantized  # AQT is imported only here, not per call
-
         self.quantized = is_quantized(model)
         self._stream_target: Callable | None = None  # the current call's stream callback
+
+    @property
+    def num_compiled(self) -> int:
+        """How many programs this engine has compiled."""
+        return len(self._compiled)
 
     def _stream(self, tokens, n_emit) -> None:
         """The one host callback compiled into streaming programs; forwards to this call's."""
         if self._stream_target is not None:
             self._stream_target(tokens, n_emit)
 
-    def _program(self, cfg: GenerationConfig, b: int, p: int, s: int, n_stop: int, stream: bool):
-        static = dataclasses.replace(cfg, max_new_tokens=1, stop_ids=(), max_len=None, seed=0)
-        key = (static, b, p, s, n_stop, stream)
+    def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
+                 s: int, n_stop: int, stream: bool):
+        key = (drafter, sampler, verifier, b, p, s, n_stop, stream)
         if key in self._compiled:
             return self._compiled[key], 0.0
-        _, _, run = make_program(self.graphdef, static, self._stream if stream else None)
+        _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
+                                 self._stream if stream else None)
         jitted = jax.jit(run, static_argnums=(3,))
+        i32 = jnp.int32
         t0 = time.perf_counter()
         compiled = jitted.lower(
-            self.params, jax.ShapeDtypeStruct((b, p), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32),
-            s, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((n_stop,), jnp.int32),
-            jax.random.key(0)).compile()
+            self.params, jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32), s,
+            jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
+            RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)),
+        ).compile()
         compile_s = time.perf_counter() - t0
         self._compiled[key] = compiled
         return compiled, compile_s
 
-    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,
-                 *, stream: Callable | None = None) -> GenerationResult:
-        """Generate for a batch of token-id prompts (ragged lengths allowed)."""
-        cfg = (config or GenerationConfig()).validate()
+    def _check_prompts(self, prompts, cfg: GenerationConfig) -> list[int]:
         if len(prompts) == 0:
             raise ValueError("no prompts given")
         lens = [len(p) for p in prompts]
         if min(lens) == 0:
             raise ValueError(f"prompt {lens.index(0)} is empty")
-        if cfg.verifier == "fp" and self.quantized:
+        if not cfg.verifier.is_int8 and self.quantized:
             raise ValueError("this model holds int8 weights: use verifier 'w8a16' or 'w8a8'")
-        if cfg.verifier != "fp" and not self.quantized:
-            raise ValueError(f"verifier {cfg.verifier!r} needs an int8 model "
-                             "(load_model(..., quantize='int8') or quant.quantize_model)")
+        if cfg.verifier.is_int8 and not self.quantized:
+            raise ValueError(f"verifier '{cfg.verifier}' needs an int8 model "
+                             "(load_model(..., int8=True) or quant.quantize_model)")
         vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
-            bad = [t for t in p if not (_is_int(t) and 0 <= t < vocab)]
+            bad = [t for t in p if not (is_int(t) and 0 <= t < vocab)]
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad[0]!r}: ids must be integers in [0, {vocab})")
+        return lens
+
+    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
+                 sampling: Sequence[SamplingParams | None] | None = None,
+                 stream: Callable | None = None) -> GenerationResult:
+        """Generate for a batch of token-id prompts (ragged lengths allowed).
+
+        ``sampling`` optionally gives row ``i`` its own ``SamplingParams`` (``None`` entries use
+        the config's). ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
+        loop iteration with the tokens each row appended.
+        """
+        cfg = config or GenerationConfig()
+        lens = self._check_prompts(prompts, cfg)
+        b = len(prompts)
+        if sampling is None:
+            rows = [cfg.sampling] * b
+        elif len(sampling) != b:
+            raise ValueError(f"sampling has {len(sampling)} entries for {b} prompts")
+        else:
+            rows = [cfg.sampling if r is None else r for r in sampling]
+            if not all(isinstance(r, SamplingParams) for r in rows):
+                raise ValueError("sampling entries must be SamplingParams or None")
         longest = max(lens)
         s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
         if longest >= s:
             raise ValueError(f"prompt of {longest} tokens does not fit in a cache of {s} slots "
                              "(needs at least one free slot); raise max_len")
-        b = len(prompts)
         p = min(round_up(longest, self.prompt_bucket), s)
         prompt = np.zeros((b, p), np.int32)
         for i, row in enumerate(prompts):
             prompt[i, :len(row)] = np.asarray(row, np.int32)
-        stop = np.asarray(cfg.stop_ids or (-1,), np.int32)
-        program, compile_s = self._program(cfg, b, p, s, len(stop), stream is not None)
-        self._stream_target = stream
-
+        stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (b, 1))  # [B, NS]
+        drafter = cfg.make_drafter()
+        program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, b, p, s,
+                                           stop.shape[1], stream is not None)
         args = (self.params, jnp.asarray(prompt), jnp.asarray(lens, jnp.int32),
-                jnp.asarray(cfg.max_new_tokens, jnp.int32), jnp.asarray(stop),
-                jax.random.key(cfg.seed))
+                jnp.full((b,), cfg.max_new_tokens, jnp.int32), jnp.asarray(stop),
+                RowSampling.of(rows), row_keys(rows, cfg.seed))
+        self._stream_target = stream
         t0 = time.perf_counter()
         try:
             final = jax.block_until_ready(program(*args))
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
+        return _result(final, lens, wall, compile_s, s, drafter.num_draft)
 
-        history, lengths = np.asarray(final.history), np.asarray(final.lengths)
-        new, steps, hist = np.asarray(final.new_tokens), np.asarray(final.steps), np.asarray(final.emitted_hist)
-        tokens = [history[i, lens[i]:lengths[i]].tolist() for i in range(b)]
-        stats = [{"new_tokens": int(new[i]), "verify_steps": int(steps[i]),
-                  "mean_accepted": float(new[i] / max(steps[i], 1)),
-                  "emitted_hist": hist[i].tolist()} for i in range(b)]
-        total_new, total_steps = int(new.sum()), int(steps.sum())
-        batch_stats = {"new_tokens": total_new, "verify_steps": total_steps,
-                       "loop_iterations": int(final.iteration),
-                       "mean_accepted": total_new / max(total_steps, 1), "wall_s": wall,
-                       "tokens_per_s": total_new / wall if wall > 0 else float("inf"),
-                       "compile_s": compile_s, "cache_len": s, "num_draft": cfg.k}
-        return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch_stats)
+
+def _result(final: LoopState, lens: list[int], wall: float, compile_s: float, s: int,
+            k: int) -> GenerationResult:
+    history, lengths = np.asarray(final.history), np.asarray(final.lengths)
+    new, steps, hist = np.asarray(final.new_tokens), np.asarray(final.steps), np.asarray(final.emitted_hist)
+    finish = np.asarray(final.finish)
+    b = len(lens)
+    tokens = [history[i, lens[i]:lengths[i]].tolist() for i in range(b)]
+    stats = [RowStats(new_tokens=int(new[i]), verify_steps=int(steps[i]),
+                      mean_accepted=float(new[i] / max(steps[i], 1)), emitted_hist=hist[i].tolist(),
+                      finish_reason=_FINISH_CODES[int(finish[i])].value) for i in range(b)]
+    total_new, total_steps = int(new.sum()), int(steps.sum())
+    batch = BatchStats(new_tokens=total_new, verify_steps=total_steps,
+                       loop_iterations=int(final.iteration), mean_accepted=total_new / max(total_steps, 1),
+                       wall_s=wall, tokens_per_s=total_new / wall if wall > 0 else float("inf"),
+                       compile_s=compile_s, cache_len=s, num_draft=k)
+    return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch)
 
 
 def generate(model: Qwen3, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

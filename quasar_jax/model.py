@@ -142,8 +142,9 @@ class Qwen3(nnx.Module):
         return KVCache.init(self.config, batch, max_len, self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
-                 quant_mode: str | None = None) -> tuple[jax.Array, KVCache]:
+                 mode=None) -> tuple[jax.Array, KVCache]:
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, cache)."""
+        quant_mode = None if mode is None or str(mode) == "float" else str(mode)
         mask = cache.attention_mask(positions)  # [B, T, S], from the lengths before this call
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [B, T, D]
         for layer, block in enumerate(self.layers):

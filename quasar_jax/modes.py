@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 
 
-class _Choice(str, enum.Enum):
+class Choice(str, enum.Enum):
     """A ``str`` enum with a validating ``parse`` (accepts a member or its value)."""
 
     @classmethod
@@ -42,7 +42,7 @@ class _Choice(str, enum.Enum):
         return tuple(m.value for m in cls)
 
 
-class QuantMode(_Choice):
+class QuantMode(Choice):
     """How a forward pass multiplies by its projection weights (see the module docstring)."""
 
     FLOAT = "float"
@@ -54,7 +54,7 @@ class QuantMode(_Choice):
         return self is not QuantMode.FLOAT
 
 
-class Backend(_Choice):
+class Backend(Choice):
     """Implementation of the int8 matmul: XLA's dot (``xla``) or the Pallas kernels (``pallas``)."""
 
     XLA = "xla"

@@ -111,4 +111,4 @@ def test_demo_ngram_tau_on_code_prompts_and_lossless(demo_engine, tokenizer):
     ar = demo_engine.generate(ids, GenerationConfig(max_new_tokens=64, drafter="none"))
     sd = demo_engine.generate(ids, GenerationConfig(max_new_tokens=64, drafter="ngram", num_draft=5))
     assert sd.tokens == ar.tokens
-    assert sd.batch_stats["mean_accepted"] > 1.2, sd.batch_stats
+    assert sd.batch_stats.mean_accepted > 1.2, sd.batch_stats

@@ -31,7 +31,7 @@ def test_greedy_speculative_equals_autoregressive(engine, k):
     ar = _ar(engine, PROMPTS)  # one ragged batch
     sd = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=24, drafter="ngram", num_draft=k))
     assert sd.tokens == ar.tokens
-    assert sd.batch_stats["verify_steps"] < ar.batch_stats["verify_steps"]  # drafts were accepted
+    assert sd.batch_stats.verify_steps < ar.batch_stats.verify_steps  # drafts were accepted
     for prompt, expected in zip(PROMPTS[:2], ar.tokens[:2]):  # batch 1
         alone = engine.generate([prompt], GenerationConfig(max_new_tokens=24, num_draft=k))
         assert alone.tokens[0] == expected
@@ -49,10 +49,10 @@ def test_autoregressive_matches_transformers_generate(engine, hf_tiny):
 
 def test_tau_above_one_on_repeated_text(engine):
     res = engine.generate([REPETITIVE * 3], GenerationConfig(max_new_tokens=32, num_draft=5))
-    assert res.stats[0]["mean_accepted"] > 1.0
-    hist = res.stats[0]["emitted_hist"]
-    assert sum(hist) == res.stats[0]["verify_steps"]
-    assert sum(n * c for n, c in enumerate(hist)) == res.stats[0]["new_tokens"]
+    assert res.stats[0].mean_accepted > 1.0
+    hist = res.stats[0].emitted_hist
+    assert sum(hist) == res.stats[0].verify_steps
+    assert sum(n * c for n, c in enumerate(hist)) == res.stats[0].new_tokens
 
 
 def test_tau_is_one_when_nothing_can_match(engine):
@@ -70,8 +70,8 @@ def test_tau_is_one_when_nothing_can_match(engine):
         pytest.fail("no match-free continuation found among 20 random prompts")
     res = engine.generate([prompt], GenerationConfig(max_new_tokens=8, drafter="ngram", **cfg))
     assert res.tokens[0] == seq[12:]
-    assert res.stats[0]["mean_accepted"] == 1.0
-    assert res.stats[0]["verify_steps"] == 8
+    assert res.stats[0].mean_accepted == 1.0
+    assert res.stats[0].verify_steps == 8
 
 
 def test_stop_ids_and_budget_per_row(engine):
@@ -98,7 +98,7 @@ def test_compiled_once_per_shape_bucket(engine):
     cfg = GenerationConfig(max_new_tokens=8, max_len=64)
     engine.generate([PROMPTS[0]], cfg)
     again = engine.generate([PROMPTS[2]], GenerationConfig(max_new_tokens=5, max_len=64, seed=3))
-    assert again.batch_stats["compile_s"] == 0.0
+    assert again.batch_stats.compile_s == 0.0
 
 
 def test_bad_generation_config(engine):
@@ -143,7 +143,7 @@ def test_speculative_sampling_matches_verifier_distribution(engine, sampling):
     emp = np.bincount(first, minlength=p.size) / n
     assert set(np.flatnonzero(emp)) <= set(np.flatnonzero(p))  # top-k / top-p support respected
     assert 0.5 * np.abs(emp - p).sum() < 0.06
-    accepted = np.mean([s["verify_steps"] == 1 for s in res.stats])  # d accepted: 2 tokens, 1 step
+    accepted = np.mean([s.verify_steps == 1 for s in res.stats])  # d accepted: 2 tokens, 1 step
     assert abs(accepted - p[d]) < 0.04
     # The plain sampler (K = 0) as a control.
     ar = engine.generate([prompt] * n, GenerationConfig(max_new_tokens=1, drafter="none", seed=2, **sampling))
@@ -156,7 +156,7 @@ def test_verifier_must_match_the_model(engine, hf_tiny):
         engine.generate([[1, 2, 3]], GenerationConfig(verifier="w8a16"))
     with pytest.raises(ValueError, match="needs an int8 model"):
         engine.generate([[1, 2, 3]], GenerationConfig(drafter="qspec", verifier="w8a16"))
-    int8 = Engine(load_model(hf_tiny(False, 2)[0], quantize="int8"))
+    int8 = Engine(load_model(hf_tiny(False, 2)[0], int8=True))
     with pytest.raises(ValueError, match="holds int8 weights"):
         int8.generate([[1, 2, 3]], GenerationConfig())
 
@@ -176,4 +176,4 @@ def test_streaming_sees_every_token_and_compiles_once(engine):
         seen = []
         res = engine.generate([REPETITIVE], cfg, stream=lambda t, n: seen.extend(t[0, :int(n[0])].tolist()))
         assert seen == res.tokens[0]
-        assert (res.batch_stats["compile_s"] == 0.0) == (attempt == 1)  # a new callback: no recompile
+        assert (res.batch_stats.compile_s == 0.0) == (attempt == 1)  # a new callback: no recompile

@@ -1,0 +1,122 @@
+"""Drafters: what proposes the K tokens that one verify step checks.
+
+A drafter is a small frozen dataclass (hashable: it is part of the compiled program's key) with a
+static ``num_draft`` (K) and one device method::
+
+    draft, n_draft, cache = drafter.draft(model, history [B, S], lengths [B], cache)
+
+``draft [B, K]`` int32 holds the proposals, ``n_draft [B]`` in [0, K] how many are valid (the
+rest are ignored by acceptance). A drafter that runs the model (QSpec) may write K/V into the
+verifier's cache, but only at slots ``>= lengths - 1`` that the verify pass rewrites; it returns
+the cache it wrote. The loop (``quasar_jax.engine``) never looks inside a drafter: a new one plugs
+in by implementing this method.
+
+* :class:`NoDrafter` (K = 0): plain autoregressive decoding through the same loop.
+* :class:`NGramDrafter`: prompt lookup in the row's own history (``quasar_jax.drafting``).
+* :class:`QSpecDrafter`: QSpec self-drafting, K greedy single-token steps of the same int8
+  weights on the W8A8 path (the verifier then runs W8A16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from quasar_jax.drafting import NGRAM_PREFER, check_ngram_args, ngram_draft
+from quasar_jax.kv_cache import KVCache
+from quasar_jax.modes import QuantMode, Choice
+
+
+class DrafterKind(Choice):
+    """The built-in drafters, by name (the ``--drafter`` flag)."""
+
+    NONE = "none"
+    NGRAM = "ngram"
+    QSPEC = "qspec"
+
+
+class Drafter(Protocol):
+    num_draft: int  # K, static
+
+    def draft(self, model, history: jax.Array, lengths: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class NoDrafter:
+    """No proposals: every step verifies one token (autoregressive decoding)."""
+
+    num_draft: int = 0
+
+    def draft(self, model, history, lengths, cache):
+        del model
+        b = lengths.shape[0]
+        return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class NGramDrafter:
+    """Prompt lookup: copy what followed the latest earlier occurrence of the current suffix."""
+
+    num_draft: int = 5
+    ngram_min: int = 1
+    ngram_max: int = 3
+    prefer: str = "recent"  # which earlier occurrence wins: recent | earliest
+
+    def __post_init__(self):
+        check_ngram_args(self.num_draft, self.ngram_min, self.ngram_max, self.prefer)
+
+    def draft(self, model, history, lengths, cache):
+        del model
+        draft, n_draft = ngram_draft(history, lengths, num_draft=self.num_draft,
+                                     ngram_min=self.ngram_min, ngram_max=self.ngram_max,
+                                     prefer=self.prefer)
+        return draft, n_draft, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class QSpecDrafter:
+    """K greedy single-token steps on the W8A8 path, sharing the verifier's KV cache.
+
+    Their K/V land in the slots the verify pass rewrites next, so nothing needs undoing.
+    """
+
+    num_draft: int = 5
+
+    def __post_init__(self):
+        if isinstance(self.num_draft, bool) or not isinstance(self.num_draft, int) or self.num_draft < 1:
+            raise ValueError(f"num_draft must be an integer >= 1, got {self.num_draft!r}")
+
+    def draft(self, model, history, lengths, cache):
+        b, k = lengths.shape[0], self.num_draft
+        last = jnp.take_along_axis(history, lengths[:, None] - 1, axis=1)  # [B, 1]
+
+        def one(i, carry):
+            tok, cache, draft = carry
+            pos = lengths[:, None] - 1 + i  # [B, 1]
+            logits, cache = model(tok, pos, cache, mode=QuantMode.W8A8)
+            tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]  # [B, 1]
+            return tok, cache, draft.at[:, i].set(tok[:, 0])
+
+        cache = cache.replace(lengths=lengths - 1)
+        _, cache, draft = jax.lax.fori_loop(0, k, one, (last, cache, jnp.zeros((b, k), jnp.int32)))
+        return draft, jnp.full((b,), k, jnp.int32), cache
+
+
+def make_drafter(kind: DrafterKind | str, *, num_draft: int = 5, ngram_min: int = 1,
+                 ngram_max: int = 3, ngram_prefer: str = "recent") -> Drafter:
+    """A built-in drafter from its name and the flags that apply to it."""
+    kind = DrafterKind.parse(kind, "drafter")
+    if kind is DrafterKind.NONE:
+        return NoDrafter()
+    if kind is DrafterKind.NGRAM:
+        return NGramDrafter(num_draft, ngram_min, ngram_max, ngram_prefer)
+    return QSpecDrafter(num_draft)
+
+
+__all__ = ["Drafter", "DrafterKind", "NGRAM_PREFER", "NGramDrafter", "NoDrafter", "QSpecDrafter",
+           "make_drafter"]

@@ -1,0 +1,147 @@
+"""How the verifier's logits become emitted tokens: per-row sampling settings and the samplers.
+
+* :class:`SamplingParams` is one row's (one request's) host-side setting: temperature (0 =
+  greedy), top-k, top-p and an optional seed. It is validated on construction.
+* :class:`RowSampling` holds those settings for a whole batch as device arrays (``[B]`` each), so
+  one compiled program serves any values and the rows of one batch may differ.
+* A sampler turns ``(draft, n_draft, logits)`` into ``(tokens [B, K+1], n_emit [B])`` (see
+  ``quasar_jax.accept``). :class:`GreedySampler` is the all-greedy program (no sort, no random
+  numbers). :class:`RowSampler` serves any mix: rows with temperature 0 take exactly the greedy
+  rule's result (so a greedy row of a mixed batch equals the all-greedy output), the others exact
+  speculative sampling with their own temperature / top-k / top-p and their own PRNG key.
+
+Seeds: a row with its own ``seed`` draws from a key derived from that seed alone, so its tokens do
+not depend on the batch around it; rows without one use the batch seed folded with the row index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quasar_jax.accept import greedy_accept, process_logits, sample_tokens, speculative_sample
+
+SEED_RANGE = (-2**63, 2**63)
+
+
+def is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_seed(seed, what: str = "seed") -> None:
+    if not is_int(seed) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"{what} must be a 64-bit integer, got {seed!r}")
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """One-line ``ValueError`` naming the first bad sampling value."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One row's sampling settings (temperature 0 = greedy; ``seed=None``: the batch's seed)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None:
+            check_seed(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Per-row sampling settings as device arrays (dimension letters of docs/CONVENTIONS.md)."""
+
+    temperature: jax.Array  # [B] float32; 0 = greedy row
+    top_k: jax.Array  # [B] int32; 0 = off
+    top_p: jax.Array  # [B] float32; 1 = off
+
+    @classmethod
+    def of(cls, rows: Sequence[SamplingParams]) -> "RowSampling":
+        return cls(temperature=jnp.asarray([r.temperature for r in rows], jnp.float32),
+                   top_k=jnp.asarray([r.top_k for r in rows], jnp.int32),
+                   top_p=jnp.asarray([r.top_p for r in rows], jnp.float32))
+
+    @classmethod
+    def abstract(cls, b: int) -> "RowSampling":
+        return cls(temperature=jax.ShapeDtypeStruct((b,), jnp.float32),
+                   top_k=jax.ShapeDtypeStruct((b,), jnp.int32),
+                   top_p=jax.ShapeDtypeStruct((b,), jnp.float32))
+
+
+@jax.jit
+def _keys_from_seeds(lo: jax.Array, hi: jax.Array, salt: jax.Array) -> jax.Array:
+    def one(lo_, hi_, salt_):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(lo_), hi_), salt_)
+    return jax.vmap(one)(lo, hi, salt)
+
+
+def row_keys(rows: Sequence[SamplingParams], batch_seed: int) -> jax.Array:
+    """``[B]`` PRNG keys: a row's own seed, else the batch seed folded with the row index."""
+    seeds = np.array([batch_seed if r.seed is None else r.seed for r in rows], dtype=object)
+    seeds = np.array([int(s) % 2**64 for s in seeds], dtype=np.uint64)
+    salt = np.array([i + 1 if r.seed is None else 0 for i, r in enumerate(rows)], np.uint32)
+    return _keys_from_seeds(jnp.asarray((seeds & 0xFFFFFFFF).astype(np.uint32)),
+                            jnp.asarray((seeds >> np.uint64(32)).astype(np.uint32)), jnp.asarray(salt))
+
+
+class Sampler(Protocol):
+    """Acceptance rule of one verify step (a hashable value: part of the compiled program's key)."""
+
+    def accept(self, draft: jax.Array, n_draft: jax.Array, logits: jax.Array, rows: RowSampling,
+               keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """draft [B, K], n_draft [B], logits [B, K+1, V], keys [B] -> tokens [B, K+1], n_emit [B]."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedySampler:
+    """Every row greedy: longest draft prefix equal to the argmax, plus the argmax bonus token."""
+
+    def accept(self, draft, n_draft, logits, rows, keys):
+        del rows, keys
+        return greedy_accept(draft, n_draft, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampler:
+    """Per-row settings: greedy rows exactly greedy, the others exact speculative sampling."""
+
+    def accept(self, draft, n_draft, logits, rows, keys):
+        b, k = draft.shape
+        g_tokens, g_emit = greedy_accept(draft, n_draft, logits)
+        greedy = rows.temperature <= 0  # [B]
+        probs = process_logits(logits, temperature=jnp.where(greedy, 1.0, rows.temperature)[:, None],
+                               top_k=rows.top_k[:, None], top_p=rows.top_p[:, None])  # [B, K+1, V]
+        if k == 0:
+            tokens = jax.vmap(sample_tokens)(probs[:, 0], keys)[:, None]  # [B, 1]
+            n_emit = jnp.ones((b,), jnp.int32)
+        else:
+            tokens, n_emit = speculative_sample(draft, n_draft, probs, keys)
+        return (jnp.where(greedy[:, None], g_tokens, tokens).astype(jnp.int32),
+                jnp.where(greedy, g_emit, n_emit).astype(jnp.int32))
+
+
+def sampler_for(rows: Sequence[SamplingParams]) -> Sampler:
+    """The cheapest sampler that serves these rows."""
+    return GreedySampler() if all(r.greedy for r in rows) else RowSampler()
