@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quasar_jax.errors import InputError
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 _PACKAGED_PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -36,10 +38,9 @@ class Qwen3Config:
     eos_token_id: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size"):
+        for name in _REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -64,59 +65,67 @@ class Qwen3Config:
 
     # ---------------------------------------------------------------- reading
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> "Qwen3Config":
-        """Build from the dict of a Hugging Face ``config.json``; reject unsupported features."""
+    def from_hf_dict(cls, cfg: Any, source: str = "config") -> "Qwen3Config":
+        """Build from the dict of a Hugging Face ``config.json``; reject unsupported features.
+
+        Every field is checked against one schema (``_SCHEMA``); a problem raises ``InputError``
+        naming ``source`` (the file) and the field.
+        """
         if not isinstance(cfg, dict):
-            raise ValueError(f"config must be a JSON object, got {type(cfg).__name__}")
-        model_type = cfg.get("model_type", "qwen3")
+            raise InputError(f"{source}: config must be a JSON object, got {type(cfg).__name__}")
+        v = {name: _read_field(cfg, name, kind, source) for name, kind in _SCHEMA.items()}
+        model_type = v["model_type"] or "qwen3"
         if model_type != "qwen3":
-            raise ValueError(f"unsupported model_type {model_type!r}: only dense 'qwen3' is implemented")
+            raise InputError(f"{source}: unsupported model_type {model_type!r}: only dense 'qwen3' is implemented")
         for key in ("num_experts", "num_local_experts", "moe_intermediate_size"):
             if cfg.get(key):
-                raise ValueError(f"unsupported config feature: mixture of experts ({key}={cfg[key]!r})")
-        if cfg.get("attention_bias"):
-            raise ValueError("unsupported config feature: attention_bias=True")
-        if cfg.get("use_sliding_window"):
-            raise ValueError("unsupported config feature: use_sliding_window=True (sliding window attention)")
-        layer_types = cfg.get("layer_types") or []
+                raise InputError(f"{source}: unsupported config feature: mixture of experts ({key}={cfg[key]!r})")
+        if v["attention_bias"]:
+            raise InputError(f"{source}: unsupported config feature: attention_bias=True")
+        if v["use_sliding_window"]:
+            raise InputError(f"{source}: unsupported config feature: use_sliding_window=True "
+                             "(sliding window attention)")
+        layer_types = v["layer_types"] or []
         if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"unsupported config feature: layer_types {sorted(set(layer_types))} "
+            raise InputError(f"{source}: unsupported config feature: layer_types {sorted(set(layer_types))} "
                              "(only full_attention)")
-        act = cfg.get("hidden_act", "silu")
+        act = v["hidden_act"] or "silu"
         if act != "silu":
-            raise ValueError(f"unsupported config feature: hidden_act={act!r} (only silu)")
+            raise InputError(f"{source}: unsupported config feature: hidden_act={act!r} (only silu)")
 
-        rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or {}
-        for source in (rope, scaling):
-            rope_type = source.get("rope_type", source.get("type", "default"))
+        rope, scaling = v["rope_parameters"] or {}, v["rope_scaling"] or {}
+        for name, part in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            rope_type = part.get("rope_type", part.get("type", "default"))
             if rope_type not in ("default", None):
-                raise ValueError(f"unsupported config feature: rope scaling of type {rope_type!r}")
-        theta = rope.get("rope_theta", cfg.get("rope_theta"))
+                raise InputError(f"{source}: unsupported config feature: rope scaling of type {rope_type!r} "
+                                 f"({name})")
+        theta = rope.get("rope_theta", v["rope_theta"])
         if theta is None:
-            raise ValueError("config has neither rope_theta nor rope_parameters.rope_theta")
+            raise InputError(f"{source}: config has neither rope_theta nor rope_parameters.rope_theta")
+        if not _is_number(theta) or theta <= 0:
+            raise InputError(f"{source}: field 'rope_theta' must be a positive number, got {theta!r}")
 
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        for name in _REQUIRED:
+            if v[name] is None:
+                raise InputError(f"{source}: required field {name!r} is missing")
+        heads, hidden = v["num_attention_heads"], v["hidden_size"]
+        if v["head_dim"] is None and hidden % heads:
+            raise InputError(f"{source}: no head_dim, and hidden_size ({hidden}) is not a multiple of "
+                             f"num_attention_heads ({heads})")
+        eos = v["eos_token_id"]
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         try:
             return cls(
-                vocab_size=cfg["vocab_size"],
-                hidden_size=cfg["hidden_size"],
-                num_hidden_layers=cfg["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                intermediate_size=cfg["intermediate_size"],
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                vocab_size=v["vocab_size"], hidden_size=hidden, num_hidden_layers=v["num_hidden_layers"],
+                num_attention_heads=heads, num_key_value_heads=v["num_key_value_heads"] or heads,
+                head_dim=v["head_dim"] or hidden // heads, intermediate_size=v["intermediate_size"],
+                rms_norm_eps=float(1e-6 if v["rms_norm_eps"] is None else v["rms_norm_eps"]),
                 rope_theta=float(theta),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_id=eos,
-            )
-        except KeyError as err:
-            raise ValueError(f"config.json is missing required field {err.args[0]!r}") from None
+                tie_word_embeddings=bool(v["tie_word_embeddings"]),
+                max_position_embeddings=40960 if v["max_position_embeddings"] is None else v["max_position_embeddings"],
+                bos_token_id=v["bos_token_id"], eos_token_id=eos)
+        except ValueError as err:
+            raise InputError(f"{source}: {err}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Qwen3Config":
@@ -126,10 +135,16 @@ class Qwen3Config:
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as err:
+            raise InputError(f"cannot read config file {path}: {err.strerror or err}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"config file {path} is not UTF-8 text") from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
-        return cls.from_hf_dict(data)
+            raise InputError(f"config file {path} is not valid JSON: {err}") from None
+        except RecursionError:
+            raise InputError(f"config file {path} is nested too deeply") from None
+        return cls.from_hf_dict(data, source=str(path))
 
     @classmethod
     def preset(cls, name: str) -> "Qwen3Config":
@@ -163,6 +178,65 @@ class Qwen3Config:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
         }
+
+
+# ----------------------------------------------------------------------------- the schema
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# field -> kind; every field is optional at this level (None when absent or null), _REQUIRED are
+# then checked for presence.
+_SCHEMA = {
+    "model_type": "str", "hidden_act": "str",
+    "vocab_size": "positive int", "hidden_size": "positive int", "num_hidden_layers": "positive int",
+    "num_attention_heads": "positive int", "num_key_value_heads": "positive int",
+    "head_dim": "positive int", "intermediate_size": "positive int",
+    "max_position_embeddings": "positive int",
+    "rms_norm_eps": "positive number", "rope_theta": "any",
+    "tie_word_embeddings": "bool", "attention_bias": "bool", "use_sliding_window": "bool",
+    "bos_token_id": "token id", "eos_token_id": "token ids",
+    "layer_types": "list of str", "rope_parameters": "object", "rope_scaling": "object",
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def _kind_ok(value, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "positive int":
+        return _is_int(value) and value > 0
+    if kind == "positive number":
+        return _is_number(value) and value > 0
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "token id":
+        return _is_int(value) and 0 <= value < 2**31
+    if kind == "token ids":
+        return _kind_ok(value, "token id") or (
+            isinstance(value, list) and all(_kind_ok(t, "token id") for t in value))
+    if kind == "list of str":
+        return isinstance(value, list) and all(isinstance(t, str) for t in value)
+    if kind == "object":
+        return isinstance(value, dict)
+    raise AssertionError(kind)
+
+
+def _read_field(cfg: dict, name: str, kind: str, source: str):
+    value = cfg.get(name)
+    if value is None or _kind_ok(value, kind):
+        return value
+    article = "an" if kind[0] in "aeiou" else "a"
+    what = {"token ids": "a token id or a list of token ids", "object": "a JSON object",
+            "list of str": "a list of strings", "str": "a string", "bool": "true or false"}.get(
+                kind, f"{article} {kind.replace('int', 'integer')}")
+    raise InputError(f"{source}: field {name!r} must be {what}, got {json.dumps(value)[:60]}")
 
 
 def preset_names() -> list[str]:
