@@ -1,19 +1,95 @@
-"""Shared command-line plumbing: one-line argument errors with exit status 2, value parsers."""
+"""Shared command-line plumbing: one-line errors, exit statuses, value parsers, shared flags.
+
+Every command line of the project goes through ``run_cli``: bad input (``ValueError``,
+``FileNotFoundError``, ``OSError`` of a user path) prints ONE line and exits with status 2; Ctrl-C
+prints one line and exits with 130. Nothing here imports JAX, so ``--help`` is fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+from typing import Callable
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad argument prints ONE line (no usage block) and exits with status 2."""
+    """argparse, but a bad argument prints ONE line (no usage block) and exits with status 2.
+
+    Abbreviated long options are off, so ``explicit_flags`` can tell which flags were given.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The long option strings the user actually gave (so flags that do not apply can be refused)."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = {o for a in parser._actions for o in a.option_strings}
+    return {tok.split("=", 1)[0] for tok in argv if tok.split("=", 1)[0] in options}
+
+
+def quiet_libraries() -> None:
+    """Silence import-time chatter of the libraries (the one-line promise covers stderr)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*PyTorch.*")
+
+
+def run_cli(prog: str, work: Callable[[], int], cleanup: Callable[[], None] | None = None) -> int:
+    """Run a command's work; map bad input to one line + status 2, Ctrl-C to one line + 130.
+
+    ``cleanup`` runs on any failure or interrupt (e.g. removing a partial output).
+    """
+    quiet_libraries()
+    try:
+        return work()
+    except KeyboardInterrupt:
+        if cleanup:
+            cleanup()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        if cleanup:
+            cleanup()
+        return fail(prog, err)
+    except BaseException:
+        if cleanup:
+            cleanup()
+        raise
+
+
+class StatusLine:
+    """One self-overwriting progress line on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._width = 0
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + text.ljust(self._width))
+            sys.stderr.flush()
+            self._width = len(text)
+
+    def clear(self) -> None:
+        if self.enabled and self._width:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            sys.stderr.flush()
+            self._width = 0
 
 
 def int_at_least(lo: int):
@@ -51,7 +127,10 @@ def float_in(lo: float, hi: float, lo_open: bool):
 
 def fail(prog: str, err: Exception) -> int:
     """Report an input error on one line; the exit status for it."""
-    print(f"{prog}: error: {err}", file=sys.stderr)
+    message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
+        message = f"{err.strerror or message}: {err.filename}"
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -107,6 +186,9 @@ def add_prompt_flags(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
                    help=f"tokens to generate per prompt at most (default: {max_new_tokens})")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="allow prompt + max new tokens past the model's max_position_embeddings "
+                        "(default: an error)")
 
 
 def generation_kwargs(args: argparse.Namespace, **overrides) -> dict:

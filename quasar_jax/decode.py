@@ -3,7 +3,8 @@
 Loads a model (``demo`` = the small model shipped with the package, a local Hugging Face
 directory, a converted quasar_jax checkpoint, or a hub id), optionally quantises the verifier to
 int8, and generates with n-gram speculative decoding (Quasar when the verifier is int8), QSpec, or
-plain autoregressive decoding. Invalid input gets a one-line error and exit status 2.
+plain autoregressive decoding. Invalid input gets a one-line error and exit status 2; Ctrl-C one
+line and exit status 130. Parsing (and ``--help``) does not import JAX.
 """
 
 from __future__ import annotations
@@ -11,23 +12,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import warnings
-from pathlib import Path
 
-from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, add_drafting_flags, add_model_flags, add_prompt_flags,
-                            add_sampling_flags, fail, generation_kwargs, positive_int)
-from quasar_jax.prompts import encode, read_jsonl_turns, stop_ids_of
+from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, StatusLine, add_drafting_flags, add_model_flags,
+                            add_prompt_flags, add_sampling_flags, explicit_flags, generation_kwargs,
+                            positive_int, run_cli)
+from quasar_jax.errors import InputError
+from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
+
+PROG = "python -m quasar_jax.decode"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m quasar_jax.decode", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     add_model_flags(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompt-file", help="one prompt per line, or .jsonl with 'turns' (first turn used)")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable; default: read stdin)")
+    src.add_argument("--prompt-file", help="one prompt per line, or Spec-Bench .jsonl (first turn; "
+                                           "question_id and category are kept in --json output)")
     add_prompt_flags(p, max_new_tokens=128)
+    p.add_argument("--stop", action="append", default=[],
+                   help="a stop string (repeatable): the text ends before it (default: none)")
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache slots (default: longest prompt + max new tokens, rounded up)")
     p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
@@ -41,46 +46,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1, help="prompts per batch (default: 1)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted (batch size 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return p
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args) -> list[Prompt]:
     if args.prompt:
-        return list(args.prompt)
+        return [Prompt(check_prompt(text, f"--prompt {i + 1}")) for i, text in enumerate(args.prompt)]
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read prompt file {path}: {err}") from None
-        if path.suffix == ".jsonl":
-            prompts = [turn for _, _, turn in read_jsonl_turns(path, text)]
-        else:
-            prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt file {path} holds no prompt")
-        return prompts
-    if not sys.stdin.isatty():
-        text = sys.stdin.read()
+        return read_prompt_file(args.prompt_file)
+    if sys.stdin is not None and not sys.stdin.isatty():
+        text = decode_text(sys.stdin.buffer.read(), "stdin")
         if text.strip():
-            return [text]
-    raise ValueError("no prompt: give --prompt, --prompt-file, or text on stdin")
+            return [Prompt(text)]
+        raise InputError("stdin: the prompt is empty or only whitespace")
+    raise InputError("no prompt: give --prompt, --prompt-file, or text on stdin")
 
 
-def run(args) -> int:
+def check_flags(args, given: set[str]) -> str:
+    """Flags that do not apply to this run are errors; returns the verifier's name."""
+    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "float")
+    if args.drafter != "ngram":
+        for flag in ("--ngram-min", "--ngram-max", "--ngram-prefer"):
+            if flag in given:
+                raise InputError(f"{flag} applies only to --drafter ngram")
+    if args.drafter == "none" and "--num-draft" in given:
+        raise InputError("--num-draft does not apply to --drafter none")
+    if args.temperature == 0:
+        for flag in ("--top-k", "--top-p", "--seed"):
+            if flag in given:
+                raise InputError(f"{flag} applies only to sampling (--temperature > 0)")
+    if verifier == "float":
+        for flag in ("--backend", "--quantize-lm-head"):
+            if flag in given:
+                raise InputError(f"{flag} applies only to an int8 verifier (--verifier w8a16 or w8a8)")
+    if args.stream and args.batch_size != 1:
+        raise InputError("--stream needs --batch-size 1")
+    if any(not s for s in args.stop):
+        raise InputError("--stop: a stop string must not be empty")
+    return verifier
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class _Row:
+    """Host view of one row while it streams: its ids, its text and stop-string detection."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.stopped = False
+
+    def add(self, new_ids) -> bool:
+        """Append accepted ids; True when a stop string has appeared (the row should stop)."""
+        if not self.stopped:
+            self.ids.extend(new_ids)
+            if self.stops:
+                self.stopped = _cut_at_stop(self.text_so_far(), self.stops)[1]
+        return self.stopped
+
+    def text_so_far(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def run(args, given: set[str]) -> int:
+    # JAX and the model code load here, after the arguments are known to be valid.
+    import jax
     import jax.numpy as jnp
 
     from quasar_jax.engine import Engine, GenerationConfig
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
+    from quasar_jax.prompts import encode, stop_ids_of
 
-    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "float")
-    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier))
-    if args.stream and args.batch_size != 1:
-        raise ValueError("--stream needs --batch-size 1")
+    verifier = check_flags(args, given)
+    if args.backend == "pallas" and jax.default_backend() == "cpu":
+        raise InputError("--backend pallas needs a GPU or TPU: on a CPU the Pallas kernels only run "
+                         "in interpret mode (tests); use --backend xla")
+    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier,
+                                                  allow_long_context=args.allow_long_context))
     prompts = read_prompts(args)
-
+    status = StatusLine(enabled=not (args.json or args.quiet))
+    status.show(f"loading {args.model} ...")
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
@@ -89,63 +138,71 @@ def run(args) -> int:
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
     config = dataclasses.replace(config, stop_ids=stop)
     engine = Engine(model)
+    backend = args.backend if config.verifier.is_int8 else "none"  # what runs the int8 matmuls
 
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        ids = [encode(tokenizer, text, args.chat) for text in batch]
-        stream = None
-        if args.stream:
-            shown: list[int] = []
-            sink = sys.stderr if args.json else sys.stdout  # keep --json output valid JSONL
+        ids = [encode(tokenizer, p.text, args.chat) for p in batch]
+        rows = [_Row(tokenizer, args.stop) for _ in batch]
+        sink = sys.stderr if args.json else sys.stdout  # keep --json output valid JSONL
+        printed = 0
 
-            printed = 0
+        def on_tokens(tokens, n_emit):
+            nonlocal printed
+            stop_now = [row.add(tokens[i, :int(n_emit[i])].tolist()) for i, row in enumerate(rows)]
+            if args.stream:
+                text, _ = _cut_at_stop(rows[0].text_so_far(), args.stop)
+                if args.stop:  # hold back a tail that may still become a stop string
+                    text = text[:max(printed, len(text) - max(map(len, args.stop)) + 1)]
+                if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+                    sink.write(text[printed:])
+                    sink.flush()
+                    printed = len(text)
+            return stop_now
 
-            def stream_text(tokens, n_emit):
-                nonlocal printed
-                shown.extend(tokens[0, :int(n_emit[0])].tolist())
-                text = tokenizer.decode(shown, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-                    return
-                sink.write(text[printed:])
-                sink.flush()
-                printed = len(text)
-
-            stream = stream_text
-            if not args.json:
-                sys.stdout.write(batch[0])
-        result = engine.generate(ids, config, stream=stream)
-        for i, text in enumerate(batch):
+        streaming = args.stream or bool(args.stop)
+        if args.stream and not args.json:
+            status.clear()
+            sys.stdout.write(batch[0].text)
+        status.show(f"generating (compiling on first use) {start + len(batch)}/{len(prompts)} ...")
+        result = engine.generate(ids, config, stream=on_tokens if streaming else None)
+        status.clear()
+        for i, prompt in enumerate(batch):
             out_ids = result.tokens[i]
             completion = tokenizer.decode(out_ids, skip_special_tokens=True)
+            completion, cut = _cut_at_stop(completion, args.stop)
             row, batch_stats = result.stats[i], result.batch_stats
-            stats = {**row.to_dict(), "mean_accepted": round(row.mean_accepted, 4),
+            finish = "stop" if cut else row.finish_reason
+            stats = {**row.to_dict(), "mean_accepted": round(row.mean_accepted, 4), "finish_reason": finish,
                      "tokens_per_s": round(batch_stats.tokens_per_s, 2),
                      "wall_s": round(batch_stats.wall_s, 4), "compile_s": round(batch_stats.compile_s, 3),
                      "batch_size": len(batch), "drafter": str(config.drafter),
-                     "verifier": str(config.verifier), "num_draft": config.k}
+                     "verifier": str(config.verifier), "backend": backend, "num_draft": config.k}
             if args.json:
-                print(json.dumps({"prompt": text, "prompt_ids": ids[i], "output_ids": out_ids,
-                                  "text": completion, "stats": stats}), flush=True)
+                record = {"prompt": prompt.text, "prompt_ids": ids[i], "output_ids": out_ids,
+                          "text": completion, "stats": stats}
+                if prompt.question_id is not None:
+                    record["question_id"] = prompt.question_id
+                if prompt.category is not None:
+                    record["category"] = prompt.category
+                print(json.dumps(record), flush=True)
             else:
                 if args.stream:
+                    sys.stdout.write(completion[printed:])
                     print()
                 else:
-                    print(text + completion)
-                print(f"[{config.drafter}/{config.verifier}] new_tokens={stats['new_tokens']} "
+                    print(prompt.text + completion)
+                print(f"[{config.drafter}/{config.verifier}/{backend}] new_tokens={stats['new_tokens']} "
                       f"verify_steps={stats['verify_steps']} tau={stats['mean_accepted']:.2f} "
-                      f"tokens/s={stats['tokens_per_s']:.1f} (batch) compile={stats['compile_s']:.2f}s",
-                      flush=True)
+                      f"finish={finish} tokens/s={stats['tokens_per_s']:.1f} (batch) "
+                      f"compile={stats['compile_s']:.2f}s", flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        return fail("python -m quasar_jax.decode", err)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_cli(PROG, lambda: run(args, explicit_flags(parser, argv)))
 
 
 if __name__ == "__main__":

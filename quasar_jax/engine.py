@@ -76,6 +76,7 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] = ()
     max_len: int | None = None  # cache slots S; None = prompt + max_new_tokens rounded up
     seed: int = 0
+    allow_long_context: bool = False  # allow prompt + max_new_tokens past max_position_embeddings
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -233,10 +234,11 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         lengths = state.lengths + n_emit
         new_tokens = state.new_tokens + n_emit
         active = (~state.done).astype(jnp.int32)
+        if stream is not None:  # the host sees the new tokens and may stop rows (stop strings)
+            hit_stop |= jax.experimental.io_callback(
+                stream, jax.ShapeDtypeStruct((b,), jnp.bool_), tokens, n_emit, ordered=True)
         reason = jnp.where(hit_stop, 1, jnp.where(new_tokens >= max_new, 2, jnp.where(lengths >= s, 3, 0)))
         finish = jnp.where(state.done, state.finish, reason).astype(jnp.int32)
-        if stream is not None:
-            jax.experimental.io_callback(stream, None, tokens, n_emit, ordered=True)
         return LoopState(
             history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1),
             done=finish > 0, finish=finish, new_tokens=new_tokens, steps=state.steps + active,
@@ -297,10 +299,17 @@ class Engine:
         """How many programs this engine has compiled."""
         return len(self._compiled)
 
-    def _stream(self, tokens, n_emit) -> None:
-        """The one host callback compiled into streaming programs; forwards to this call's."""
+    def _stream(self, tokens, n_emit) -> np.ndarray:
+        """The one host callback compiled into streaming programs; forwards to this call's.
+
+        Returns the rows to stop now (``[B]`` bool): what the call's callback returned, if any.
+        """
+        stop = np.zeros(n_emit.shape, bool)
         if self._stream_target is not None:
-            self._stream_target(tokens, n_emit)
+            wanted = self._stream_target(tokens, n_emit)
+            if wanted is not None:
+                stop |= np.asarray(wanted, bool).reshape(stop.shape)
+        return stop
 
     def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
                  s: int, n_stop: int, stream: bool):
@@ -346,7 +355,8 @@ class Engine:
 
         ``sampling`` optionally gives row ``i`` its own ``SamplingParams`` (``None`` entries use
         the config's). ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
-        loop iteration with the tokens each row appended.
+        loop iteration with the tokens each row appended; it may return a ``[B]`` bool array of rows
+        to stop there (finish reason ``stop``: how stop strings are honoured).
         """
         cfg = config or GenerationConfig()
         lens = self._check_prompts(prompts, cfg)
@@ -364,6 +374,11 @@ class Engine:
         if longest >= s:
             raise ValueError(f"prompt of {longest} tokens does not fit in a cache of {s} slots "
                              "(needs at least one free slot); raise max_len")
+        context = self.model.config.max_position_embeddings
+        if min(longest + cfg.max_new_tokens, s) > context and not cfg.allow_long_context:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceeds "
+                             f"the model's context of {context} positions (max_position_embeddings); "
+                             "shorten the prompt or allow it explicitly (allow_long_context)")
         p = min(round_up(longest, self.prompt_bucket), s)
         prompt = np.zeros((b, p), np.int32)
         for i, row in enumerate(prompts):
