@@ -10,7 +10,9 @@ For each int8 mode (w8a16, w8a8), over a prompt set, against the float model:
 * tau (tokens per verify step) of Quasar (n-gram + int8 verifier) next to tau of n-gram + float
   verifier on the same prompts.
 
-Prints a table and writes JSON (``--json``). ``quasar_jax.bench`` reuses ``fidelity()``.
+Prints a table and writes JSON (``--json``). ``quasar_jax.bench`` reuses ``fidelity()`` and the
+pure metric helpers (``common_prefix``, ``ratio``, ``pool_fidelity``); this module never imports
+the benchmark.
 """
 
 from __future__ import annotations
@@ -20,7 +22,35 @@ import sys
 import warnings
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from quasar_jax.cli import OneLineParser, fail, positive_int
+from quasar_jax.engine import Engine, GenerationConfig, round_up
+from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
+from quasar_jax.modes import QuantMode
+from quasar_jax.prompts import encode, load_questions, stop_ids_of
+
+
+# ----------------------------------------------------------------------------- engine adapter
+# Every touch of the model / engine / loader API that the design pass changes is in these
+# functions (this module must not import ``quasar_jax.bench``, whose runners have their own);
+# each docstring gives its form once the new API has landed.
+def _quant_call_kwargs(mode) -> dict:
+    """Keyword of the int8 model call. After integration: ``{"mode": QuantMode.parse(mode)}``."""
+    return {"quant_mode": QuantMode.parse(mode).value}
+
+
+def _load_int8(model_dir, dtype):
+    """After integration: ``load_model(model_dir, dtype=dtype, int8=True)``."""
+    return load_model(model_dir, dtype=dtype, quantize="int8")
+
+
+def _new_tokens_and_steps(result) -> tuple[int, int]:
+    """After integration: ``result.batch_stats.new_tokens, result.batch_stats.verify_steps``."""
+    return result.batch_stats["new_tokens"], result.batch_stats["verify_steps"]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -38,13 +68,13 @@ def ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
-def fidelity(model_fp, model_q, mode: str, prompts_ids: Sequence[Sequence[int]],
+def fidelity(model_fp, model_q, mode: QuantMode | str, prompts_ids: Sequence[Sequence[int]],
              ar_fp_outputs: Sequence[Sequence[int]], *,
              ar_q_outputs: Sequence[Sequence[int]] | None = None, bucket: int = 32) -> dict:
     """Float-vs-int8 fidelity along the float model's greedy trajectories.
 
     For each prompt, ONE teacher-forced forward of ``prompt + ar_fp_output[:-1]`` through both
-    models (``model_q`` called with ``quant_mode=mode``) gives the next-token distributions at
+    models (``model_q`` called in int8 ``mode``, w8a16 or w8a8) gives the next-token distributions at
     every generated position (n positions for n generated tokens). Returns::
 
         top1_agreement        fraction of positions where argmax p_q == argmax p_fp (pooled)
@@ -58,17 +88,11 @@ def fidelity(model_fp, model_q, mode: str, prompts_ids: Sequence[Sequence[int]],
     Sequences are right-padded to a multiple of ``bucket`` (fewer compiles; the padding sits after
     every scored position, so causal attention makes it irrelevant).
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from quasar_jax.engine import round_up
-
     if len(prompts_ids) != len(ar_fp_outputs):
         raise ValueError(f"fidelity: {len(prompts_ids)} prompts but {len(ar_fp_outputs)} outputs")
     g_fp, p_fp = nnx.split(model_fp)
     g_q, p_q = nnx.split(model_q)
+    quant_kw = _quant_call_kwargs(mode)
 
     @jax.jit
     def score(p_fp, p_q, tokens):  # tokens [1, L]
@@ -76,7 +100,7 @@ def fidelity(model_fp, model_q, mode: str, prompts_ids: Sequence[Sequence[int]],
         n = tokens.shape[1]
         pos = jnp.arange(n, dtype=jnp.int32)[None]
         logits_fp, _ = m_fp(tokens, pos, m_fp.init_cache(1, n))
-        logits_q, _ = m_q(tokens, pos, m_q.init_cache(1, n), quant_mode=mode)
+        logits_q, _ = m_q(tokens, pos, m_q.init_cache(1, n), **quant_kw)
         lp_fp = jax.nn.log_softmax(logits_fp[0], axis=-1)  # [L, V] float32
         lp_q = jax.nn.log_softmax(logits_q[0], axis=-1)
         kl = jnp.sum(jnp.exp(lp_fp) * (lp_fp - lp_q), axis=-1)  # [L]
@@ -134,10 +158,6 @@ def build_parser():
 
 
 def run(args) -> dict:
-    from quasar_jax.prompts import encode, load_questions, stop_ids_of
-    from quasar_jax.engine import Engine, GenerationConfig
-    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("w8a16", "w8a8")]
     if bad or not modes:
@@ -148,7 +168,7 @@ def run(args) -> dict:
     prompts = [encode(tokenizer, q.text, args.chat) for q in questions]
     stop = stop_ids_of(tokenizer, model_dir)
     model_fp = load_model(model_dir, dtype=args.dtype)
-    model_q = load_model(model_dir, dtype=args.dtype, quantize="int8")
+    model_q = _load_int8(model_dir, args.dtype)
     engines = {"fp": Engine(model_fp), "q": Engine(model_q)}
 
     def generate(engine, **kw):
@@ -158,7 +178,8 @@ def run(args) -> dict:
         for i in range(0, len(prompts), args.batch_size):
             res = engine.generate(prompts[i:i + args.batch_size], cfg)
             tokens += res.tokens
-            new, steps = new + res.batch_stats["new_tokens"], steps + res.batch_stats["verify_steps"]
+            n, k = _new_tokens_and_steps(res)
+            new, steps = new + n, steps + k
         return tokens, ratio(new, steps)
 
     ar_fp, _ = generate(engines["fp"], drafter="none")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quasar_jax.bench.report import machine_info
 from quasar_jax.engine import Engine, GenerationConfig, make_program
 from quasar_jax.loading import load_model, load_tokenizer
 
@@ -76,9 +76,8 @@ def main(argv=None):
     engine = Engine(load_model(args.model, dtype=jnp.float32))
     ids = tok(REPETITIVE)["input_ids"]
     s = 1024
-    results = {"machine": {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-                           "cpu": platform.processor() or platform.machine(), "jax": jax.__version__},
-               "model": args.model, "prompt_tokens": len(ids), "max_new_tokens": args.max_new_tokens}
+    results = {"machine": machine_info(), "model": args.model, "prompt_tokens": len(ids),
+               "max_new_tokens": args.max_new_tokens}
     rows = []
     for name, cfg in [("ar", GenerationConfig(max_new_tokens=args.max_new_tokens, drafter="none", max_len=s)),
                       ("ngram", GenerationConfig(max_new_tokens=args.max_new_tokens, drafter="ngram",

@@ -31,12 +31,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +51,7 @@ from quasar_jax.config import Qwen3Config  # noqa: E402
 from quasar_jax.kv_cache import KVCache  # noqa: E402
 from quasar_jax.model import abstract_model  # noqa: E402
 from quasar_jax import quant  # noqa: E402
+from quasar_jax.bench.report import machine_info  # noqa: E402
 
 # Nominal peak memory bandwidth in GB/s by device kind substring (same figures as
 # scripts/bench_kernels.py).
@@ -329,22 +327,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def machine() -> dict:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"backend": jax.default_backend(), "device": dev.device_kind, "cpu": cpu,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["qwen3-0.6b", "qwen3-8b"])
@@ -371,9 +353,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.fill + args.num_draft + 1 > args.cache_len:
         p.error(f"--fill {args.fill} + K+1 does not fit in --cache-len {args.cache_len}")
-    info = machine()
-    print(f"# verify step: {info['device']} ({info['backend']}), {info['cores']} cores, jax {info['jax']}",
-          file=sys.stderr)
+    info = machine_info()
+    print(f"# verify step: {info['device']} ({info['backend']}), {info['cores_available']} cores, "
+          f"jax {info['jax']}", file=sys.stderr)
     rows = run(args)
     order = {m: i for i, m in enumerate(["fp", "w8a16", "w8a8"])}
     rows.sort(key=lambda r: (args.presets.index(r["preset"]), r.get("batch", 0),

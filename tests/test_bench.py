@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from quasar_jax import bench, prompts
-from quasar_jax.bench import Batch, ModeRun, summarize
+from quasar_jax import prompts
+from quasar_jax.bench import cli as bench_cli
+from quasar_jax.bench.metrics import Batch, ModeRun, summarize, truncate_output
+from quasar_jax.bench.modes import resolve_modes
+from quasar_jax.fidelity import common_prefix, fidelity
 
 
 def _run(mode, outputs, steps, batches, reference="ar-fp"):
@@ -72,15 +75,15 @@ def test_summarize_by_hand():
 
 
 def test_counting_helpers_and_modes():
-    assert bench.truncate_output([4, 5, 0, 6, 7], stop_ids=[0], max_new_tokens=10) == [4, 5, 0]
-    assert bench.truncate_output([4, 5, 6, 7], stop_ids=[], max_new_tokens=3) == [4, 5, 6]
-    assert bench.common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
-    modes, added = bench.resolve_modes(["quasar-w8a8", "hf-ar"])
+    assert truncate_output([4, 5, 0, 6, 7], stop_ids=[0], max_new_tokens=10) == [4, 5, 0]
+    assert truncate_output([4, 5, 6, 7], stop_ids=[], max_new_tokens=3) == [4, 5, 6]
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    modes, added = resolve_modes(["quasar-w8a8", "hf-ar"])
     assert modes == ["ar-fp", "ar-w8a8", "quasar-w8a8", "hf-ar"] and added == ["ar-fp", "ar-w8a8"]
-    modes, added = bench.resolve_modes(["qspec"])
+    modes, added = resolve_modes(["qspec"])
     assert set(added) == {"ar-fp", "ar-int8"}
     with pytest.raises(ValueError, match="unknown mode 'nope'"):
-        bench.resolve_modes(["nope"])
+        resolve_modes(["nope"])
 
 
 def test_load_questions(tmp_path):
@@ -114,14 +117,14 @@ def test_fidelity_identical_and_quantized(tiny_model_dir):
     model = load_model(tiny_model_dir, dtype=jnp.float32)
     prompts = [[5, 6, 7, 8, 9, 5, 6], [11, 12, 13]]
     outs = Engine(model).generate(prompts, GenerationConfig(max_new_tokens=6, drafter="none")).tokens
-    same = bench.fidelity(model, model, "w8a16", prompts, outs, ar_q_outputs=outs)
+    same = fidelity(model, model, "w8a16", prompts, outs, ar_q_outputs=outs)
     assert same["top1_agreement"] == 1.0
     assert abs(same["mean_kl"]) < 1e-6
     assert same["mean_common_prefix"] == pytest.approx(6.0)
     assert same["positions"] == 12 and same["prompts"] == 2
 
     q = quantize_model(nnx.clone(model), mode="w8a16")
-    fid = bench.fidelity(model, q, "w8a8", prompts, outs)
+    fid = fidelity(model, q, "w8a8", prompts, outs)
     assert 0.0 <= fid["top1_agreement"] <= 1.0
     assert fid["mean_kl"] >= -1e-6
     assert fid["mean_common_prefix"] is None  # no int8 AR outputs given
@@ -135,9 +138,9 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
         {"question_id": 3, "category": "", "turns": ["class Point:\n    def __init__(self, x, y):"]},
     ]) + "\n")
     out = tmp_path / "bench"
-    rc = bench.main(["--model", str(tiny_model_dir), "--questions", str(questions),
-                     "--num-prompts", "2", "--max-new-tokens", "8", "--repeats", "1",
-                     "--modes", "ar-fp,sd-fp,quasar-w8a8,hf-ar", "--no-progress", "--out", str(out)])
+    rc = bench_cli.main(["--model", str(tiny_model_dir), "--questions", str(questions),
+                         "--num-prompts", "2", "--max-new-tokens", "8", "--repeats", "1",
+                         "--modes", "ar-fp,sd-fp,quasar-w8a8,hf-ar", "--no-progress", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert {"machine", "config", "modes", "fidelity"} <= set(res)
@@ -168,9 +171,9 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
 
 
 def test_cli_errors(tmp_path, capsys):
-    rc = bench.main(["--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
+    rc = bench_cli.main(["--questions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "questions file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
-        bench.main(["--questions", "x.jsonl"])  # --out missing
+        bench_cli.main(["--questions", "x.jsonl"])  # --out missing
     assert err.value.code == 2

@@ -1,0 +1,185 @@
+"""Static checks of the package layout: no import cycle, small modules, imports at the top.
+
+The import graph is read from the source with ``ast`` (nothing is imported): one node per module
+of ``quasar_jax`` and ``pallas_kernels``, one edge per ``import`` / ``from ... import`` statement
+naming a project module, wherever it stands (module level or inside a function; a lazy import is
+a dependency too). ``from pkg import name`` points at ``pkg.name`` when that is a module, else at
+``pkg``. The implicit import of a parent package (``import a.b`` runs ``a/__init__``) is not an
+edge: it is always under way already when a submodule loads, so it cannot form a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("quasar_jax", "pallas_kernels")
+MAX_LINES = 450
+# Heavy optional dependencies that a quasar_jax module may import inside a function.
+LAZY_OK = ("torch", "transformers", "matplotlib", "orbax", "pallas_kernels.int8_matmul.gpu",
+           "pallas_kernels.int8_matmul.tpu")
+# Modules rewritten together with this test; held to the top-level rule now.
+CHECKED_NOW = ("quasar_jax.bench", "quasar_jax.fidelity")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST, in_function: bool = False):
+    """``(import node, inside a function or class)`` for every import that runs (not TYPE_CHECKING)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, in_function
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            yield from _imports(ast.Module(body=node.orelse, type_ignores=[]), in_function)
+        else:
+            nested = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef))
+            yield from _imports(node, in_function or nested)
+
+
+def _loaded_modules(node, module: str) -> list[str]:
+    """Absolute dotted names of the modules one import statement in ``module`` loads."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level:
+        is_pkg = MODULES[module].name == "__init__.py"
+        base = module.split(".") if is_pkg else module.split(".")[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        prefix = ".".join(base + ([node.module] if node.module else []))
+    else:
+        prefix = node.module
+    return [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix for a in node.names]
+
+
+def _resolve(name: str) -> str | None:
+    """``name`` when it is a project module, None when it is external (fails on a missing one)."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    assert name in MODULES, f"{name!r} is no module of {' or '.join(PACKAGES)}"
+    return name
+
+
+def _trees() -> dict[str, ast.Module]:
+    return {m: ast.parse(p.read_text(), str(p)) for m, p in MODULES.items()}
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for module, tree in _trees().items():
+        targets = graph.setdefault(module, set())
+        for node, _ in _imports(tree):
+            for name in _loaded_modules(node, module):
+                try:
+                    target = _resolve(name)
+                except AssertionError as err:
+                    raise AssertionError(f"{module}, line {node.lineno}: {err}") from None
+                if target:
+                    targets.add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as ``[a, b, ..., a]``, or None when it has none."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _lazy_imports(prefixes: tuple[str, ...]) -> list[str]:
+    """``module:line name`` of each import inside a function of those modules, but ``LAZY_OK``."""
+    bad = []
+    for module, tree in _trees().items():
+        if not module.startswith(prefixes):
+            continue
+        for node, in_function in _imports(tree):
+            for name in _loaded_modules(node, module) if in_function else []:
+                if not any(name == ok or name.startswith(ok + ".") for ok in LAZY_OK):
+                    bad.append(f"{module}:{node.lineno} {name}")
+    return list(dict.fromkeys(bad))
+
+
+def test_find_cycle_reports_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_relative_imports_resolve():
+    def loaded(src, module):
+        return _loaded_modules(ast.parse(src).body[0], module)
+
+    assert loaded("from .metrics import summarize", "quasar_jax.bench.run") == ["quasar_jax.bench.metrics"]
+    assert loaded("from . import modes", "quasar_jax.bench") == ["quasar_jax.bench.modes"]
+    assert loaded("from .. import engine, Engine", "quasar_jax.bench.run") == [
+        "quasar_jax.engine", "quasar_jax"]
+
+
+def test_graph_sees_function_level_imports():
+    graph = import_graph()
+    assert "quasar_jax.engine" in graph["quasar_jax.fidelity"]
+    assert "quasar_jax.fidelity" in graph["quasar_jax.bench.metrics"]
+    assert "pallas_kernels.int8_matmul.gpu" in graph["pallas_kernels.int8_matmul.wrapper"]  # lazy
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_fidelity_does_not_import_bench():
+    assert not any(t.startswith("quasar_jax.bench") for t in import_graph()["quasar_jax.fidelity"])
+
+
+def test_modules_are_small():
+    big = {m: n for m, p in MODULES.items() if m.startswith("quasar_jax")
+           and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_bench_and_fidelity_import_at_top():
+    bad = _lazy_imports(CHECKED_NOW)
+    assert not bad, "imports inside functions (only " + ", ".join(LAZY_OK) + " may be): " + "; ".join(bad)
+
+
+@pytest.mark.xfail(reason="integration pending: checkpoint, convert, decode, engine, loading and quant "
+                          "(rewritten elsewhere) still import inside functions", strict=False)
+def test_quasar_jax_imports_at_top():
+    bad = _lazy_imports(("quasar_jax",))
+    assert not bad, "imports inside functions (only " + ", ".join(LAZY_OK) + " may be): " + "; ".join(bad)
