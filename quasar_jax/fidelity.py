@@ -48,11 +48,6 @@ def _load_int8(model_dir, dtype):
     return load_model(model_dir, dtype=dtype, quantize="int8")
 
 
-def _new_tokens_and_steps(result) -> tuple[int, int]:
-    """After integration: ``result.batch_stats.new_tokens, result.batch_stats.verify_steps``."""
-    return result.batch_stats["new_tokens"], result.batch_stats["verify_steps"]
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading tokens ``a`` and ``b`` share."""
     n = 0
@@ -178,7 +173,7 @@ def run(args) -> dict:
         for i in range(0, len(prompts), args.batch_size):
             res = engine.generate(prompts[i:i + args.batch_size], cfg)
             tokens += res.tokens
-            n, k = _new_tokens_and_steps(res)
+            n, k = res.batch_stats.new_tokens, res.batch_stats.verify_steps
             new, steps = new + n, steps + k
         return tokens, ratio(new, steps)
 

@@ -22,6 +22,7 @@ import numpy as np
 from quasar_jax.bench.report import machine_info
 from quasar_jax.engine import Engine, GenerationConfig, make_program
 from quasar_jax.loading import load_model, load_tokenizer
+from quasar_jax.sampling import RowSampling, row_keys, sampler_for
 
 REPETITIVE = '''def add(a, b):
     """Return a + b."""
@@ -39,22 +40,24 @@ def mul(a, b):
 
 def python_loop(engine: Engine, cfg: GenerationConfig, prompt_ids: list[int], s: int):
     """Generate with a host-side loop around the jitted step; returns (tokens, steps, seconds)."""
-    init, step, _ = make_program(engine.graphdef, cfg)
+    rows_sampling = [cfg.sampling]
+    init, step, _ = make_program(engine.graphdef, cfg.make_drafter(), sampler_for(rows_sampling), cfg.verifier)
     init = jax.jit(init, static_argnums=(3,))
     step = jax.jit(step, donate_argnums=(1,))
     p = len(prompt_ids)
     prompt = jnp.asarray([prompt_ids], jnp.int32)
     lens = jnp.asarray([p], jnp.int32)
-    max_new = jnp.asarray(cfg.max_new_tokens, jnp.int32)
-    stop = jnp.asarray([-1], jnp.int32)
+    max_new = jnp.asarray([cfg.max_new_tokens], jnp.int32)
+    stop = jnp.asarray([[-1]], jnp.int32)
+    rows = RowSampling.of(rows_sampling)
 
     def once():
-        state = init(engine.params, prompt, lens, s, jax.random.key(0))
+        state = init(engine.params, prompt, lens, s, row_keys(rows_sampling, cfg.seed))
         jax.block_until_ready(state)
         t0 = time.perf_counter()
         iterations = 0
         while not bool(jnp.all(state.done)):  # the host round trip per step
-            state = step(engine.params, state, max_new, stop)
+            state = step(engine.params, state, max_new, stop, rows)
             iterations += 1
         jax.block_until_ready(state)
         return state, iterations, time.perf_counter() - t0
@@ -83,16 +86,16 @@ def main(argv=None):
                       ("ngram", GenerationConfig(max_new_tokens=args.max_new_tokens, drafter="ngram",
                                                  num_draft=args.num_draft, max_len=s))]:
         first = engine.generate([ids], cfg)
-        walls = [engine.generate([ids], cfg).batch_stats["wall_s"] for _ in range(args.repeats)]
+        walls = [engine.generate([ids], cfg).batch_stats.wall_s for _ in range(args.repeats)]
         wall = statistics.median(walls)
         st = first.stats[0]
         py_state, py_iters, py_wall = python_loop(engine, cfg, ids, s)
         py_tokens = np.asarray(py_state.history[0, len(ids):int(py_state.lengths[0])]).tolist()
         assert py_tokens == first.tokens[0], "python loop and while_loop disagree"
-        row = {"mode": name, "tau": st["mean_accepted"], "new_tokens": st["new_tokens"],
-               "verify_steps": st["verify_steps"], "compile_s": first.batch_stats["compile_s"],
-               "while_loop_s": wall, "tokens_per_s": st["new_tokens"] / wall,
-               "while_loop_ms_per_step": 1e3 * wall / st["verify_steps"],
+        row = {"mode": name, "tau": st.mean_accepted, "new_tokens": st.new_tokens,
+               "verify_steps": st.verify_steps, "compile_s": first.batch_stats.compile_s,
+               "while_loop_s": wall, "tokens_per_s": st.new_tokens / wall,
+               "while_loop_ms_per_step": 1e3 * wall / st.verify_steps,
                "python_loop_s": py_wall, "python_loop_ms_per_step": 1e3 * py_wall / py_iters}
         rows.append(row)
     ar, sd = rows

@@ -14,17 +14,11 @@ from typing import Sequence
 from quasar_jax.bench.modes import ModeSpec
 from quasar_jax.engine import Engine, GenerationConfig, round_up
 from quasar_jax.loading import load_model
-from quasar_jax.modes import QuantMode
 
 
 # ----------------------------------------------------------------------------- engine adapter
 # Every touch of the engine / loader API that the design pass changes is in these functions;
 # each docstring gives its form once the new API has landed.
-def verifier_arg(mode: QuantMode) -> str:
-    """``GenerationConfig(verifier=...)``. After integration: ``return mode``."""
-    return "fp" if mode is QuantMode.FLOAT else mode.value
-
-
 def load_jax_model(model_dir, dtype, *, int8: bool, backend: str):
     """After integration: ``load_model(model_dir, dtype=dtype, int8=int8, backend=backend)``."""
     if not int8:
@@ -32,23 +26,13 @@ def load_jax_model(model_dir, dtype, *, int8: bool, backend: str):
     return load_model(model_dir, dtype=dtype, quantize="int8", backend=backend)
 
 
-def row_verify_steps(result) -> list[int]:
-    """Verify steps per row. After integration: ``[s.verify_steps for s in result.stats]``."""
-    return [s["verify_steps"] for s in result.stats]
-
-
-def compile_seconds(result) -> float:
-    """After integration: ``result.batch_stats.compile_s``."""
-    return result.batch_stats["compile_s"]
-
-
 # ----------------------------------------------------------------------------- JAX
 def jax_generation_config(args, spec: ModeSpec, stop_ids: Sequence[int], max_len: int) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, drafter=spec.drafter, num_draft=args.num_draft,
-        ngram_min=args.ngram_min, ngram_max=args.ngram_max, verifier=verifier_arg(spec.verifier),
+        ngram_min=args.ngram_min, ngram_max=args.ngram_max, verifier=spec.verifier,
         temperature=args.temperature, stop_ids=tuple(stop_ids), max_len=max_len,
-        seed=args.seed).validate()
+        seed=args.seed)
 
 
 def shape_key(prompt_ids: Sequence[Sequence[int]], rows: Sequence[int], bucket: int) -> tuple:
@@ -68,9 +52,9 @@ class JaxRunner:
         t0 = time.perf_counter()
         res = self.engine.generate(prompts, self.config)
         wall = time.perf_counter() - t0
-        compile_s = compile_seconds(res)
+        compile_s = res.batch_stats.compile_s
         self.compile_s += compile_s
-        return res.tokens, row_verify_steps(res), wall - compile_s
+        return res.tokens, [s.verify_steps for s in res.stats], wall - compile_s
 
 
 # ----------------------------------------------------------------------------- HF peers
