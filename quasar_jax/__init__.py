@@ -8,24 +8,46 @@ Public API::
     result = engine.generate([tokenizer("def f(x):")["input_ids"]],
                              qj.GenerationConfig(max_new_tokens=64, drafter="ngram"))
     print(tokenizer.decode(result.tokens[0]), result.batch_stats)
+
+The names below load on first use (PEP 562), so ``import quasar_jax`` and every command's
+``--help`` stay fast and do not start JAX.
 """
 
+from __future__ import annotations
+
+import importlib
 import warnings as _warnings
 
 _warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"aqt(\..*)?")
 
-from quasar_jax.config import Qwen3Config  # noqa: E402
-from quasar_jax.drafters import Drafter, DrafterKind, NGramDrafter, NoDrafter, QSpecDrafter  # noqa: E402
-from quasar_jax.engine import (BatchStats, Engine, FinishReason, GenerationConfig, GenerationResult,  # noqa: E402
-                               RowStats, generate)
-from quasar_jax.modes import Backend, QuantMode  # noqa: E402
-from quasar_jax.sampling import SamplingParams  # noqa: E402
-from quasar_jax.kv_cache import KVCache  # noqa: E402
-from quasar_jax.loading import load, load_model, load_tokenizer, save_pretrained  # noqa: E402
-from quasar_jax.model import Qwen3, forward  # noqa: E402
+_EXPORTS = {
+    "Qwen3Config": "quasar_jax.config",
+    "Drafter": "quasar_jax.drafters", "DrafterKind": "quasar_jax.drafters",
+    "NGramDrafter": "quasar_jax.drafters", "NoDrafter": "quasar_jax.drafters",
+    "QSpecDrafter": "quasar_jax.drafters",
+    "BatchStats": "quasar_jax.engine", "Engine": "quasar_jax.engine", "FinishReason": "quasar_jax.engine",
+    "GenerationConfig": "quasar_jax.engine", "GenerationResult": "quasar_jax.engine",
+    "RowStats": "quasar_jax.engine", "generate": "quasar_jax.engine",
+    "InputError": "quasar_jax.errors",
+    "KVCache": "quasar_jax.kv_cache",
+    "load": "quasar_jax.loading", "load_model": "quasar_jax.loading", "load_tokenizer": "quasar_jax.loading",
+    "save_pretrained": "quasar_jax.loading",
+    "Qwen3": "quasar_jax.model", "forward": "quasar_jax.model",
+    "Backend": "quasar_jax.modes", "QuantMode": "quasar_jax.modes",
+    "SamplingParams": "quasar_jax.sampling",
+}
 
-__all__ = ["Backend", "BatchStats", "Drafter", "DrafterKind", "Engine", "FinishReason", "GenerationConfig",
-           "GenerationResult", "KVCache", "NGramDrafter", "NoDrafter", "QSpecDrafter", "QuantMode", "Qwen3",
-           "Qwen3Config", "RowStats", "SamplingParams", "forward", "generate", "load", "load_model",
-           "load_tokenizer", "save_pretrained"]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quasar_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
