@@ -11,7 +11,9 @@ import argparse
 import time
 import warnings
 
+from quasar_jax.checkpoint import save_converted
 from quasar_jax.cli import OneLineParser, fail
+from quasar_jax.loading import load_model, resolve_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     try:
-        from quasar_jax.checkpoint import save_converted
-        from quasar_jax.loading import load_model, resolve_model_dir
-
         src = resolve_model_dir(args.model)
         t0 = time.perf_counter()
-        model = load_model(src, dtype=args.dtype, quantize=args.quantize,
+        model = load_model(src, dtype=args.dtype, int8=args.quantize == "int8",
                            quantize_lm_head=args.quantize_lm_head)
         t_load = time.perf_counter() - t0
         out = save_converted(model, args.out, source_dir=src)

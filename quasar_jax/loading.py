@@ -4,10 +4,12 @@
 ``model-*.safetensors`` with ``model.safetensors.index.json``), a hub id (downloaded with
 ``huggingface_hub``), or ``"demo"`` (the model shipped in ``quasar_jax/assets``). Tensors are read
 one at a time and written straight into an abstractly built model, so the host never holds a
-second full copy of the weights; an optional ``tensor_hook`` may transform each projection as it
-arrives (the int8 loader quantises there).
+second full copy of the weights; with ``int8=True`` each projection is quantised as it arrives
+(``load_params_into``'s ``tensor_hook``).
 
-The key table is strict: every expected tensor must be present with the expected shape, and an
+The key table is derived from the module tree (the attribute names mirror the HF keys: a
+``Linear`` at ``self_attn.q_proj`` is ``...self_attn.q_proj.weight``, an ``RMSNorm`` its
+``.weight``), not from a list of names. It is strict: every expected tensor must be present with the expected shape, and an
 unknown tensor is an error; each error names the tensor. A tied checkpoint may omit
 ``lm_head.weight`` (if present it must equal the embedding's shape and is ignored).
 """
@@ -21,35 +23,37 @@ from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from quasar_jax import checkpoint
 from quasar_jax.config import Qwen3Config
-from quasar_jax.model import Qwen3, abstract_model
+from quasar_jax.model import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
+from quasar_jax.modes import Backend
+from quasar_jax.quant import Int8Linear, is_quantized, quantize_model
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-qwen3"
 
-_LAYER_TENSORS = {
-    # HF name inside model.layers.{i}.  -> (attribute path inside DecoderLayer, is a Linear weight)
-    "self_attn.q_proj.weight": ("self_attn", "q_proj", "kernel"),
-    "self_attn.k_proj.weight": ("self_attn", "k_proj", "kernel"),
-    "self_attn.v_proj.weight": ("self_attn", "v_proj", "kernel"),
-    "self_attn.o_proj.weight": ("self_attn", "o_proj", "kernel"),
-    "self_attn.q_norm.weight": ("self_attn", "q_norm", "scale"),
-    "self_attn.k_norm.weight": ("self_attn", "k_norm", "scale"),
-    "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"),
-    "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"),
-    "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"),
-    "input_layernorm.weight": ("input_layernorm", "scale"),
-    "post_attention_layernorm.weight": ("post_attention_layernorm", "scale"),
-}
+
+def _tensor_paths(module: nnx.Module) -> dict[str, tuple]:
+    """HF name (relative to ``module``) -> attribute path of each Linear kernel / RMSNorm scale."""
+    table = {}
+    for path, m in nnx.iter_modules(module):
+        leaf = "kernel" if isinstance(m, Linear) else "scale" if isinstance(m, RMSNorm) else None
+        if leaf is not None:
+            table[".".join(map(str, path)) + ".weight"] = path + (leaf,)
+    return table
 
 
 def key_table(cfg: Qwen3Config) -> dict[str, tuple]:
     """HF tensor name -> attribute path in ``Qwen3`` (a tuple of names and layer indices)."""
+    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     table = {"model.embed_tokens.weight": ("embed_tokens",), "model.norm.weight": ("norm", "scale")}
     for i in range(cfg.num_hidden_layers):
-        for name, path in _LAYER_TENSORS.items():
+        for name, path in _tensor_paths(layer).items():
             table[f"model.layers.{i}.{name}"] = ("layers", i) + path
     if not cfg.tie_word_embeddings:
         table["lm_head.weight"] = ("lm_head", "kernel")
@@ -58,18 +62,6 @@ def key_table(cfg: Qwen3Config) -> dict[str, tuple]:
 
 def is_linear_path(path: tuple) -> bool:
     return path[-1] == "kernel"
-
-
-def _get_variable(model, path: tuple) -> nnx.Variable:
-    obj = model
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
-
-
-def _set_path(model, path: tuple, value) -> None:
-    parent = _get_variable(model, path[:-1])
-    setattr(parent, path[-1], value) if not isinstance(path[-1], int) else parent.__setitem__(path[-1], value)
 
 
 # ------------------------------------------------------------------------ resolving a model name
@@ -89,7 +81,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     if not looks_like_hub_id:
         raise FileNotFoundError(f"model directory not found: {name}")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # ~0.15 s to import: only for hub ids
 
         local = snapshot_download(
             name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
@@ -117,8 +109,6 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray | jax.Array]]:
     """Yield ``(name, array)`` one tensor at a time across all shards."""
-    from safetensors import safe_open
-
     for file in _safetensors_files(model_dir):
         try:
             with safe_open(str(file), framework="flax") as f:
@@ -138,7 +128,7 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
     """Fill ``model`` (built abstractly or not) from ``(hf_name, array)`` pairs, strictly.
 
     ``tensor_hook(hf_name, path, kernel)`` may return a replacement module for a Linear
-    (``path`` ends in ``"kernel"``, ``kernel`` is ``[I, O]`` in ``dtype``) or ``None`` to keep it.
+    (``path`` ends in ``"kernel"``, ``kernel`` is ``[I, O]`` float32) or ``None`` to keep it.
     """
     cfg = model.config
     table = key_table(cfg)
@@ -154,7 +144,7 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
         if name in seen:
             raise ValueError(f"tensor {name} appears twice in the checkpoint")
         path = table[name]
-        variable = _get_variable(model, path)
+        variable = get_path(model, path)
         array = jnp.asarray(array)
         if is_linear_path(path):
             array = array.T  # torch weight [O, I] -> kernel [I, O]
@@ -167,7 +157,7 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
         hooked = tensor_hook and is_linear_path(path)
         replacement = tensor_hook(name, path, array.astype(jnp.float32)) if hooked else None
         if replacement is not None:
-            _set_path(model, path[:-1], replacement)
+            set_path(model, path[:-1], replacement)
         else:
             variable.set_value(array.astype(dtype))
         seen.add(name)
@@ -178,40 +168,34 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
     return model
 
 
-def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32,
-               quantize: str = "none", quantize_lm_head: bool = False, mode: str = "w8a16",
-               backend: str = "xla", tensor_hook: TensorHook | None = None) -> Qwen3:
+def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, int8: bool = False,
+               quantize_lm_head: bool = False, backend: Backend | str = Backend.XLA) -> Qwen3:
     """Load a Qwen3 model from ``"demo"``, a local HF or converted directory, or a hub id.
 
-    ``quantize="int8"`` quantises every attention/MLP projection (and the untied LM head with
+    ``int8=True`` quantises every attention/MLP projection (and the untied LM head with
     ``quantize_lm_head``) as it is read, so no float copy of those weights is ever kept;
-    ``mode`` / ``backend`` are the int8 layers' default matmul mode and implementation.
+    ``backend`` is the int8 layers' matmul implementation. The activation mode is not stored:
+    call the model with ``mode=QuantMode.W8A16`` or ``W8A8``. A converted directory loads as saved
+    (float or int8); ``int8=True`` quantises a float one after loading.
     """
-    if quantize not in ("none", "int8"):
-        raise ValueError(f"unknown quantize {quantize!r}; choose none or int8")
+    backend = Backend.parse(backend, "backend")
     model_dir = resolve_model_dir(name_or_path)
-    from quasar_jax import checkpoint
-
     if checkpoint.is_converted_dir(model_dir):
-        model = checkpoint.load_converted(model_dir, dtype=dtype, mode=mode, backend=backend)
-        from quasar_jax.quant import is_quantized, quantize_model
-
-        if quantize == "int8" and not is_quantized(model):
-            model = quantize_model(model, lm_head=quantize_lm_head, mode=mode, backend=backend)
+        model = checkpoint.load_converted(model_dir, dtype=dtype, backend=backend)
+        if int8 and not is_quantized(model):
+            model = quantize_model(model, lm_head=quantize_lm_head, backend=backend)
         return model
     cfg = Qwen3Config.from_json(model_dir / "config.json")
-    if quantize == "int8":
+    tensor_hook = None
+    if int8:
         if quantize_lm_head and cfg.tie_word_embeddings:
             raise ValueError("quantize_lm_head: this model ties its LM head to the float embedding; "
                              "there is no separate lm_head to quantise")
-        if tensor_hook is not None:
-            raise ValueError("give either quantize='int8' or a tensor_hook, not both")
-        from quasar_jax.quant import Int8Linear
 
         def tensor_hook(name, path, kernel):
             if path[0] == "lm_head" and not quantize_lm_head:
                 return None
-            return Int8Linear.from_kernel(kernel, mode=mode, backend=backend)
+            return Int8Linear.from_kernel(kernel, backend=backend, name=name)
 
     model = abstract_model(cfg, dtype)
     return load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook)
@@ -227,9 +211,13 @@ def load_tokenizer(name_or_path: str | os.PathLike = "demo"):
         raise ValueError(f"could not load a tokenizer from {model_dir}: {str(err).splitlines()[0]}") from None
 
 
-def load(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32):
-    """``(model, tokenizer)`` for ``"demo"``, a local HF directory or a hub id."""
-    return load_model(name_or_path, dtype=dtype), load_tokenizer(name_or_path)
+def load(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, int8: bool = False,
+         quantize_lm_head: bool = False, backend: Backend | str = Backend.XLA):
+    """``(model, tokenizer)`` for ``"demo"``, a local HF or converted directory, or a hub id
+    (the model as :func:`load_model` gives it)."""
+    model = load_model(name_or_path, dtype=dtype, int8=int8, quantize_lm_head=quantize_lm_head,
+                       backend=backend)
+    return model, load_tokenizer(name_or_path)
 
 
 # ------------------------------------------------------------------------ saving
@@ -238,7 +226,7 @@ def hf_state_dict(model: Qwen3) -> dict[str, np.ndarray]:
     out = {}
     for name, path in key_table(model.config).items():
         try:
-            value = _get_variable(model, path)[...]
+            value = get_path(model, path)[...]
         except AttributeError:
             raise ValueError(f"cannot export {name} to Hugging Face format: it is quantised to int8 "
                              "(save int8 models with quasar_jax.convert / checkpoint.save_converted)") from None
@@ -250,14 +238,11 @@ def hf_state_dict(model: Qwen3) -> dict[str, np.ndarray]:
 def save_pretrained(model: Qwen3, out_dir: str | os.PathLike, *, dtype=None, tokenizer=None,
                     generation_config: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) that transformers loads."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
     if dtype is not None:
-        import ml_dtypes  # numpy has no bfloat16; safetensors.numpy accepts ml_dtypes arrays
-
+        # numpy has no bfloat16; safetensors.numpy accepts ml_dtypes arrays
         np_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
         tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

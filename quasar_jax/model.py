@@ -15,8 +15,14 @@ Numerics follow transformers' Qwen3: RMSNorm in float32 (normalised value cast b
 compute dtype before the weight multiply), RoPE cos/sin in float32 cast to the compute dtype,
 attention scores and softmax in float32, logits returned in float32.
 
-Every projection is a ``Linear`` called as ``proj(x, quant_mode=...)``; ``quasar_jax.quant``
-swaps them for int8 layers that honour ``quant_mode`` ("w8a16" or "w8a8"); float layers ignore it.
+The forward takes ``mode`` (a :class:`~quasar_jax.modes.QuantMode`) and passes it to every
+projection as ``proj(x, mode=mode)``: a float ``Linear`` ignores it; ``quasar_jax.quant`` swaps the
+projections for int8 layers that multiply as it says ("w8a16" or "w8a8"; "float" is an error
+there). The projections are found by walking the module tree (:func:`linear_paths`), and the
+checkpoint key table is derived from the same tree, so no list of projection names exists.
+
+Profiles read as the model does: the forward runs under ``jax.named_scope`` "embed",
+"layer_{i}/attention", "layer_{i}/mlp" and "lm_head" (final norm + LM head).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from flax import nnx
 
 from quasar_jax.config import Qwen3Config
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.modes import QuantMode
 
 _init = nnx.initializers.normal(0.02)
 
@@ -37,8 +44,8 @@ class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), dtype))
 
-    def __call__(self, x: jax.Array, *, quant_mode: str | None = None) -> jax.Array:
-        del quant_mode  # float weights: nothing to choose
+    def __call__(self, x: jax.Array, *, mode: QuantMode = QuantMode.FLOAT) -> jax.Array:
+        del mode  # float weights: nothing to choose
         return jnp.einsum("...i,io->...o", x, self.kernel[...])
 
 
@@ -77,12 +84,12 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, e
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, x, positions, cache: KVCache, layer: int, mask, *, quant_mode=None):
+    def __call__(self, x, positions, cache: KVCache, layer: int, mask, *, mode: QuantMode):
         b, t, _ = x.shape  # [B, T, D]
         h, g, e = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_norm(self.q_proj(x, quant_mode=quant_mode).reshape(b, t, h, e))  # [B, T, H, E]
-        k = self.k_norm(self.k_proj(x, quant_mode=quant_mode).reshape(b, t, g, e))  # [B, T, G, E]
-        v = self.v_proj(x, quant_mode=quant_mode).reshape(b, t, g, e)  # [B, T, G, E]
+        q = self.q_norm(self.q_proj(x, mode=mode).reshape(b, t, h, e))  # [B, T, H, E]
+        k = self.k_norm(self.k_proj(x, mode=mode).reshape(b, t, g, e))  # [B, T, G, E]
+        v = self.v_proj(x, mode=mode).reshape(b, t, g, e)  # [B, T, G, E]
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
         cache = cache.write(layer, k, v, positions)
@@ -94,7 +101,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # [B, G, R, T, S]
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bgrts,bsge->btgre", probs, values.astype(x.dtype)).reshape(b, t, h * e)
-        return self.o_proj(out, quant_mode=quant_mode), cache
+        return self.o_proj(out, mode=mode), cache
 
 
 class MLP(nnx.Module):
@@ -104,9 +111,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, *, quant_mode=None):
-        gate = jax.nn.silu(self.gate_proj(x, quant_mode=quant_mode))  # [B, T, F]
-        return self.down_proj(gate * self.up_proj(x, quant_mode=quant_mode), quant_mode=quant_mode)
+    def __call__(self, x, *, mode: QuantMode):
+        gate = jax.nn.silu(self.gate_proj(x, mode=mode))  # [B, T, F]
+        return self.down_proj(gate * self.up_proj(x, mode=mode), mode=mode)
 
 
 class DecoderLayer(nnx.Module):
@@ -116,11 +123,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, layer, mask, *, quant_mode=None):
-        attn, cache = self.self_attn(self.input_layernorm(x), positions, cache, layer, mask,
-                                     quant_mode=quant_mode)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x), quant_mode=quant_mode)
+    def __call__(self, x, positions, cache, layer: int, mask, *, mode: QuantMode):
+        with jax.named_scope(f"layer_{layer}/attention"):
+            attn, cache = self.self_attn(self.input_layernorm(x), positions, cache, layer, mask,
+                                         mode=mode)
+            x = x + attn
+        with jax.named_scope(f"layer_{layer}/mlp"):
+            x = x + self.mlp(self.post_attention_layernorm(x), mode=mode)
         return x, cache
 
 
@@ -142,26 +151,58 @@ class Qwen3(nnx.Module):
         return KVCache.init(self.config, batch, max_len, self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
-                 mode=None) -> tuple[jax.Array, KVCache]:
-        """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, cache)."""
-        quant_mode = None if mode is None or str(mode) == "float" else str(mode)
+                 mode: QuantMode = QuantMode.FLOAT) -> tuple[jax.Array, KVCache]:
+        """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, cache).
+
+        ``mode`` is how the projections multiply: ``FLOAT`` for a float model, ``W8A16`` or
+        ``W8A8`` for an int8 one (it is static under ``jit``).
+        """
+        mode = QuantMode.parse(mode, "mode")
         mask = cache.attention_mask(positions)  # [B, T, S], from the lengths before this call
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [B, T, D]
+        with jax.named_scope("embed"):
+            x = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [B, T, D]
         for layer, block in enumerate(self.layers):
-            x, cache = block(x, positions, cache, layer, mask, quant_mode=quant_mode)
-        x = self.norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens[...],
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = self.lm_head(x, quant_mode=quant_mode)
+            x, cache = block(x, positions, cache, layer, mask, mode=mode)
+        with jax.named_scope("lm_head"):
+            x = self.norm(x)
+            if self.lm_head is None:
+                logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens[...],
+                                    preferred_element_type=jnp.float32)
+            else:
+                logits = self.lm_head(x, mode=mode)
         cache = cache.replace(lengths=positions[:, -1].astype(jnp.int32) + 1)
         return logits.astype(jnp.float32), cache
 
 
-def forward(model: Qwen3, tokens, positions, cache, *, quant_mode=None):
-    """Functional alias of ``model(tokens, positions, cache)``."""
-    return model(tokens, positions, cache, quant_mode=quant_mode)
+def forward(model: Qwen3, tokens, positions, cache, *, mode: QuantMode = QuantMode.FLOAT):
+    """Functional alias of ``model(tokens, positions, cache, mode=mode)``."""
+    return model(tokens, positions, cache, mode=mode)
+
+
+def linear_paths(module: nnx.Module, *, lm_head: bool = True) -> list[tuple]:
+    """Attribute paths of the float ``Linear`` layers under ``module``, in module-tree order.
+
+    The projections of a ``Qwen3`` are every ``Linear`` but its untied head ``("lm_head",)``,
+    which is included only with ``lm_head=True``. This walk is the one place that finds them.
+    """
+    return [path for path, m in nnx.iter_modules(module)
+            if isinstance(m, Linear) and (lm_head or path != ("lm_head",))]
+
+
+def get_path(module: nnx.Module, path: tuple):
+    """The attribute at ``path`` (names and list indices) below ``module``."""
+    for part in path:
+        module = module[part] if isinstance(part, int) else getattr(module, part)
+    return module
+
+
+def set_path(module: nnx.Module, path: tuple, value) -> None:
+    """Replace the attribute at ``path`` (a non-empty tuple) below ``module`` by ``value``."""
+    parent, last = get_path(module, path[:-1]), path[-1]
+    if isinstance(last, int):
+        parent[last] = value
+    else:
+        setattr(parent, last, value)
 
 
 def abstract_model(cfg: Qwen3Config, dtype=jnp.float32) -> Qwen3:

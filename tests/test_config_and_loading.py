@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from quasar_jax.config import Qwen3Config
-from quasar_jax.loading import load_model, resolve_model_dir
+from quasar_jax.loading import key_table, load_model, resolve_model_dir
 
 BASE = {"model_type": "qwen3", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64}
@@ -141,6 +141,27 @@ def test_config_must_be_an_object(tmp_path):
 
 def test_int8_weights_do_not_depend_on_the_load_dtype(hf_tiny):
     src, _ = hf_tiny(False, 2)
-    a = load_model(src, dtype="float32", quantize="int8").layers[0].mlp.up_proj.qvalue[...]
-    b = load_model(src, dtype="bfloat16", quantize="int8").layers[0].mlp.up_proj.qvalue[...]
+    a = load_model(src, dtype="float32", int8=True).layers[0].mlp.up_proj.qvalue[...]
+    b = load_model(src, dtype="bfloat16", int8=True).layers[0].mlp.up_proj.qvalue[...]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_key_table_follows_the_module_tree():
+    cfg = Qwen3Config.from_hf_dict({**BASE, "rope_theta": 1e6})
+    table = key_table(cfg)
+    per_layer = {k.split(".", 3)[3]: v[2:] for k, v in table.items() if k.startswith("model.layers.1.")}
+    assert per_layer == {
+        "input_layernorm.weight": ("input_layernorm", "scale"),
+        "self_attn.q_proj.weight": ("self_attn", "q_proj", "kernel"),
+        "self_attn.k_proj.weight": ("self_attn", "k_proj", "kernel"),
+        "self_attn.v_proj.weight": ("self_attn", "v_proj", "kernel"),
+        "self_attn.o_proj.weight": ("self_attn", "o_proj", "kernel"),
+        "self_attn.q_norm.weight": ("self_attn", "q_norm", "scale"),
+        "self_attn.k_norm.weight": ("self_attn", "k_norm", "scale"),
+        "post_attention_layernorm.weight": ("post_attention_layernorm", "scale"),
+        "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"),
+        "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"),
+        "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"),
+    }
+    assert len(table) == 3 + 11 * cfg.num_hidden_layers  # embedding, final norm, lm_head
+    assert table["lm_head.weight"] == ("lm_head", "kernel")

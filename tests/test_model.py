@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from quasar_jax.config import Qwen3Config, preset_names
 from quasar_jax.loading import load_model
-from quasar_jax.model import abstract_model, count_params
+from quasar_jax.model import Qwen3, abstract_model, count_params
 
 # bfloat16 tolerance vs HF's own bfloat16 forward (max-abs logit error, logits of magnitude ~5):
 # both sides round every matmul output to bf16 (8 mantissa bits) but may accumulate in different
@@ -140,3 +140,30 @@ def test_presets_build_abstractly_with_published_sizes(name):
     assert abs(n - published[name]) / published[name] < 0.02, n
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(jax.tree.map(
         lambda v: v, __import__("flax").nnx.state(model))))
+
+
+def test_forward_runs_under_named_scopes():
+    """Profiles read as the model does: embed, layer_{i}/attention, layer_{i}/mlp, lm_head."""
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=64)
+    model = Qwen3(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def fwd(state, tokens, positions):
+        m = nnx.merge(graphdef, state)
+        return m(tokens, positions, m.init_cache(1, 8))[0]
+
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    jaxpr = jax.make_jaxpr(fwd)(state, tokens, _positions(1, 4))
+    scopes = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            scopes.add(str(eqn.source_info.name_stack))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    for scope in ("embed", "layer_0/attention", "layer_0/mlp", "layer_1/attention", "layer_1/mlp",
+                  "lm_head"):
+        assert any(s == scope or s.startswith(scope + "/") for s in scopes), (scope, sorted(scopes))

@@ -26,9 +26,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels import quantize_rows
 from quasar_jax import quant
 from quasar_jax.config import Qwen3Config
 from quasar_jax.model import Linear, Qwen3
+from quasar_jax.modes import Backend, QuantMode
 
 CFG = Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, intermediate_size=128)
@@ -39,6 +41,7 @@ CFG_MEM = Qwen3Config(vocab_size=160, hidden_size=128, num_hidden_layers=2, num_
 
 W8A16_BOUND = 1e-2
 W8A8_BOUND = 2e-2
+INT8_MODES = (QuantMode.W8A16, QuantMode.W8A8)
 
 
 def rel_err(a, b) -> float:
@@ -48,14 +51,6 @@ def rel_err(a, b) -> float:
 
 def gaussian(seed, shape, scale=1.0, dtype=jnp.float32):
     return (scale * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
-
-
-def has_pallas() -> bool:
-    try:
-        from pallas_kernels import int8_matmul  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def iter_eqns(jaxpr):
@@ -92,13 +87,29 @@ def test_quantize_kernel_format_and_roundtrip():
     assert qb.dtype == jnp.int8 and sb.dtype == jnp.float32
 
 
+def test_aqt_weight_quantiser_equals_the_plain_formula():
+    """AQT's quantiser gives exactly the int8 values and scales of the plain formula
+    (scale = max(absmax, 127 * 1e-8) / 127, round half to even, clip to [-127, 127]), which is
+    also the activation quantiser (quantize_rows) applied to the transposed kernel."""
+    w = gaussian(20, (256, 96), 0.05) * jnp.exp(gaussian(21, (1, 96)))  # channels of mixed range
+    w = w.at[:, 3].set(0.0).at[:, 4].set(1e-7)  # a zero and a tiny channel
+    q, s = quant.quantize_kernel(w)
+    scale = jnp.maximum(jnp.abs(w).max(0), 127 * 1e-8) / 127  # [O]
+    ref_q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(scale))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(ref_q))
+    rows_q, rows_s = quantize_rows(w.T)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(rows_q).T)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(rows_s))
+
+
 def test_zero_channel_and_zero_row_give_no_nan():
     w = gaussian(1, (64, 32), 0.05).at[:, 5].set(0.0)
     q, s = quant.quantize_kernel(w)
     assert bool(jnp.all(jnp.isfinite(s))) and float(s[5]) == np.float32(quant.MIN_SCALE)
     assert bool(jnp.all(q[:, 5] == 0))
     x = gaussian(2, (4, 64)).at[2].set(0.0)  # one all-zero activation row
-    for mode in quant.MODES:
+    for mode in INT8_MODES:
         y = quant.int8_matmul_xla(x, q, s, mode=mode)
         assert bool(jnp.all(jnp.isfinite(y))), mode
         assert bool(jnp.all(y[:, 5] == 0)) and bool(jnp.all(y[2] == 0)), mode
@@ -113,26 +124,26 @@ def test_matmul_error_bounds(dtype):
     w = gaussian(4, (256, 192), 0.05)
     y = jnp.einsum("bti,io->bto", x.astype(jnp.float32), w, precision="highest")
     layer = quant.Int8Linear.from_kernel(w)
-    for mode, bound in (("w8a16", W8A16_BOUND), ("w8a8", W8A8_BOUND)):
-        yq = layer(x, quant_mode=mode)
+    for mode, bound in ((QuantMode.W8A16, W8A16_BOUND), (QuantMode.W8A8, W8A8_BOUND)):
+        yq = layer(x, mode=mode)
         assert yq.dtype == dtype and yq.shape == (2, 8, 192)
         err = rel_err(yq.astype(jnp.float32), y)
         assert err < bound, (mode, err)
     # w8a8 loses more than w8a16 (activations are quantised too)
-    assert rel_err(layer(x, quant_mode="w8a8").astype(jnp.float32), y) > rel_err(
-        layer(x, quant_mode="w8a16").astype(jnp.float32), y)
+    assert rel_err(layer(x, mode=QuantMode.W8A8).astype(jnp.float32), y) > rel_err(
+        layer(x, mode=QuantMode.W8A16).astype(jnp.float32), y)
 
 
 def test_w8a16_equals_dequantized_matmul():
     x = gaussian(5, (3, 128))
     q, s = quant.quantize_kernel(gaussian(6, (128, 64), 0.05))
     ref = jnp.dot(x, quant.dequantize(q, s), precision="highest")
-    y = quant.int8_matmul_xla(x, q, s, mode="w8a16")
+    y = quant.int8_matmul_xla(x, q, s, mode=QuantMode.W8A16)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
     # bf16 activations: f32 accumulation, one bf16 rounding of the output
     xb = x.astype(jnp.bfloat16)
     refb = jnp.dot(xb.astype(jnp.float32), quant.dequantize(q, s), precision="highest")
-    yb = quant.int8_matmul_xla(xb, q, s, mode="w8a16")
+    yb = quant.int8_matmul_xla(xb, q, s, mode=QuantMode.W8A16)
     assert yb.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(refb), rtol=1e-2, atol=1e-3)
 
@@ -144,7 +155,7 @@ def test_w8a8_equals_explicit_integer_formula():
     x_q = jnp.clip(jnp.round(x / x_scale[:, None]), -127, 127).astype(jnp.int8)
     acc = jax.lax.dot_general(x_q, q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     ref = acc.astype(jnp.float32) * x_scale[:, None] * s[None, :]
-    y = quant.int8_matmul_xla(x, q, s, mode="w8a8")
+    y = quant.int8_matmul_xla(x, q, s, mode=QuantMode.W8A8)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
@@ -155,8 +166,9 @@ def test_jaxpr_int8_dots_and_no_float_weight_copy():
     i, o = 128, 96
     x = jnp.zeros((4, i), jnp.bfloat16)
     q, s = jnp.zeros((i, o), jnp.int8), jnp.ones((o,), jnp.float32)
-    for mode, operand_dtypes, acc_dtype in (("w8a16", (jnp.bfloat16, jnp.bfloat16), jnp.float32),
-                                            ("w8a8", (jnp.int8, jnp.int8), jnp.int32)):
+    for mode, operand_dtypes, acc_dtype in (
+            (QuantMode.W8A16, (jnp.bfloat16, jnp.bfloat16), jnp.float32),
+            (QuantMode.W8A8, (jnp.int8, jnp.int8), jnp.int32)):
         jaxpr = jax.make_jaxpr(functools.partial(quant.int8_matmul_xla, mode=mode))(x, q, s)
         eqns = list(iter_eqns(jaxpr))
         dots = [e for e in eqns if e.primitive.name == "dot_general"]
@@ -167,7 +179,7 @@ def test_jaxpr_int8_dots_and_no_float_weight_copy():
         float_weights = [e for e in eqns for v in e.outvars
                          if tuple(v.aval.shape) == (i, o)
                          and jnp.issubdtype(v.aval.dtype, jnp.floating)]
-        if mode == "w8a8":
+        if mode is QuantMode.W8A8:
             assert not float_weights
         else:
             assert len(float_weights) == 1, float_weights
@@ -178,45 +190,48 @@ def test_jaxpr_int8_dots_and_no_float_weight_copy():
             assert convert.outvars[0] is dots[0].invars[1]
 
 
-@pytest.mark.skipif(not has_pallas(), reason="pallas_kernels.int8_matmul not importable")
 def test_pallas_backend_matches_xla():
     x = gaussian(9, (2, 3, 128))
     w = gaussian(10, (128, 64), 0.05)
     xla = quant.Int8Linear.from_kernel(w)
-    pallas = quant.Int8Linear.from_kernel(w, backend="pallas")
+    pallas = quant.Int8Linear.from_kernel(w, backend=Backend.PALLAS)
+    assert (xla.backend, pallas.backend) == (Backend.XLA, Backend.PALLAS)
     # identical on CPU (the wrapper runs its XLA reference); the GPU/TPU kernels may use
     # TF32/bf16 passes for float32 activations, hence the looser tolerance
-    for mode in quant.MODES:
-        np.testing.assert_allclose(np.asarray(pallas(x, quant_mode=mode)),
-                                   np.asarray(xla(x, quant_mode=mode)), rtol=2e-3, atol=2e-3)
+    for mode in INT8_MODES:
+        np.testing.assert_allclose(np.asarray(pallas(x, mode=mode)),
+                                   np.asarray(xla(x, mode=mode)), rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------------------- Int8Linear
 
 
 def test_int8linear_holds_only_int8_and_scale():
-    layer = quant.Int8Linear.from_kernel(gaussian(11, (64, 32), 0.05), mode="w8a8")
+    layer = quant.Int8Linear.from_kernel(gaussian(11, (64, 32), 0.05))
     leaves = nnx.to_flat_state(nnx.state(layer))
     got = {path: (v.get_value().dtype, v.get_value().shape) for path, v in leaves}
     assert got == {("qvalue",): (jnp.int8, (64, 32)), ("scale",): (jnp.float32, (32,))}
     assert (layer.in_features, layer.out_features) == (64, 32)
     x = gaussian(12, (3, 64))
-    # quant_mode=None -> the layer's default mode
-    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(layer(x, quant_mode="w8a8")))
-    assert not np.array_equal(np.asarray(layer(x)), np.asarray(layer(x, quant_mode="w8a16")))
+    # the mode is an argument of every call (a string is parsed), never stored in the layer
+    np.testing.assert_array_equal(np.asarray(layer(x, mode="w8a8")),
+                                  np.asarray(layer(x, mode=QuantMode.W8A8)))
+    assert not np.array_equal(np.asarray(layer(x, mode=QuantMode.W8A8)),
+                              np.asarray(layer(x, mode=QuantMode.W8A16)))
+    with pytest.raises(TypeError, match="mode"):
+        layer(x)
 
 
 def test_bad_mode_and_backend_errors():
     w = gaussian(13, (16, 8))
-    with pytest.raises(ValueError, match=r"unknown quant_mode 'w4a4'.*'w8a16', 'w8a8'"):
-        quant.Int8Linear.from_kernel(w)(jnp.ones((1, 16)), quant_mode="w4a4")
-    with pytest.raises(ValueError, match=r"unknown mode 'int4'.*'w8a16', 'w8a8'"):
-        quant.Int8Linear.from_kernel(w, mode="int4")
+    layer = quant.Int8Linear.from_kernel(w)
+    with pytest.raises(ValueError, match=r"unknown mode 'w4a4'.*'w8a16', 'w8a8'"):
+        layer(jnp.ones((1, 16)), mode="w4a4")
+    with pytest.raises(ValueError, match=r"mode 'float' .*the model holds int8 weights"):
+        layer(jnp.ones((1, 16)), mode=QuantMode.FLOAT)
     with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*'xla', 'pallas'"):
         quant.Int8Linear.from_kernel(w, backend="cuda")
     model = Qwen3(CFG, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"unknown mode 'fp8'"):
-        quant.quantize_model(model, mode="fp8")
     with pytest.raises(ValueError, match=r"unknown backend 'tpu'"):
         quant.quantize_model(model, backend="tpu")
     assert isinstance(model.layers[0].self_attn.q_proj, Linear)  # nothing changed
@@ -281,10 +296,10 @@ def test_quantize_model_memory():
 def _jit_forward(model, batch, max_len):
     graphdef, state = nnx.split(model)
 
-    @functools.partial(jax.jit, static_argnames="quant_mode")
-    def forward(state, tokens, positions, quant_mode=None):
+    @functools.partial(jax.jit, static_argnames="mode")
+    def forward(state, tokens, positions, mode=QuantMode.FLOAT):
         m = nnx.merge(graphdef, state)
-        logits, _ = m(tokens, positions, m.init_cache(batch, max_len), quant_mode=quant_mode)
+        logits, _ = m(tokens, positions, m.init_cache(batch, max_len), mode=mode)
         return logits
 
     return functools.partial(forward, state)
@@ -297,22 +312,27 @@ def test_quantized_model_forward_close_to_float():
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ref = _jit_forward(model, b, t)(tokens, positions)
 
-    quant.quantize_model(model, lm_head=True, mode="w8a16")
+    quant.quantize_model(model, lm_head=True)
     assert isinstance(model.lm_head, quant.Int8Linear)
     fwd = _jit_forward(model, b, t)
     results = {}
-    for mode, bound in (("w8a16", 3e-2), ("w8a8", 4e-2)):
-        logits = fwd(tokens, positions, quant_mode=mode)
+    for mode, bound in ((QuantMode.W8A16, 3e-2), (QuantMode.W8A8, 4e-2)):
+        logits = fwd(tokens, positions, mode=mode)
         assert logits.dtype == jnp.float32 and logits.shape == ref.shape
         err = rel_err(logits, ref)
         agree = float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(ref, -1)))
         assert err < bound and agree >= 0.9, (mode, err, agree)
         results[mode] = logits
-    assert not np.array_equal(np.asarray(results["w8a16"]), np.asarray(results["w8a8"]))
-    # quant_mode=None -> each layer's default (w8a16 here), also under nnx.jit
-    logits, _ = nnx.jit(lambda m, tk, ps: m(tk, ps, m.init_cache(b, t)))(model, tokens, positions)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(results["w8a16"]), rtol=1e-5,
-                               atol=1e-6)
+    assert not np.array_equal(np.asarray(results[QuantMode.W8A16]),
+                              np.asarray(results[QuantMode.W8A8]))
+    # the same under nnx.jit with the mode as a static argument; the default (FLOAT) is an error
+    fwd_nnx = nnx.jit(lambda m, tk, ps, mode: m(tk, ps, m.init_cache(b, t), mode=mode),
+                      static_argnames="mode")
+    logits, _ = fwd_nnx(model, tokens, positions, mode=QuantMode.W8A16)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(results[QuantMode.W8A16]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="holds int8 weights"):
+        fwd(tokens, positions)
 
 
 def test_abstract_quantized_model_layout():

@@ -20,7 +20,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11,
 
 @pytest.fixture(scope="module")
 def int8_engine(hf_tiny):
-    return Engine(load_model(hf_tiny(False, 2)[0], quantize="int8"))
+    return Engine(load_model(hf_tiny(False, 2)[0], int8=True))
 
 
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
@@ -42,13 +42,13 @@ def test_qspec_greedy_equals_autoregressive_w8a16(int8_engine):
 
 def test_streaming_int8_load_matches_quantizing_after_load(hf_tiny):
     path = hf_tiny(False, 2)[0]
-    streamed = load_model(path, quantize="int8", quantize_lm_head=True)
+    streamed = load_model(path, int8=True, quantize_lm_head=True)
     after = quantize_model(load_model(path), lm_head=True)
     for a, b in zip(jax.tree.leaves(nnx.state(streamed)), jax.tree.leaves(nnx.state(after))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not any(isinstance(m, Linear) for _, m in nnx.iter_modules(streamed))
     with pytest.raises(ValueError, match="ties its LM head"):
-        load_model(hf_tiny(True, 2)[0], quantize="int8", quantize_lm_head=True)
+        load_model(hf_tiny(True, 2)[0], int8=True, quantize_lm_head=True)
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
@@ -57,7 +57,7 @@ def test_orbax_round_trip_is_exact_and_decodes_identically(hf_tiny, tmp_path, qu
     out = tmp_path / f"converted-{quantize}"
     assert convert_main(["--model", str(src), "--quantize", quantize, "--dtype", "float32",
                          "--out", str(out)]) == 0
-    original = load_model(src, quantize=quantize)
+    original = load_model(src, int8=quantize == "int8")
     restored = load_model(out)
     assert is_quantized(restored) == (quantize == "int8")
     a, b = nnx.state(original), nnx.state(restored)

@@ -6,15 +6,20 @@ O output features.
 * ``w_q`` [I, O] int8, symmetric, per-output-channel scale ``w_scale`` [O] f32,
   i.e. the float weight is ``w ~= w_q * w_scale[None, :]``.
 * ``act_quant=False`` (W8A16): ``y = (x @ w_q.astype(x.dtype)) * w_scale``,
-  accumulated in float32.
+  accumulated in float32 (``Precision.HIGHEST`` for float32 ``x``: no TF32).
 * ``act_quant=True`` (W8A8): ``x`` is quantised per row (dynamic, symmetric,
   see :func:`quantize_rows`), ``y = (x_q @ w_q accumulated in int32)
   * x_scale[:, None] * w_scale[None, :]`` (the multiplications in this order,
   in float32; the kernels use the same order so they agree to rounding).
 
+Quantisation is symmetric with the absmax of each row / channel clamped to
+``>= INT8_MAX * MIN_SCALE`` (:func:`absmax_bound`), so the scale is
+``>= MIN_SCALE`` and an all-zero row quantises to zeros with a finite scale.
+
 The output dtype is ``x.dtype``.  This module is the ground truth for the
-Pallas kernels and is also what the wrapper runs for ``backend="reference"``
-(the default on CPU).
+Pallas kernels, what the wrapper runs for ``backend="reference"`` (the default
+on CPU), and the XLA backend of ``quasar_jax.quant`` (the project's one int8
+formula; its constants are defined only here).
 """
 
 from __future__ import annotations
@@ -22,8 +27,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-INT8_MAX = 127.0
-MIN_SCALE = 1e-8  # guards all-zero rows: scale 0 would give 0/0 = NaN
+INT8_MAX = 127  # symmetric int8 range [-127, 127]
+MIN_SCALE = 1e-8  # scale floor: guards all-zero rows (scale 0 would give 0/0 = NaN)
+
+
+def absmax_bound(x: jax.Array, axis: int) -> jax.Array:
+    """``max(|x|)`` along ``axis`` (kept, size 1) in float32, clamped to
+    ``>= INT8_MAX * MIN_SCALE``; the quantisation scale is this ``/ INT8_MAX``
+    (exactly ``MIN_SCALE`` for an all-zero row)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis, keepdims=True)
+    return jnp.maximum(amax, jnp.float32(INT8_MAX * MIN_SCALE))
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -38,11 +51,9 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
       ``max(|x_row|) / 127`` clamped to ``>= 1e-8`` so an all-zero row gives
       ``x_q = 0`` and a finite scale (no NaN).
     """
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1)
-    x_scale = jnp.maximum(amax / INT8_MAX, MIN_SCALE)
-    x_q = jnp.clip(jnp.round(x32 / x_scale[..., None]), -INT8_MAX, INT8_MAX)
-    return x_q.astype(jnp.int8), x_scale
+    x_scale = absmax_bound(x, -1) / INT8_MAX  # [..., 1]
+    x_q = jnp.clip(jnp.round(x.astype(jnp.float32) / x_scale), -INT8_MAX, INT8_MAX)
+    return x_q.astype(jnp.int8), x_scale[..., 0]
 
 
 def dequant_epilogue(acc: jax.Array, w_scale: jax.Array,
@@ -71,9 +82,12 @@ def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array,
             preferred_element_type=jnp.int32)
         return dequant_epilogue(acc.reshape(-1, acc.shape[-1]), w_scale,
                                 x_scale.reshape(-1), x.dtype).reshape(acc.shape)
+    # The int8 weight is cast to x.dtype right at the dot: XLA fuses that
+    # convert into the GEMM on GPU (no float copy of the weight).
+    precision = (jax.lax.Precision.HIGHEST if x.dtype == jnp.float32
+                 else jax.lax.Precision.DEFAULT)
     acc = jax.lax.dot_general(
         x, w_q.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32)
+        precision=precision, preferred_element_type=jnp.float32)
     return dequant_epilogue(acc.reshape(-1, acc.shape[-1]), w_scale, None,
                             x.dtype).reshape(acc.shape)

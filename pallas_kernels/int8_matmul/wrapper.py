@@ -21,7 +21,8 @@ _BACKENDS = ("auto", "tpu", "gpu", "reference")
 _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def _round_up(n: int, k: int) -> int:
+def round_up(n: int, k: int) -> int:
+    """The smallest multiple of ``k`` that is ``>= n`` (padding, shape buckets)."""
     return -(-n // k) * k
 
 
@@ -39,9 +40,9 @@ def _fit(dim: int, preferred: int, align: int, pow2: bool) -> int:
         cands = list(range(preferred - preferred % align, align - 1, -align))
     if not cands:
         cands = [align]
-    best = min(_round_up(dim, c) for c in cands)
+    best = min(round_up(dim, c) for c in cands)
     for c in cands:  # descending: the largest block reaching minimal padding
-        if _round_up(dim, c) == best:
+        if round_up(dim, c) == best:
             return c
     return cands[-1]  # pragma: no cover
 
@@ -66,7 +67,7 @@ def _adapt_gpu(bs: BlockSizes, m: int, i: int, o: int,
         stages -= 1
     while smem(bi, stages) > _GPU_SMEM_BUDGET and bi > 16:
         bi //= 2
-    ip = _round_up(i, bi)
+    ip = round_up(i, bi)
     split = max(1, bs.split_k)
     while split > 1 and (ip % (split * bi) != 0):
         split //= 2
@@ -77,7 +78,7 @@ def _adapt_gpu(bs: BlockSizes, m: int, i: int, o: int,
 def _adapt_tpu(bs: BlockSizes, m: int, i: int, o: int, x_dtype,
                act_quant: bool) -> BlockSizes:
     align_m = 32 if act_quant else (8 if x_dtype == jnp.float32 else 16)
-    bm = min(_round_up(max(bs.block_m, 1), align_m), _round_up(m, align_m))
+    bm = min(round_up(max(bs.block_m, 1), align_m), round_up(m, align_m))
     bo = _fit(o, bs.block_o, 128, pow2=False)
     bi = _fit(i, bs.block_i, 128, pow2=False)
     return dataclasses.replace(bs, block_m=bm, block_o=bo, block_i=bi,
@@ -220,9 +221,9 @@ def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *,
     bs = effective_block_sizes(m, i, o, out_dtype, act_quant,
                                backend=kernel_backend, block_sizes=block_sizes,
                                device_kind=device_kind)
-    mp = _round_up(m, bs.block_m)
-    ip = _round_up(i, bs.split_k * bs.block_i)
-    op = _round_up(o, bs.block_o)
+    mp = round_up(m, bs.block_m)
+    ip = round_up(i, bs.split_k * bs.block_i)
+    op = round_up(o, bs.block_o)
 
     x_scale = None
     if act_quant:
