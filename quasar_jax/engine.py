@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import round_up
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, make_drafter
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.model import Qwen3
@@ -182,11 +183,6 @@ class GenerationResult:
     tokens: list[list[int]]
     stats: list[RowStats]
     batch_stats: BatchStats
-
-
-def round_up(x: int, m: int) -> int:
-    """The smallest multiple of ``m`` that is >= ``x`` (shape buckets)."""
-    return -(-x // m) * m
 
 
 # ----------------------------------------------------------------------------- the device program

@@ -34,20 +34,6 @@ from quasar_jax.modes import QuantMode
 from quasar_jax.prompts import encode, load_questions, stop_ids_of
 
 
-# ----------------------------------------------------------------------------- engine adapter
-# Every touch of the model / engine / loader API that the design pass changes is in these
-# functions (this module must not import ``quasar_jax.bench``, whose runners have their own);
-# each docstring gives its form once the new API has landed.
-def _quant_call_kwargs(mode) -> dict:
-    """Keyword of the int8 model call. After integration: ``{"mode": QuantMode.parse(mode)}``."""
-    return {"quant_mode": QuantMode.parse(mode).value}
-
-
-def _load_int8(model_dir, dtype):
-    """After integration: ``load_model(model_dir, dtype=dtype, int8=True)``."""
-    return load_model(model_dir, dtype=dtype, quantize="int8")
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading tokens ``a`` and ``b`` share."""
     n = 0
@@ -87,7 +73,7 @@ def fidelity(model_fp, model_q, mode: QuantMode | str, prompts_ids: Sequence[Seq
         raise ValueError(f"fidelity: {len(prompts_ids)} prompts but {len(ar_fp_outputs)} outputs")
     g_fp, p_fp = nnx.split(model_fp)
     g_q, p_q = nnx.split(model_q)
-    quant_kw = _quant_call_kwargs(mode)
+    quant_kw = {"mode": QuantMode.parse(mode)}
 
     @jax.jit
     def score(p_fp, p_q, tokens):  # tokens [1, L]
@@ -163,7 +149,7 @@ def run(args) -> dict:
     prompts = [encode(tokenizer, q.text, args.chat) for q in questions]
     stop = stop_ids_of(tokenizer, model_dir)
     model_fp = load_model(model_dir, dtype=args.dtype)
-    model_q = _load_int8(model_dir, args.dtype)
+    model_q = load_model(model_dir, dtype=args.dtype, int8=True)
     engines = {"fp": Engine(model_fp), "q": Engine(model_q)}
 
     def generate(engine, **kw):

@@ -50,6 +50,7 @@ from flax import nnx  # noqa: E402
 from quasar_jax.config import Qwen3Config  # noqa: E402
 from quasar_jax.kv_cache import KVCache  # noqa: E402
 from quasar_jax.model import abstract_model  # noqa: E402
+from quasar_jax.modes import QuantMode  # noqa: E402
 from quasar_jax import quant  # noqa: E402
 from quasar_jax.bench.report import machine_info  # noqa: E402
 
@@ -103,7 +104,7 @@ def random_fill(abstract):
 def abstract_for(cfg: Qwen3Config, dtype, mode: str, backend: str):
     if mode == "fp":
         return abstract_model(cfg, dtype)
-    return quant.abstract_quantized_model(cfg, dtype, lm_head=False, mode=mode, backend=backend)
+    return quant.abstract_quantized_model(cfg, dtype, lm_head=False, backend=backend)
 
 
 def nbytes(tree) -> int:
@@ -172,12 +173,12 @@ def pallas_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- timing
-def time_step(graphdef, params, cfg: Qwen3Config, quant_mode: str | None, b: int, t: int,
+def time_step(graphdef, params, cfg: Qwen3Config, mode: QuantMode, b: int, t: int,
               cache_len: int, fill: int, dtype, warmup: int, iters: int) -> dict:
     """Compile + median time of one jitted forward of [B, T] tokens against a filled cache."""
     def step(params, tokens, positions, cache):
         model = nnx.merge(graphdef, params)
-        logits, new_cache = model(tokens, positions, cache, quant_mode=quant_mode)
+        logits, new_cache = model(tokens, positions, cache, mode=mode)
         return logits, new_cache.replace(lengths=cache.lengths)  # keep the fill level
 
     jitted = jax.jit(step, donate_argnums=(3,))
@@ -287,7 +288,7 @@ def run(args) -> list[dict]:
                 for mode in group_modes:
                     print(f"  {preset} L={layer_label} {mode}/{backend} B={b} T={t} ...",
                           file=sys.stderr, flush=True)
-                    res = time_step(graphdef, params, cfg, None if mode == "fp" else mode, b, t,
+                    res = time_step(graphdef, params, cfg, QuantMode.FLOAT if mode == "fp" else QuantMode(mode), b, t,
                                     args.cache_len, args.fill, dtype, args.warmup, args.iters)
                     bound_ms = 1e3 * (wbytes + kv) / (bw * 1e9) if bw else None
                     if mode == "fp":

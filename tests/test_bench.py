@@ -123,7 +123,7 @@ def test_fidelity_identical_and_quantized(tiny_model_dir):
     assert same["mean_common_prefix"] == pytest.approx(6.0)
     assert same["positions"] == 12 and same["prompts"] == 2
 
-    q = quantize_model(nnx.clone(model), mode="w8a16")
+    q = quantize_model(nnx.clone(model))
     fid = fidelity(model, q, "w8a8", prompts, outs)
     assert 0.0 <= fid["top1_agreement"] <= 1.0
     assert fid["mean_kl"] >= -1e-6

@@ -29,7 +29,7 @@ def test_quasar_greedy_equals_autoregressive_of_same_int8_model(int8_engine, mod
     sd = int8_engine.generate(PROMPTS, GenerationConfig(max_new_tokens=20, drafter="ngram", verifier=mode,
                                                         num_draft=4))
     assert sd.tokens == ar.tokens
-    assert sd.batch_stats["verify_steps"] < ar.batch_stats["verify_steps"]
+    assert sd.batch_stats.verify_steps < ar.batch_stats.verify_steps
 
 
 def test_qspec_greedy_equals_autoregressive_w8a16(int8_engine):
@@ -37,7 +37,7 @@ def test_qspec_greedy_equals_autoregressive_w8a16(int8_engine):
     qs = int8_engine.generate(PROMPTS, GenerationConfig(max_new_tokens=20, drafter="qspec", verifier="w8a16",
                                                         num_draft=3))
     assert qs.tokens == ar.tokens
-    assert qs.batch_stats["mean_accepted"] > 1.0  # w8a8 drafts mostly agree with w8a16
+    assert qs.batch_stats.mean_accepted > 1.0  # w8a8 drafts mostly agree with w8a16
 
 
 def test_streaming_int8_load_matches_quantizing_after_load(hf_tiny):
@@ -65,7 +65,7 @@ def test_orbax_round_trip_is_exact_and_decodes_identically(hf_tiny, tmp_path, qu
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    verifier = "fp" if quantize == "none" else "w8a16"
+    verifier = "float" if quantize == "none" else "w8a16"
     cfg = GenerationConfig(max_new_tokens=12, verifier=verifier)
     assert Engine(original).generate(PROMPTS, cfg).tokens == Engine(restored).generate(PROMPTS, cfg).tokens
 

@@ -15,10 +15,10 @@ from quasar_jax.bench.metrics import ModeRun, make_batches, summarize, truncate_
 from quasar_jax.bench.modes import AR_OF_QUANT_MODE, BASELINE, SPECS, resolve_modes
 from quasar_jax.bench.report import loadavg, machine_info
 from quasar_jax.bench.runners import (HFRunner, JaxRunner, hf_generation_config, jax_generation_config,
-                                      load_hf_model, load_jax_model, shape_key)
+                                      load_hf_model, shape_key)
 from quasar_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Engine, round_up
 from quasar_jax.fidelity import fidelity, pool_fidelity
-from quasar_jax.loading import load_tokenizer, resolve_model_dir
+from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 from quasar_jax.prompts import encode, load_questions, stop_ids_of
 
 
@@ -110,11 +110,11 @@ def run_benchmark(args, progress: bool = True) -> dict:
     max_len = round_up(max(map(len, prompt_ids)) + args.max_new_tokens, CACHE_BUCKET)
 
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    model_fp = load_jax_model(model_dir, dtype, int8=False, backend=args.backend)
+    model_fp = load_model(model_dir, dtype=dtype)
     model_q, int8_load_s = None, None
     if any(SPECS[m].model == "int8" for m in modes):
         t0 = time.perf_counter()  # the same int8 weights as decode --verifier / fidelity
-        model_q = load_jax_model(model_dir, dtype, int8=True, backend=args.backend)
+        model_q = load_model(model_dir, dtype=dtype, int8=True, backend=args.backend)
         int8_load_s = time.perf_counter() - t0
     engines = {"float": Engine(model_fp, prompt_bucket=bucket),
                "int8": Engine(model_q, prompt_bucket=bucket) if model_q is not None else None}

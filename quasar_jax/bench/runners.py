@@ -13,17 +13,6 @@ from typing import Sequence
 
 from quasar_jax.bench.modes import ModeSpec
 from quasar_jax.engine import Engine, GenerationConfig, round_up
-from quasar_jax.loading import load_model
-
-
-# ----------------------------------------------------------------------------- engine adapter
-# Every touch of the engine / loader API that the design pass changes is in these functions;
-# each docstring gives its form once the new API has landed.
-def load_jax_model(model_dir, dtype, *, int8: bool, backend: str):
-    """After integration: ``load_model(model_dir, dtype=dtype, int8=int8, backend=backend)``."""
-    if not int8:
-        return load_model(model_dir, dtype=dtype)
-    return load_model(model_dir, dtype=dtype, quantize="int8", backend=backend)
 
 
 # ----------------------------------------------------------------------------- JAX
