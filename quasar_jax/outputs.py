@@ -20,6 +20,19 @@ from typing import Iterable, Iterator
 
 from quasar_jax.errors import InputError
 
+_PARTIAL: set[Path] = set()  # staging paths being written now (removed on an interrupt)
+
+
+def remove_partial_outputs() -> None:
+    """Delete every staging directory or file still being written (Ctrl-C handler)."""
+    for path in list(_PARTIAL):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        _PARTIAL.discard(path)
+
 
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
@@ -94,6 +107,7 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _PARTIAL.add(stage)
     try:
         yield stage
         if out.is_dir() and any(out.iterdir()):
@@ -107,12 +121,15 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        _PARTIAL.discard(stage)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename."""
     path = Path(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    _PARTIAL.add(Path(tmp))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -121,3 +138,5 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        _PARTIAL.discard(Path(tmp))
