@@ -75,8 +75,9 @@ def _interrupt_handler(prog: str):
 def run_cli(prog: str, work: Callable[[], int]) -> int:
     """Run a command's work; map bad input to one line + status 2, Ctrl-C to one line + 130."""
     quiet_libraries()
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupt_handler(prog))
+        previous = signal.signal(signal.SIGINT, _interrupt_handler(prog))
     try:
         return work()
     except KeyboardInterrupt:
@@ -85,6 +86,9 @@ def run_cli(prog: str, work: Callable[[], int]) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         return fail(prog, err)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class StatusLine:

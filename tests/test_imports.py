@@ -206,3 +206,13 @@ def test_help_does_not_start_jax(command):
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "NOJAX" and "usage:" in proc.stdout
+
+
+def test_every_package_is_installed():
+    """Each directory with an ``__init__.py`` is listed in pyproject.toml's packages (a package
+    left out installs nowhere: the command then fails only after ``pip install .``)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
