@@ -45,7 +45,7 @@ class ServeConfig:
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
-        return tuple(sorted({min(32, self.prefill_chunk), self.prefill_chunk}))
+        return tuple(sorted({min(b, self.prefill_chunk) for b in (32, 64)} | {self.prefill_chunk}))
 
 
 def load_serving_model(model_dir, *, dtype, int8: bool, **kwargs):

@@ -13,7 +13,7 @@ ahead of time when ``SlotEngine`` is built, so requests coming and going never c
   top_k, top_p, key)``: copies the staging row into row ``slot`` of the ``[L, B, S, G, E]``
   cache (``lax.dynamic_update_slice``) and resets that row's loop fields and inputs.
 * ``chunk(params, slots)``: a ``lax.while_loop`` of ``step`` until ``N`` steps have run, or a row
-  that was running at entry is done, or no row runs. Returns the new state, the tokens each row
+  that was running at entry is done, or a newly admitted row has its first tokens, or no row runs. Returns the new state, the tokens each row
   appended (``[B, N*(K+1)]``, from its length at entry) and ``n_emit`` per step (``[N, B]``).
 * ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
   host, cancelled (disconnected) requests.
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quasar_jax.accept import greedy_accept
 from quasar_jax.drafters import Drafter
 from quasar_jax.engine import LoopState, make_program
 from quasar_jax.kv_cache import KVCache
@@ -48,6 +49,22 @@ class SlotState:
     max_new: jax.Array  # [B] int32 token budgets
     stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
     rows: RowSampling  # [B] sampling settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSampler:
+    """``RowSampler`` (any mix of greedy and sampled rows), but a step in which every row is
+    greedy takes the greedy rule alone (a device-side ``lax.cond``): on a CPU the per-row top-k /
+    top-p sort over the vocabulary costs several times a small model's verify step. Greedy rows
+    get the same tokens either way (``RowSampler`` takes the greedy rule's result for them)."""
+
+    def accept(self, draft, n_draft, logits, rows, keys):
+        def greedy():
+            tokens, n_emit = greedy_accept(draft, n_draft, logits)
+            return tokens.astype(jnp.int32), n_emit.astype(jnp.int32)
+
+        return jax.lax.cond(jnp.all(rows.temperature <= 0), greedy,
+                            lambda: RowSampler().accept(draft, n_draft, logits, rows, keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +120,7 @@ class SlotEngine:
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
         cfg, dtype = self.model.config, self.model.dtype
-        _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier)
+        _, step, _ = make_program(graphdef, self.drafter, ServingSampler(), verifier)
         m = n * (k + 1)
 
         def empty(params) -> SlotState:
@@ -142,14 +159,19 @@ class SlotEngine:
 
         def chunk(params, st: SlotState):
             start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
+            fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
 
             def cond(carry):
                 i, lp, _ = carry
-                return (i < n) & jnp.any(~lp.done) & ~jnp.any(lp.done & ~start_done)
+                finished = jnp.any(lp.done & ~start_done)
+                first_tokens = jnp.any(fresh & (lp.new_tokens > 0))  # return them at once (TTFT)
+                return (i < n) & jnp.any(~lp.done) & ~finished & ~first_tokens
 
             def body(carry):
                 i, lp, emits = carry
-                new = step(params, lp, st.max_new, st.stop, st.rows)
+                # free and finished rows count as greedy, so an all-greedy batch skips sampling
+                rows = dataclasses.replace(st.rows, temperature=jnp.where(lp.done, 0.0, st.rows.temperature))
+                new = step(params, lp, st.max_new, st.stop, rows)
                 return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
 
             _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
