@@ -124,7 +124,7 @@ class FinishReason(str, enum.Enum):
     CACHE_FULL = "cache_full"
 
 
-_FINISH_CODES = (None, FinishReason.STOP, FinishReason.LENGTH, FinishReason.CACHE_FULL)  # 0 = running
+FINISH_CODES = (None, FinishReason.STOP, FinishReason.LENGTH, FinishReason.CACHE_FULL)  # 0 = running
 
 
 @jax.tree_util.register_dataclass
@@ -136,7 +136,7 @@ class LoopState:
     lengths: jax.Array  # [B] int32: valid tokens in history
     cache: KVCache  # K/V of history[:, :lengths-1]
     done: jax.Array  # [B] bool
-    finish: jax.Array  # [B] int32: 0 running, else the index of a FinishReason in _FINISH_CODES
+    finish: jax.Array  # [B] int32: 0 running, else the index of a FinishReason in FINISH_CODES
     new_tokens: jax.Array  # [B] int32: tokens generated so far
     steps: jax.Array  # [B] int32: verify steps while the row was active
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
@@ -405,7 +405,7 @@ def _result(final: LoopState, lens: list[int], wall: float, compile_s: float, s:
     tokens = [history[i, lens[i]:lengths[i]].tolist() for i in range(b)]
     stats = [RowStats(new_tokens=int(new[i]), verify_steps=int(steps[i]),
                       mean_accepted=float(new[i] / max(steps[i], 1)), emitted_hist=hist[i].tolist(),
-                      finish_reason=_FINISH_CODES[int(finish[i])].value) for i in range(b)]
+                      finish_reason=FINISH_CODES[int(finish[i])].value) for i in range(b)]
     total_new, total_steps = int(new.sum()), int(steps.sum())
     batch = BatchStats(new_tokens=total_new, verify_steps=total_steps,
                        loop_iterations=int(final.iteration), mean_accepted=total_new / max(total_steps, 1),

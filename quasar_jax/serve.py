@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import warnings
 
-from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, add_drafting_flags, add_model_flags, fail,
-                            positive_int)
+from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, add_drafting_flags, add_model_flags,
+                            positive_int, run_cli)
 
 PROG = "python -m quasar_jax.serve"
 
@@ -48,11 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    # The model code (and JAX) load here, after the arguments are known to be valid.
     import jax.numpy as jnp
+
     from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import load_tokenizer, resolve_model_dir
+    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import stop_ids_of
-    from quasar_jax.serving.server import ServeConfig, build, load_serving_model, serve_forever
+    from quasar_jax.serving.server import ServeConfig, build, serve_forever
 
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
@@ -65,9 +65,9 @@ def run(args) -> int:
                       chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
-    model = load_serving_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
-                               int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
-                               backend=args.backend)
+    model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
+                       int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
+                       backend=args.backend)
     log = logging.getLogger("quasar_jax.serving")
     log.warning("compiling %s/%s for %d slots x %d cache slots ...", args.drafter, verifier, cfg.slots, cfg.max_len)
     app, _, _ = build(model, tokenizer, cfg, model_name=args.served_model_name or args.model,
@@ -77,14 +77,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        return fail(PROG, err)
+    return run_cli(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -177,11 +177,11 @@ def run_mode(mode: str, args, reqs, tokenizer, model_dir, stop_ids) -> dict:
     import jax.numpy as jnp
 
     from quasar_jax.drafters import make_drafter
-    from quasar_jax.serving.server import ServeConfig, ServerThread, build, load_serving_model
+    from quasar_jax.serving.server import ServeConfig, ServerThread, build
 
     drafter_name, verifier = MODES[mode]
     drafter = make_drafter(drafter_name, num_draft=args.num_draft)
-    model = load_serving_model(model_dir, dtype=jnp.float32, int8=verifier != "float")
+    model = load_model(model_dir, dtype=jnp.float32, int8=verifier != "float")
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, max_queue=max(64, len(reqs)))
     t0 = time.perf_counter()

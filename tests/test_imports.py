@@ -27,7 +27,8 @@ LAZY_OK = ("torch", "transformers", "matplotlib", "orbax", "huggingface_hub",
 # drive is imported inside their ``run`` function -- the one place a project import may be deferred.
 CLI_MODULES = ("quasar_jax.decode", "quasar_jax.convert", "quasar_jax.bench.cli", "quasar_jax.fidelity.cli",
                "quasar_jax.serve")
-CLI_COMMANDS = ("quasar_jax.decode", "quasar_jax.convert", "quasar_jax.bench", "quasar_jax.fidelity")
+CLI_COMMANDS = ("quasar_jax.decode", "quasar_jax.convert", "quasar_jax.bench", "quasar_jax.fidelity",
+                "quasar_jax.serve")
 
 
 def _modules() -> dict[str, Path]:

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Callable
 
-from quasar_jax.engine import _FINISH_CODES
+from quasar_jax.engine import FINISH_CODES
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
@@ -253,7 +253,7 @@ class Scheduler:
                 req.generated += n
                 self._deliver(req, Tokens(groups))
             if res.done[slot]:
-                reason = _FINISH_CODES[int(res.finish[slot])].value
+                reason = FINISH_CODES[int(res.finish[slot])].value
                 self._retire(slot, Finished(reason, int(res.new_tokens[slot]), int(res.steps[slot])), "finished")
 
     def _retire(self, slot: int, event: Finished, outcome: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import signal
 import socket
 import threading
@@ -46,16 +45,6 @@ class ServeConfig:
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
         return tuple(sorted({min(b, self.prefill_chunk) for b in (32, 64)} | {self.prefill_chunk}))
-
-
-def load_serving_model(model_dir, *, dtype, int8: bool, **kwargs):
-    """``load_model`` with int8 weights or not: the one call that names the int8 keyword, which is
-    ``int8=True`` in new versions of ``loading.load_model`` and ``quantize="int8"`` in old ones."""
-    from quasar_jax.loading import load_model
-
-    if "int8" in inspect.signature(load_model).parameters:
-        return load_model(model_dir, dtype=dtype, int8=int8, **kwargs)
-    return load_model(model_dir, dtype=dtype, quantize="int8" if int8 else "none", **kwargs)
 
 
 def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tuple[int, ...]):

@@ -75,7 +75,7 @@ class ChunkResult:
     appended: np.ndarray  # [B] tokens appended in this chunk
     emits: np.ndarray  # [N, B] tokens appended by each verify step (0 for steps not run / frozen)
     done: np.ndarray  # [B] bool
-    finish: np.ndarray  # [B] int32 FinishReason code (see engine._FINISH_CODES)
+    finish: np.ndarray  # [B] int32 FinishReason code (see engine.FINISH_CODES)
     new_tokens: np.ndarray  # [B]
     steps: np.ndarray  # [B] verify steps while active
     iterations: int  # loop iterations run by this chunk
