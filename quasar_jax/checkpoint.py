@@ -25,7 +25,7 @@ from flax import nnx
 from quasar_jax.config import Qwen3Config
 from quasar_jax.errors import InputError
 from quasar_jax.model import Qwen3, abstract_model
-from quasar_jax.modes import Backend
+from quasar_jax.modes import Backend, QuantMode
 from quasar_jax.outputs import check_output_dir, staged_dir
 from quasar_jax.quant import Int8Linear, abstract_quantized_model, is_quantized
 
@@ -78,6 +78,16 @@ def converted_meta(path: str | Path) -> dict | None:
     if not isinstance(meta, dict):
         raise InputError(f"{marker}: expected a JSON object")
     return meta
+
+
+def default_verifier(model_dir: str | Path, drafter: str, platform: str) -> QuantMode:
+    """What ``--verifier auto`` means: int8 weight-only (W8A16) where it pays off or is required
+    (a GPU or TPU, whose verify step is memory-bound; a converted int8 checkpoint; QSpec, which
+    verifies with W8A16), else float (a CPU, where XLA's W8A16 dot materialises a float weight)."""
+    meta = converted_meta(model_dir)
+    if drafter == "qspec" or platform in ("gpu", "tpu") or (meta is not None and meta.get("quantize") == "int8"):
+        return QuantMode.W8A16
+    return QuantMode.FLOAT
 
 
 def load_converted(path: str | Path, *, dtype=None, backend: Backend | str = Backend.XLA) -> Qwen3:

@@ -163,6 +163,22 @@ DRAFTERS = ("none", "ngram", "qspec")  # quasar_jax.drafters.DrafterKind values
 NGRAM_PREFER = ("recent", "earliest")
 
 
+VERIFIER_CHOICES = ("auto",) + VERIFIERS
+
+
+def add_verifier_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verifier", choices=VERIFIER_CHOICES, default="auto",
+                   help="verifier weights/matmul: float, int8 weight-only (w8a16), int8 weights and "
+                        "activations (w8a8); auto = w8a16 on a GPU/TPU, for a converted int8 "
+                        "checkpoint and for --drafter qspec, else float (default: auto)")
+
+
+def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="JAX persistent compilation cache directory, or off (default: "
+                        "$QUASAR_JAX_COMPILE_CACHE or ~/.cache/quasar_jax/jax-compile)")
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --backend, --quantize-lm-head."""
     p.add_argument("--model", default="demo",

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import round_up
+from quasar_jax import compile_cache
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, make_drafter
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.model import Qwen3
@@ -283,6 +284,7 @@ class Engine:
     def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET):
         if not is_int(prompt_bucket) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
+        compile_cache.enable()  # on by default (QUASAR_JAX_COMPILE_CACHE=off to disable)
         self.model = model
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.graphdef, self.params = nnx.split(model)

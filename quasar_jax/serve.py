@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, add_drafting_flags, add_model_flags,
-                            positive_int, run_cli)
+from quasar_jax.cli import (DRAFTERS, OneLineParser, add_compile_cache_flag, add_drafting_flags, add_model_flags,
+                            add_verifier_flag, positive_int, run_cli)
 
 PROG = "python -m quasar_jax.serve"
 
@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft); "
                         "server-wide (default: ngram)")
     add_drafting_flags(p)
-    p.add_argument("--verifier", choices=VERIFIERS, default=None,
-                   help="verifier weights/matmul (default: float; w8a16 for --drafter qspec)")
+    add_verifier_flag(p)
+    add_compile_cache_flag(p)
     p.add_argument("--slots", type=positive_int, default=16, help="batch rows, one request each (default: 16)")
     p.add_argument("--max-len", type=int, default=4096,
                    help="KV cache slots per row: prompt + completion at most (default: 4096)")
@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     # The model code (and JAX) load here, after the arguments are known to be valid.
+    import jax
     import jax.numpy as jnp
 
+    from quasar_jax import compile_cache
+    from quasar_jax.checkpoint import default_verifier
     from quasar_jax.drafters import make_drafter
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import stop_ids_of
@@ -58,12 +61,15 @@ def run(args) -> int:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
     if args.ngram_min > args.ngram_max:
         raise ValueError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
-    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "float")
+    compile_cache.enable(args.compile_cache)
+    model_dir = resolve_model_dir(args.model)
+    verifier = args.verifier
+    if verifier == "auto":
+        verifier = default_verifier(model_dir, args.drafter, jax.default_backend()).value
     drafter = make_drafter(args.drafter, num_draft=args.num_draft, ngram_min=args.ngram_min,
                            ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
-    model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
                        int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
