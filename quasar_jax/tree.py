@@ -100,6 +100,15 @@ def tree_chunk_mask(anc: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.ones((b, n + 1, 1), bool), jnp.concatenate([top, anc], axis=1)], axis=2)
 
 
+def tree_inputs(tree: TreeDraft, last: jax.Array, lengths: jax.Array):
+    """The verify forward's inputs for the root ``last [B]`` at position ``lengths - 1``:
+    tokens, positions ``[B, N+1]``, ``chunk_mask [B, N+1, N+1]`` and node ``depth [B, N]``."""
+    anc, depth = ancestors(tree.parent, tree.max_depth)
+    tokens = jnp.concatenate([last[:, None].astype(jnp.int32), tree.tokens], axis=1)
+    positions = lengths[:, None] - 1 + jnp.pad(depth, ((0, 0), (1, 0)))
+    return tokens, positions.astype(jnp.int32), tree_chunk_mask(anc), depth
+
+
 def _walk(tree: TreeDraft, ok: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Descend from the root taking the first child with ``ok [B, N]`` at each of K levels.
 
@@ -179,15 +188,12 @@ def verify_tree(model, drafter, sampler, verifier, history, lengths, cache, room
     """
     s = history.shape[1]
     tree, cache = drafter.draft_tree(model, history, lengths, cache)
-    anc, depth = ancestors(tree.parent, tree.max_depth)
+    last = jnp.take_along_axis(history, lengths[:, None] - 1, axis=1)  # [B, 1]
+    tokens_in, positions, chunk_mask, depth = tree_inputs(tree, last[:, 0], lengths)
     node = jnp.arange(tree.num_nodes, dtype=jnp.int32)[None, :]  # [1, N]
     valid = (node < tree.n_nodes[:, None]) & (depth <= room[:, None]) & (lengths[:, None] + node < s)
-    last = jnp.take_along_axis(history, lengths[:, None] - 1, axis=1)  # [B, 1]
-    tokens_in = jnp.concatenate([last, tree.tokens], axis=1)  # [B, N+1]
-    positions = lengths[:, None] - 1 + jnp.pad(depth, ((0, 0), (1, 0)))  # [B, N+1]
     cache = cache.replace(lengths=lengths - 1)
-    logits, cache = model(tokens_in, positions, cache, mode=verifier,
-                          chunk_mask=tree_chunk_mask(anc))  # [B, N+1, V]
+    logits, cache = model(tokens_in, positions, cache, mode=verifier, chunk_mask=chunk_mask)  # [B, N+1, V]
     tokens, n_emit, path = sampler.accept_tree(tree, valid, logits, rows, keys)
     level = jnp.arange(tree.max_depth, dtype=jnp.int32)[None, :]  # [1, K]
     dst = jnp.where(level < n_emit[:, None] - 1, lengths[:, None] + level, s)  # s = dropped
