@@ -15,6 +15,13 @@ in by implementing this method.
 * :class:`NGramDrafter`: prompt lookup in the row's own history (``quasar_jax.drafting``).
 * :class:`QSpecDrafter`: QSpec self-drafting, K greedy single-token steps of the same int8
   weights on the W8A8 path (the verifier then runs W8A16).
+
+A tree drafter instead has ``num_draft`` (K, the tree's depth), ``num_nodes`` (N) and::
+
+    tree, cache = drafter.draft_tree(model, history [B, S], lengths [B], cache)
+
+returning a ``quasar_jax.tree.TreeDraft``; the loop then verifies all N nodes in one forward
+(docs/tree.md). :class:`NGramTreeDrafter` merges several n-gram continuations into one trie.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from quasar_jax.drafting import NGRAM_PREFER, check_ngram_args, ngram_draft
+from quasar_jax.drafting import NGRAM_PREFER, check_ngram_args, ngram_candidates, ngram_draft
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.modes import QuantMode, Choice
+from quasar_jax.tree import TreeDraft, build_trie
 
 
 class DrafterKind(Choice):
@@ -44,6 +52,20 @@ class Drafter(Protocol):
     def draft(self, model, history: jax.Array, lengths: jax.Array,
               cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
         ...
+
+
+class TreeDrafter(Protocol):
+    num_draft: int  # K: the deepest node, static
+    num_nodes: int  # N: nodes per row, static
+
+    def draft_tree(self, model, history: jax.Array, lengths: jax.Array,
+                   cache: KVCache) -> tuple[TreeDraft, KVCache]:
+        ...
+
+
+def is_tree_drafter(drafter) -> bool:
+    """Whether the loop verifies this drafter's proposals as a tree (``draft_tree``)."""
+    return callable(getattr(drafter, "draft_tree", None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +101,40 @@ class NGramDrafter:
 
 
 @dataclasses.dataclass(frozen=True)
+class NGramTreeDrafter:
+    """Up to C n-gram continuations (``ngram_candidates``, best first) merged into a trie of at
+    most N = ``tree_nodes`` nodes (default C * K, i.e. nothing cut); candidate 0 is always whole."""
+
+    num_draft: int = 5
+    num_candidates: int = 4
+    tree_nodes: int | None = None
+    ngram_min: int = 1
+    ngram_max: int = 3
+    prefer: str = "recent"
+
+    def __post_init__(self):
+        check_ngram_args(self.num_draft, self.ngram_min, self.ngram_max, self.prefer)
+        c = self.num_candidates
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"num_candidates must be an integer >= 1, got {c!r}")
+        n = self.tree_nodes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < self.num_draft):
+            raise ValueError(f"tree_nodes must be an integer >= num_draft ({self.num_draft}), got {n!r}")
+
+    @property
+    def num_nodes(self) -> int:
+        return min(self.tree_nodes or self.num_candidates * self.num_draft,
+                   self.num_candidates * self.num_draft)
+
+    def draft_tree(self, model, history, lengths, cache):
+        del model
+        cand, n_tok = ngram_candidates(history, lengths, num_draft=self.num_draft,
+                                       num_candidates=self.num_candidates, ngram_min=self.ngram_min,
+                                       ngram_max=self.ngram_max, prefer=self.prefer)
+        return build_trie(cand, n_tok, self.num_nodes), cache
+
+
+@dataclasses.dataclass(frozen=True)
 class QSpecDrafter:
     """K greedy single-token steps on the W8A8 path, sharing the verifier's KV cache.
 
@@ -108,15 +164,26 @@ class QSpecDrafter:
 
 
 def make_drafter(kind: DrafterKind | str, *, num_draft: int = 5, ngram_min: int = 1,
-                 ngram_max: int = 3, ngram_prefer: str = "recent") -> Drafter:
-    """A built-in drafter from its name and the flags that apply to it."""
+                 ngram_max: int = 3, ngram_prefer: str = "recent", num_candidates: int = 1,
+                 tree_nodes: int | None = None) -> Drafter | TreeDrafter:
+    """A built-in drafter from its name and the flags that apply to it.
+
+    ``num_candidates`` C > 1 (n-gram only) gives the tree drafter; C = 1 is the chain
+    ``NGramDrafter`` (``tree_nodes`` is then unused).
+    """
     kind = DrafterKind.parse(kind, "drafter")
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+        raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
+    if num_candidates > 1 and kind is not DrafterKind.NGRAM:
+        raise ValueError(f"num_candidates > 1 needs drafter 'ngram', got drafter '{kind}'")
     if kind is DrafterKind.NONE:
         return NoDrafter()
+    if kind is DrafterKind.NGRAM and num_candidates > 1:
+        return NGramTreeDrafter(num_draft, num_candidates, tree_nodes, ngram_min, ngram_max, ngram_prefer)
     if kind is DrafterKind.NGRAM:
         return NGramDrafter(num_draft, ngram_min, ngram_max, ngram_prefer)
     return QSpecDrafter(num_draft)
 
 
-__all__ = ["Drafter", "DrafterKind", "NGRAM_PREFER", "NGramDrafter", "NoDrafter", "QSpecDrafter",
-           "make_drafter"]
+__all__ = ["Drafter", "DrafterKind", "NGRAM_PREFER", "NGramDrafter", "NGramTreeDrafter", "NoDrafter",
+           "QSpecDrafter", "TreeDrafter", "is_tree_drafter", "make_drafter"]

@@ -19,6 +19,9 @@ One loop iteration (all rows at once, static shapes, no host round trip):
 
 A row stops on a stop id (EOS), on ``max_new_tokens``, or when its sequence fills the cache
 (``lengths == S``). Plain autoregressive decoding is the same loop with ``drafter="none"`` (K = 0).
+A tree drafter (``num_candidates > 1``) replaces steps 1-3 by ``quasar_jax.tree.verify_tree``: N
+trie nodes verified in one forward under a tree mask, the accepted path's K/V then moved to
+contiguous slots; step 4 is shared (docs/tree.md).
 The prompt's last token is not prefilled: it is the first token the loop verifies, so drafts are
 used from the first step on.
 
@@ -42,13 +45,14 @@ from flax import nnx
 
 from pallas_kernels import round_up
 from quasar_jax import compile_cache
-from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, make_drafter
+from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, is_tree_drafter, make_drafter
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.model import Qwen3
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
 from quasar_jax.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
                                  row_keys, sampler_for)
+from quasar_jax.tree import verify_tree
 
 PROMPT_BUCKET = 32  # default prompt padding multiple (coarser: fewer programs, more padded prefill)
 CACHE_BUCKET = 128  # default cache lengths are rounded up to a multiple of this
@@ -71,6 +75,8 @@ class GenerationConfig:
     ngram_min: int = 1
     ngram_max: int = 3
     ngram_prefer: str = "recent"  # which earlier occurrence wins: recent | earliest
+    num_candidates: int = 1  # C n-gram continuations verified as one tree (1 = the chain)
+    tree_nodes: int | None = None  # N trie nodes (None = C * K); only with num_candidates > 1
     verifier: QuantMode | str = QuantMode.FLOAT
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
@@ -105,7 +111,8 @@ class GenerationConfig:
         if not isinstance(self.drafter, DrafterKind):
             return self.drafter
         return make_drafter(self.drafter, num_draft=self.num_draft, ngram_min=self.ngram_min,
-                            ngram_max=self.ngram_max, ngram_prefer=self.ngram_prefer)
+                            ngram_max=self.ngram_max, ngram_prefer=self.ngram_prefer,
+                            num_candidates=self.num_candidates, tree_nodes=self.tree_nodes)
 
     @property
     def k(self) -> int:
@@ -202,21 +209,28 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
     """
     k = drafter.num_draft
 
-    def body(model, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
-        b, s = state.history.shape
-        split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]
-        keys, step_keys = split[:, 0], split[:, 1]
+    def chain_step(model, state: LoopState, room, rows: RowSampling, step_keys):
         draft, n_draft, cache = drafter.draft(model, state.history, state.lengths, state.cache)
-        # Never propose past the cache (each emitted token needs a history slot) or the budget.
-        room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
         n_draft = jnp.clip(jnp.minimum(n_draft, room), 0, k)
-
         last = jnp.take_along_axis(state.history, state.lengths[:, None] - 1, axis=1)  # [B, 1]
         verify_tokens = jnp.concatenate([last, draft], axis=1)  # [B, K+1]
         positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
         cache = cache.replace(lengths=state.lengths - 1)
         logits, cache = model(verify_tokens, positions, cache, mode=verifier)  # [B, K+1, V]
         tokens, n_emit = sampler.accept(draft, n_draft, logits, rows, step_keys)
+        return tokens, n_emit, cache
+
+    def body(model, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
+        b, s = state.history.shape
+        split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]
+        keys, step_keys = split[:, 0], split[:, 1]
+        # Never propose past the cache (each emitted token needs a history slot) or the budget.
+        room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
+        if is_tree_drafter(drafter):  # static: tree drafts, one masked verify forward
+            tokens, n_emit, cache = verify_tree(model, drafter, sampler, verifier, state.history,
+                                                state.lengths, state.cache, room, rows, step_keys)
+        else:
+            tokens, n_emit, cache = chain_step(model, state, room, rows, step_keys)
 
         # Stop ids: emit up to and including the first one.
         j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]

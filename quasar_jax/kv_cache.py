@@ -5,6 +5,10 @@ Layout: ``k``, ``v`` are ``[L, B, S, G, E]`` (layer, row, slot, kv head, head di
 into slot ``positions[b, t]``; slots at or past ``S`` are dropped, never clamped onto valid ones.
 Rolling back rejected draft tokens is free: the engine just sets ``lengths`` back, and the
 attention mask hides slots ``>= lengths`` that are not part of the current chunk.
+
+Tree verification (``quasar_jax.tree``) writes its T chunk tokens at contiguous scratch slots and
+passes a ``chunk_mask [B, T, T]``; after acceptance :meth:`KVCache.move` copies the accepted
+path's K/V to contiguous slots (one gather and one scatter over all layers).
 """
 
 from __future__ import annotations
@@ -50,14 +54,36 @@ class KVCache:
         v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=k, v=v)
 
-    def attention_mask(self, positions: jax.Array) -> jax.Array:
+    def move(self, src: jax.Array, dst: jax.Array) -> "KVCache":
+        """Copy the K/V of slots ``src [B, T]`` to slots ``dst [B, T]`` in every layer.
+
+        All reads happen before any write; ``dst`` entries at or past ``S`` are dropped.
+        """
+        rows = jnp.arange(self.batch)[:, None]  # [B, 1]
+        src = jnp.clip(src, 0, self.max_len - 1)
+        k = self.k.at[:, rows, dst].set(self.k[:, rows, src], mode="drop")  # [L, B, T, G, E] moved
+        v = self.v.at[:, rows, dst].set(self.v[:, rows, src], mode="drop")
+        return dataclasses.replace(self, k=k, v=v)
+
+    def attention_mask(self, positions: jax.Array, chunk_mask: jax.Array | None = None) -> jax.Array:
         """Visibility ``[B, T, S]`` of cache slots for the queries at ``positions [B, T]``.
 
         Slot ``s`` is visible to query ``(b, t)`` when ``s <= positions[b, t]`` (causal) and it is
         either committed (``s < lengths[b]``) or part of this call's chunk (``s >= positions[b, 0]``).
+
+        With ``chunk_mask [B, T, T]`` (bool) the chunk occupies slots ``c0 .. c0+T-1``
+        (``c0 = positions[b, 0]``, token t at slot c0+t) and chunk slot ``c0+j`` is visible to query
+        t iff ``chunk_mask[b, t, j]``; slots outside the chunk follow the rule above.
         """
         slots = jnp.arange(self.max_len)[None, None, :]  # [1, 1, S]
         causal = slots <= positions[:, :, None]
         committed = slots < self.lengths[:, None, None]
-        in_chunk = slots >= positions[:, :1, None]
-        return causal & (committed | in_chunk)
+        if chunk_mask is None:
+            in_chunk = slots >= positions[:, :1, None]
+            return causal & (committed | in_chunk)
+        t = chunk_mask.shape[-1]
+        rel = slots - positions[:, :1, None]  # [B, 1, S] chunk index of each slot
+        in_chunk = (rel >= 0) & (rel < t)
+        idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (positions.shape[0], positions.shape[1], self.max_len))
+        seen = jnp.take_along_axis(chunk_mask.astype(bool), idx, axis=2)  # [B, T, S]
+        return jnp.where(in_chunk, seen, causal & committed)

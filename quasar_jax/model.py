@@ -10,6 +10,10 @@ slot, and it attends causally to the committed slots of its row plus this call's
 ``lengths = positions[:, -1] + 1``; a caller that keeps fewer tokens (speculative rejection,
 right padding) sets ``lengths`` itself.
 
+Tree verification passes ``chunk_mask [B, T, T]`` (bool): token t then attends to chunk token j
+iff ``chunk_mask[b, t, j]`` (instead of causally), its K/V goes to slot ``positions[b, 0] + t``
+(contiguous scratch slots) while ``positions`` still sets its RoPE angle (a tree node's depth).
+
 Dimension letters are those of docs/CONVENTIONS.md: B T S D H G R E F V L.
 Numerics follow transformers' Qwen3: RMSNorm in float32 (normalised value cast back to the
 compute dtype before the weight multiply), RoPE cos/sin in float32 cast to the compute dtype,
@@ -84,7 +88,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, e
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, x, positions, cache: KVCache, layer: int, mask, *, mode: QuantMode):
+    def __call__(self, x, positions, slots, cache: KVCache, layer: int, mask, *, mode: QuantMode):
         b, t, _ = x.shape  # [B, T, D]
         h, g, e = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_norm(self.q_proj(x, mode=mode).reshape(b, t, h, e))  # [B, T, H, E]
@@ -92,7 +96,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x, mode=mode).reshape(b, t, g, e)  # [B, T, G, E]
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
-        cache = cache.write(layer, k, v, positions)
+        cache = cache.write(layer, k, v, slots)
         keys, values = cache.k[layer], cache.v[layer]  # [B, S, G, E]
 
         q = q.reshape(b, t, g, h // g, e)  # [B, T, G, R, E]
@@ -123,9 +127,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, layer: int, mask, *, mode: QuantMode):
+    def __call__(self, x, positions, slots, cache, layer: int, mask, *, mode: QuantMode):
         with jax.named_scope(f"layer_{layer}/attention"):
-            attn, cache = self.self_attn(self.input_layernorm(x), positions, cache, layer, mask,
+            attn, cache = self.self_attn(self.input_layernorm(x), positions, slots, cache, layer, mask,
                                          mode=mode)
             x = x + attn
         with jax.named_scope(f"layer_{layer}/mlp"):
@@ -151,18 +155,23 @@ class Qwen3(nnx.Module):
         return KVCache.init(self.config, batch, max_len, self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
-                 mode: QuantMode = QuantMode.FLOAT) -> tuple[jax.Array, KVCache]:
+                 mode: QuantMode = QuantMode.FLOAT,
+                 chunk_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, cache).
 
         ``mode`` is how the projections multiply: ``FLOAT`` for a float model, ``W8A16`` or
-        ``W8A8`` for an int8 one (it is static under ``jit``).
+        ``W8A8`` for an int8 one (it is static under ``jit``). ``chunk_mask [B, T, T]`` replaces
+        causal visibility inside this call's tokens (tree verification; module docstring).
         """
         mode = QuantMode.parse(mode, "mode")
-        mask = cache.attention_mask(positions)  # [B, T, S], from the lengths before this call
+        mask = cache.attention_mask(positions, chunk_mask)  # [B, T, S], lengths before this call
+        slots = positions  # [B, T] where each token's K/V is written
+        if chunk_mask is not None:
+            slots = positions[:, :1] + jnp.arange(tokens.shape[1], dtype=positions.dtype)[None, :]
         with jax.named_scope("embed"):
             x = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [B, T, D]
         for layer, block in enumerate(self.layers):
-            x, cache = block(x, positions, cache, layer, mask, mode=mode)
+            x, cache = block(x, positions, slots, cache, layer, mask, mode=mode)
         with jax.named_scope("lm_head"):
             x = self.norm(x)
             if self.lm_head is None:
@@ -174,9 +183,10 @@ class Qwen3(nnx.Module):
         return logits.astype(jnp.float32), cache
 
 
-def forward(model: Qwen3, tokens, positions, cache, *, mode: QuantMode = QuantMode.FLOAT):
-    """Functional alias of ``model(tokens, positions, cache, mode=mode)``."""
-    return model(tokens, positions, cache, mode=mode)
+def forward(model: Qwen3, tokens, positions, cache, *, mode: QuantMode = QuantMode.FLOAT,
+            chunk_mask=None):
+    """Functional alias of ``model(tokens, positions, cache, mode=mode, chunk_mask=chunk_mask)``."""
+    return model(tokens, positions, cache, mode=mode, chunk_mask=chunk_mask)
 
 
 def linear_paths(module: nnx.Module, *, lm_head: bool = True) -> list[tuple]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quasar_jax.accept import greedy_accept, process_logits, sample_tokens, speculative_sample
+from quasar_jax.tree import TreeDraft, greedy_tree_accept, speculative_tree_sample
 
 SEED_RANGE = (-2**63, 2**63)
 
@@ -113,6 +114,11 @@ class Sampler(Protocol):
                keys: jax.Array) -> tuple[jax.Array, jax.Array]:
         """draft [B, K], n_draft [B], logits [B, K+1, V], keys [B] -> tokens [B, K+1], n_emit [B]."""
 
+    def accept_tree(self, tree: TreeDraft, valid: jax.Array, logits: jax.Array, rows: RowSampling,
+                    keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Tree drafts (``quasar_jax.tree``): valid [B, N], logits [B, N+1, V] ->
+        tokens [B, K+1], n_emit [B], path [B, K]."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GreedySampler:
@@ -122,6 +128,10 @@ class GreedySampler:
         del rows, keys
         return greedy_accept(draft, n_draft, logits)
 
+    def accept_tree(self, tree, valid, logits, rows, keys):
+        del rows, keys
+        return greedy_tree_accept(tree, valid, logits)
+
 
 @dataclasses.dataclass(frozen=True)
 class RowSampler:
@@ -130,9 +140,7 @@ class RowSampler:
     def accept(self, draft, n_draft, logits, rows, keys):
         b, k = draft.shape
         g_tokens, g_emit = greedy_accept(draft, n_draft, logits)
-        greedy = rows.temperature <= 0  # [B]
-        probs = process_logits(logits, temperature=jnp.where(greedy, 1.0, rows.temperature)[:, None],
-                               top_k=rows.top_k[:, None], top_p=rows.top_p[:, None])  # [B, K+1, V]
+        greedy, probs = _row_probs(logits, rows)  # [B], [B, K+1, V]
         if k == 0:
             tokens = jax.vmap(sample_tokens)(probs[:, 0], keys)[:, None]  # [B, 1]
             n_emit = jnp.ones((b,), jnp.int32)
@@ -140,6 +148,22 @@ class RowSampler:
             tokens, n_emit = speculative_sample(draft, n_draft, probs, keys)
         return (jnp.where(greedy[:, None], g_tokens, tokens).astype(jnp.int32),
                 jnp.where(greedy, g_emit, n_emit).astype(jnp.int32))
+
+
+    def accept_tree(self, tree, valid, logits, rows, keys):
+        greedy_out = greedy_tree_accept(tree, valid, logits)
+        greedy, probs = _row_probs(logits, rows)  # [B], [B, N+1, V]
+        sampled = speculative_tree_sample(tree, valid, probs, keys)
+        return tuple(jnp.where(greedy.reshape((-1,) + (1,) * (g.ndim - 1)), g, x).astype(jnp.int32)
+                     for g, x in zip(greedy_out, sampled))
+
+
+def _row_probs(logits, rows: RowSampling) -> tuple[jax.Array, jax.Array]:
+    """Greedy rows ``[B]``, per-row processed distributions ``[B, T, V]`` (temperature 1 if greedy)."""
+    greedy = rows.temperature <= 0  # [B]
+    probs = process_logits(logits, temperature=jnp.where(greedy, 1.0, rows.temperature)[:, None],
+                           top_k=rows.top_k[:, None], top_p=rows.top_p[:, None])  # [B, T, V]
+    return greedy, probs
 
 
 def sampler_for(rows: Sequence[SamplingParams]) -> Sampler:
