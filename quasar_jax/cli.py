@@ -192,8 +192,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="quantise the LM head to int8 too (untied models; default: off)")
 
 
-def add_drafting_flags(p: argparse.ArgumentParser) -> None:
-    """--num-draft, --ngram-min, --ngram-max, --ngram-prefer."""
+def add_drafting_flags(p: argparse.ArgumentParser, *, num_candidates: int = 1) -> None:
+    """--num-draft, --ngram-min, --ngram-max, --ngram-prefer, --num-candidates, --tree-nodes."""
     p.add_argument("--num-draft", type=positive_int, default=5,
                    help="K, draft tokens proposed per verify step (default: 5)")
     p.add_argument("--ngram-min", type=positive_int, default=1,
@@ -202,6 +202,11 @@ def add_drafting_flags(p: argparse.ArgumentParser) -> None:
                    help="largest n-gram the prompt-lookup drafter matches (default: 3)")
     p.add_argument("--ngram-prefer", choices=NGRAM_PREFER, default="recent",
                    help="which earlier occurrence of the n-gram wins (default: recent)")
+    p.add_argument("--num-candidates", type=positive_int, default=num_candidates,
+                   help="C n-gram continuations verified together as one token tree; 1 = the chain "
+                        f"(default: {num_candidates})")
+    p.add_argument("--tree-nodes", type=positive_int, default=None,
+                   help="N, most tree nodes per verify step, >= --num-draft (default: C * K)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -230,7 +235,8 @@ def generation_kwargs(args: argparse.Namespace, **overrides) -> dict:
     """``GenerationConfig`` keyword arguments from the shared flags present on ``args``."""
     names = {"max_new_tokens": "max_new_tokens", "num_draft": "num_draft", "ngram_min": "ngram_min",
              "ngram_max": "ngram_max", "ngram_prefer": "ngram_prefer", "temperature": "temperature",
-             "top_k": "top_k", "top_p": "top_p", "seed": "seed", "max_len": "max_len"}
+             "top_k": "top_k", "top_p": "top_p", "seed": "seed", "max_len": "max_len",
+             "num_candidates": "num_candidates", "tree_nodes": "tree_nodes"}
     kw = {field: getattr(args, attr) for field, attr in names.items() if hasattr(args, attr)}
     if kw.get("ngram_min", 1) > kw.get("ngram_max", kw.get("ngram_min", 1)):
         raise ValueError(f"--ngram-min {kw['ngram_min']} > --ngram-max {kw['ngram_max']}")

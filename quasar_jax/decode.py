@@ -65,11 +65,13 @@ def read_prompts(args) -> list[Prompt]:
 def check_flags(args, given: set[str]) -> None:
     """Flags that do not apply to this run are errors (before anything loads)."""
     if args.drafter != "ngram":
-        for flag in ("--ngram-min", "--ngram-max", "--ngram-prefer"):
+        for flag in ("--ngram-min", "--ngram-max", "--ngram-prefer", "--num-candidates", "--tree-nodes"):
             if flag in given:
                 raise InputError(f"{flag} applies only to --drafter ngram")
     if args.drafter == "none" and "--num-draft" in given:
         raise InputError("--num-draft does not apply to --drafter none")
+    if "--tree-nodes" in given and args.num_candidates == 1:
+        raise InputError("--tree-nodes applies only with --num-candidates > 1")
     if args.temperature == 0:
         for flag in ("--top-k", "--top-p", "--seed"):
             if flag in given:
@@ -194,7 +196,7 @@ def run(args, given: set[str]) -> int:
                      "wall_s": round(batch_stats.wall_s, 4), "compile_s": round(batch_stats.compile_s, 3),
                      "batch_size": len(batch), "drafter": str(config.drafter),
                      "verifier": str(config.verifier), "verifier_flag": args.verifier, "backend": backend,
-                     "num_draft": config.k}
+                     "num_draft": config.k, "num_candidates": config.num_candidates}
             if args.json:
                 record = {"prompt": prompt.text, "prompt_ids": ids[i], "output_ids": out_ids,
                           "text": completion, "stats": stats}

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"comma-separated subset of {','.join(MODES)} (default: all but ar-w8a8, "
                         "which is added as the reference of quasar-w8a8)")
-    add_drafting_flags(p)
+    add_drafting_flags(p, num_candidates=4)  # C applies to the tree modes only
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help="rows per batch of the JAX modes; HF modes run one at a time (default: 1)")
     p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0,
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         given = explicit_flags(parser, argv)
         if args.ngram_min > args.ngram_max:
             raise InputError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
+        if args.num_candidates < 2 and any(m.strip().startswith("tree-") for m in args.modes.split(",")):
+            raise InputError("--num-candidates must be >= 2 for the tree modes")
         if args.temperature == 0 and "--seed" in given:
             raise InputError("--seed applies only to sampling (--temperature > 0)")
         check_modes(args, given)

@@ -8,8 +8,8 @@ from typing import Sequence
 
 from quasar_jax.modes import QuantMode
 
-MODES = ("ar-fp", "ar-int8", "ar-w8a8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "hf-ar",
-         "hf-pld")
+MODES = ("ar-fp", "ar-int8", "ar-w8a8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "tree-fp",
+         "tree-w8a16", "hf-ar", "hf-pld")
 DEFAULT_MODES = ("ar-fp", "ar-int8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "hf-ar",
                  "hf-pld")
 BASELINE = "ar-fp"
@@ -23,6 +23,7 @@ class ModeSpec:
     drafter: str  # none | ngram | qspec (hf: none | pld)
     verifier: QuantMode  # the verify (and AR) forward's matmuls; HF peers run float
     reference: str  # the AR mode whose outputs this mode must reproduce (greedy)
+    tree: bool = False  # n-gram candidates verified as one token tree (--num-candidates C)
 
 
 _F, _W16, _W8 = QuantMode.FLOAT, QuantMode.W8A16, QuantMode.W8A8
@@ -34,6 +35,8 @@ SPECS = {s.name: s for s in (
     ModeSpec("quasar-w8a16", "jax", "int8", "ngram", _W16, "ar-int8"),
     ModeSpec("quasar-w8a8", "jax", "int8", "ngram", _W8, "ar-w8a8"),
     ModeSpec("qspec", "jax", "int8", "qspec", _W16, "ar-int8"),
+    ModeSpec("tree-fp", "jax", "float", "ngram", _F, "ar-fp", tree=True),
+    ModeSpec("tree-w8a16", "jax", "int8", "ngram", _W16, "ar-int8", tree=True),
     ModeSpec("hf-ar", "hf", "hf", "none", _F, "ar-fp"),
     ModeSpec("hf-pld", "hf", "hf", "pld", _F, "ar-fp"),
 )}

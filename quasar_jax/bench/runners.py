@@ -20,7 +20,8 @@ def jax_generation_config(args, spec: ModeSpec, stop_ids: Sequence[int], max_len
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, drafter=spec.drafter, num_draft=args.num_draft,
         ngram_min=args.ngram_min, ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer,
-        verifier=spec.verifier,
+        verifier=spec.verifier, num_candidates=args.num_candidates if spec.tree else 1,
+        tree_nodes=args.tree_nodes if spec.tree else None,
         temperature=args.temperature, stop_ids=tuple(stop_ids), max_len=max_len,
         seed=args.seed)
 
