@@ -39,10 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pallas_kernels import round_up
+from quasar_jax import sharding
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, make_drafter
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.mesh_flags import MeshSpec
 from quasar_jax.model import Qwen3
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
@@ -280,11 +283,19 @@ class Engine:
     so calls that differ only in those reuse it.
     """
 
-    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET):
+    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET,
+                 mesh: Mesh | MeshSpec | str | None = None):
+        """``mesh``: a ``jax.sharding.Mesh`` with axes ("data", "model"), a spec such as
+        ``"data=2,model=4"`` (over all devices), or ``None`` / ``"data=1,model=1"`` for one device.
+        On a mesh the params are placed by ``quasar_jax.sharding``'s rules (a no-op for a model
+        loaded with the same ``mesh``) and the batch is padded to a multiple of ``data``."""
         if not is_int(prompt_bucket) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
         self.model = model
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
+        self.mesh = sharding.make_mesh(mesh)
+        if self.mesh is not None:
+            sharding.place_model(model, self.mesh)  # the model now refers to the sharded arrays
         self.graphdef, self.params = nnx.split(model)
         self._compiled: dict = {}
         self.quantized = is_quantized(model)
@@ -314,14 +325,19 @@ class Engine:
             return self._compiled[key], 0.0
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
                                  self._stream if stream else None)
-        jitted = jax.jit(run, static_argnums=(3,))
         i32 = jnp.int32
+        inputs = (jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32),
+                  jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
+                  RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
+        out_shardings = None
+        if self.mesh is not None:  # rows on "data"; the params carry their own shardings
+            cfg = self.model.config
+            inputs = sharding.sharded_abstract(inputs, sharding.with_batch_shardings(inputs, self.mesh, cfg))
+            out = jax.eval_shape(lambda prm, *a: run(prm, *a[:2], s, *a[2:]), self.params, *inputs)
+            out_shardings = sharding.with_batch_shardings(out, self.mesh, cfg)
+        jitted = jax.jit(run, static_argnums=(3,), out_shardings=out_shardings)
         t0 = time.perf_counter()
-        compiled = jitted.lower(
-            self.params, jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32), s,
-            jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
-            RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)),
-        ).compile()
+        compiled = jitted.lower(self.params, *inputs[:2], s, *inputs[2:]).compile()
         compile_s = time.perf_counter() - t0
         self._compiled[key] = compiled
         return compiled, compile_s
@@ -365,6 +381,10 @@ class Engine:
             rows = [cfg.sampling if r is None else r for r in sampling]
             if not all(isinstance(r, SamplingParams) for r in rows):
                 raise ValueError("sampling entries must be SamplingParams or None")
+        data = 1 if self.mesh is None else int(self.mesh.shape["data"])
+        if b % data:  # pad the batch to a multiple of the data axis with 1-token rows (dropped)
+            pad = data - b % data
+            prompts, lens, rows = [*prompts, *[[0]] * pad], [*lens, *[1] * pad], [*rows, *[rows[0]] * pad]
         longest = max(lens)
         s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
         if longest >= s:
@@ -376,24 +396,33 @@ class Engine:
                              f"the model's context of {context} positions (max_position_embeddings); "
                              "shorten the prompt or allow it explicitly (allow_long_context)")
         p = min(round_up(longest, self.prompt_bucket), s)
-        prompt = np.zeros((b, p), np.int32)
+        bp = len(prompts)  # padded batch
+        prompt = np.zeros((bp, p), np.int32)
         for i, row in enumerate(prompts):
             prompt[i, :len(row)] = np.asarray(row, np.int32)
-        stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (b, 1))  # [B, NS]
+        stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (bp, 1))  # [B, NS]
+        max_new = np.where(np.arange(bp) < b, cfg.max_new_tokens, 1).astype(np.int32)  # pad rows: 1
         drafter = cfg.make_drafter()
-        program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, b, p, s,
+        program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
                                            stop.shape[1], stream is not None)
-        args = (self.params, jnp.asarray(prompt), jnp.asarray(lens, jnp.int32),
-                jnp.full((b,), cfg.max_new_tokens, jnp.int32), jnp.asarray(stop),
-                RowSampling.of(rows), row_keys(rows, cfg.seed))
+        inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
+                  row_keys(rows, cfg.seed))
+        if self.mesh is None:
+            inputs = jax.tree.map(jnp.asarray, inputs)
+        else:  # global arrays, rows on "data" (each process fills its own shards)
+            shardings = sharding.with_batch_shardings(inputs, self.mesh, self.model.config)
+            inputs = jax.tree.map(sharding.put_global, inputs, shardings)
         self._stream_target = stream
         t0 = time.perf_counter()
         try:
-            final = jax.block_until_ready(program(*args))
+            final = jax.block_until_ready(program(self.params, *inputs))
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
-        return _result(final, lens, wall, compile_s, s, drafter.num_draft)
+        # The rows' results on the host (pad rows dropped); the cache and keys stay on device.
+        host = sharding.fetch(dataclasses.replace(final, cache=None, keys=None))
+        host = jax.tree.map(lambda x: x[:b] if x.ndim else x, host)
+        return _result(host, lens[:b], wall, compile_s, s, drafter.num_draft)
 
 
 def _result(final: LoopState, lens: list[int], wall: float, compile_s: float, s: int,
