@@ -300,6 +300,7 @@ class Engine:
         self._compiled: dict = {}
         self.quantized = is_quantized(model)
         self._stream_target: Callable | None = None  # the current call's stream callback
+        self._stream_rows: int | None = None  # and its number of rows
 
     @property
     def num_compiled(self) -> int:
@@ -312,10 +313,11 @@ class Engine:
         Returns the rows to stop now (``[B]`` bool): what the call's callback returned, if any.
         """
         stop = np.zeros(n_emit.shape, bool)
+        b = self._stream_rows  # the caller's rows; those past it pad the batch for the mesh
         if self._stream_target is not None:
-            wanted = self._stream_target(tokens, n_emit)
+            wanted = self._stream_target(tokens[:b], n_emit[:b])
             if wanted is not None:
-                stop |= np.asarray(wanted, bool).reshape(stop.shape)
+                stop[:b] |= np.asarray(wanted, bool).reshape(stop[:b].shape)
         return stop
 
     def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
@@ -412,7 +414,7 @@ class Engine:
         else:  # global arrays, rows on "data" (each process fills its own shards)
             shardings = sharding.with_batch_shardings(inputs, self.mesh, self.model.config)
             inputs = jax.tree.map(sharding.put_global, inputs, shardings)
-        self._stream_target = stream
+        self._stream_target, self._stream_rows = stream, b
         t0 = time.perf_counter()
         try:
             final = jax.block_until_ready(program(self.params, *inputs))

@@ -291,8 +291,22 @@ def silence_non_primary() -> None:
         os.close(devnull)
 
 
+def start(args=None) -> Mesh | None:
+    """For a command line: start the multi-host runtime if the flags / environment ask for it,
+    keep stdout to process 0, and return the mesh of ``args.mesh`` (``None``: one device)."""
+    initialize_distributed(distributed_settings(args))
+    silence_non_primary()
+    return make_mesh(getattr(args, "mesh", None))
+
+
 # ----------------------------------------------------------------------------- memory plan
 GiB = 1024**3
+
+
+def device_memory_bytes(default_gb: float = 16.0) -> int:
+    """Memory of the first device where the runtime reports it (GPU / TPU), else ``default_gb``."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit") or default_gb * GiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,10 +369,11 @@ def memory_plan(cfg: Qwen3Config, mesh: MeshSpec | str | dict | None = None, *, 
     rules = axis_rules(cfg, spec)
     sizes = {"data": spec.data, "model": spec.model}
     dtype = jnp.dtype(dtype)
-    state = _abstract_state(cfg, dtype, int8, quantize_lm_head)
-    specs = param_specs(state, rules)
-    params = sum(_shard_bytes(x, s, sizes) for x, s in zip(
-        jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, P))))
+    # One layer is built (abstractly) and counted L times: all layers are alike.
+    state = _abstract_state(dataclasses.replace(cfg, num_hidden_layers=1), dtype, int8, quantize_lm_head)
+    params = sum(_shard_bytes(x, logical_spec(param_axes(_names(path), len(x.shape)), rules), sizes)
+                 * (cfg.num_hidden_layers if _names(path)[0] == "layers" else 1)
+                 for path, x in jax.tree_util.tree_flatten_with_path(state)[0])
     padded = -(-batch // spec.data) * spec.data
     kv = jax.ShapeDtypeStruct((cfg.num_hidden_layers, padded, cache_len, cfg.num_key_value_heads,
                                cfg.head_dim), dtype)

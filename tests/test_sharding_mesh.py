@@ -75,6 +75,19 @@ def test_w8a8_exact_match_rate(engines, reference):
     assert rate >= 0.6
 
 
+def test_stream_sees_only_the_callers_rows(engines, reference):
+    """B = 5 is padded to 6 rows on data=2: the callback still gets 5 rows and may stop them."""
+    shapes = []
+
+    def stream(tokens, n_emit):
+        shapes.append((tokens.shape[0], n_emit.shape[0]))
+        return np.arange(len(n_emit)) == 0  # stop row 0 at once
+
+    got = engines["data=2,model=4"][0].generate(PROMPTS, _config(verifier="float"), stream=stream)
+    assert set(shapes) == {(5, 5)}
+    assert got.stats[0].finish_reason == "stop" and got.tokens[1:] == reference["ngram/float"][1:]
+
+
 def _spec(x):
     return x.sharding.spec
 
