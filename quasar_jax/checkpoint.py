@@ -24,8 +24,10 @@ from flax import nnx
 
 from quasar_jax import sharding
 from quasar_jax.config import Qwen3Config
+from quasar_jax.errors import InputError
 from quasar_jax.model import Qwen3, abstract_model
-from quasar_jax.modes import Backend
+from quasar_jax.modes import Backend, QuantMode
+from quasar_jax.outputs import check_output_dir, staged_dir
 from quasar_jax.quant import Int8Linear, abstract_quantized_model, is_quantized
 
 MARKER = "quasar_jax.json"
@@ -39,27 +41,54 @@ def is_converted_dir(path: str | Path) -> bool:
 
 
 def save_converted(model: Qwen3, out_dir: str | Path, *, source_dir: str | Path | None = None) -> Path:
-    """Save ``model`` (float or quantised) with orbax; copy tokenizer files from ``source_dir``."""
+    """Save ``model`` (float or quantised) with orbax; copy tokenizer files from ``source_dir``.
+
+    ``out_dir`` must be new or empty (``quasar_jax.outputs.check_output_dir``). Everything is
+    written into a hidden sibling first and renamed into place when complete, so a failed or
+    interrupted save leaves nothing behind.
+    """
     import orbax.checkpoint as ocp
 
-    out = Path(out_dir).resolve()
-    if (out / "params").exists():
-        raise FileExistsError(f"output directory already holds a checkpoint: {out / 'params'}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, flag="output directory", source=source_dir)
     quantized = is_quantized(model)
     lm_head_int8 = isinstance(model.lm_head, Int8Linear)
     meta = {"format": FORMAT, "quantize": "int8" if quantized else "none",
             "lm_head_int8": bool(lm_head_int8), "dtype": jnp.dtype(model.dtype).name}
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(out / "params", nnx.to_pure_dict(nnx.state(model)))
-        ckpt.wait_until_finished()
-    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    if source_dir is not None:
-        for name in _SIDE_FILES:
-            if (Path(source_dir) / name).is_file():
-                shutil.copy(Path(source_dir) / name, out / name)
-    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    with staged_dir(out) as stage:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(stage / "params", nnx.to_pure_dict(nnx.state(model)))
+            ckpt.wait_until_finished()
+        (stage / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        if source_dir is not None:
+            for name in _SIDE_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copy(Path(source_dir) / name, stage / name)
+        (stage / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def converted_meta(path: str | Path) -> dict | None:
+    """The marker of a converted directory (None when ``path`` is not one)."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{marker} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{marker}: expected a JSON object")
+    return meta
+
+
+def default_verifier(model_dir: str | Path, drafter: str, platform: str) -> QuantMode:
+    """What ``--verifier auto`` means: int8 weight-only (W8A16) where it pays off or is required
+    (a GPU or TPU, whose verify step is memory-bound; a converted int8 checkpoint; QSpec, which
+    verifies with W8A16), else float (a CPU, where XLA's W8A16 dot materialises a float weight)."""
+    meta = converted_meta(model_dir)
+    if drafter == "qspec" or platform in ("gpu", "tpu") or (meta is not None and meta.get("quantize") == "int8"):
+        return QuantMode.W8A16
+    return QuantMode.FLOAT
 
 
 def load_converted(path: str | Path, *, dtype=None, backend: Backend | str = Backend.XLA,

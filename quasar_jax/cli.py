@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Callable
+
+from quasar_jax.outputs import remove_partial_outputs
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -49,27 +53,42 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*PyTorch.*")
 
 
-def run_cli(prog: str, work: Callable[[], int], cleanup: Callable[[], None] | None = None) -> int:
-    """Run a command's work; map bad input to one line + status 2, Ctrl-C to one line + 130.
+def _interrupt_handler(prog: str):
+    """Ctrl-C: remove partial outputs, say so on one line, exit 130 at once.
 
-    ``cleanup`` runs on any failure or interrupt (e.g. removing a partial output).
+    Exiting from the handler (rather than raising ``KeyboardInterrupt``) is deliberate: the
+    interrupt may land inside a garbage-collection callback or a library's worker thread, where a
+    raised exception is swallowed or printed as a traceback.
     """
+    def handler(signum, frame):
+        del signum, frame
+        remove_partial_outputs()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os.write(2, f"{prog}: interrupted\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+    return handler
+
+
+def run_cli(prog: str, work: Callable[[], int]) -> int:
+    """Run a command's work; map bad input to one line + status 2, Ctrl-C to one line + 130."""
     quiet_libraries()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _interrupt_handler(prog))
     try:
         return work()
     except KeyboardInterrupt:
-        if cleanup:
-            cleanup()
+        remove_partial_outputs()
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        if cleanup:
-            cleanup()
         return fail(prog, err)
-    except BaseException:
-        if cleanup:
-            cleanup()
-        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class StatusLine:
@@ -142,6 +161,22 @@ VERIFIERS = ("float", "w8a16", "w8a8")  # quasar_jax.modes.QuantMode values
 BACKENDS = ("xla", "pallas")  # quasar_jax.modes.Backend values
 DRAFTERS = ("none", "ngram", "qspec")  # quasar_jax.drafters.DrafterKind values
 NGRAM_PREFER = ("recent", "earliest")
+
+
+VERIFIER_CHOICES = ("auto",) + VERIFIERS
+
+
+def add_verifier_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verifier", choices=VERIFIER_CHOICES, default="auto",
+                   help="verifier weights/matmul: float, int8 weight-only (w8a16), int8 weights and "
+                        "activations (w8a8); auto = w8a16 on a GPU/TPU, for a converted int8 "
+                        "checkpoint and for --drafter qspec, else float (default: auto)")
+
+
+def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="JAX persistent compilation cache directory, or off (default: "
+                        "$QUASAR_JAX_COMPILE_CACHE or ~/.cache/quasar_jax/jax-compile)")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import sys
 
-from quasar_jax.cli import (DRAFTERS, VERIFIERS, OneLineParser, StatusLine, add_drafting_flags, add_model_flags,
-                            add_prompt_flags, add_sampling_flags, explicit_flags, generation_kwargs,
-                            positive_int, run_cli)
+from quasar_jax.cli import (DRAFTERS, OneLineParser, StatusLine, add_compile_cache_flag, add_drafting_flags,
+                            add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
+                            explicit_flags, generation_kwargs, positive_int, run_cli)
 from quasar_jax.errors import InputError
 from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
 
@@ -39,14 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft) "
                         "(default: ngram)")
     add_drafting_flags(p)
-    p.add_argument("--verifier", choices=VERIFIERS, default=None,
-                   help="verifier weights/matmul: float, int8 weight-only, int8 W8A8 "
-                        "(default: float; w8a16 for --drafter qspec)")
+    add_verifier_flag(p)
     add_sampling_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="prompts per batch (default: 1)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted (batch size 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    add_compile_cache_flag(p)
     return p
 
 
@@ -63,9 +62,8 @@ def read_prompts(args) -> list[Prompt]:
     raise InputError("no prompt: give --prompt, --prompt-file, or text on stdin")
 
 
-def check_flags(args, given: set[str]) -> str:
-    """Flags that do not apply to this run are errors; returns the verifier's name."""
-    verifier = args.verifier or ("w8a16" if args.drafter == "qspec" else "float")
+def check_flags(args, given: set[str]) -> None:
+    """Flags that do not apply to this run are errors (before anything loads)."""
     if args.drafter != "ngram":
         for flag in ("--ngram-min", "--ngram-max", "--ngram-prefer"):
             if flag in given:
@@ -76,7 +74,7 @@ def check_flags(args, given: set[str]) -> str:
         for flag in ("--top-k", "--top-p", "--seed"):
             if flag in given:
                 raise InputError(f"{flag} applies only to sampling (--temperature > 0)")
-    if verifier == "float":
+    if args.verifier == "float":
         for flag in ("--backend", "--quantize-lm-head"):
             if flag in given:
                 raise InputError(f"{flag} applies only to an int8 verifier (--verifier w8a16 or w8a8)")
@@ -84,6 +82,22 @@ def check_flags(args, given: set[str]) -> str:
         raise InputError("--stream needs --batch-size 1")
     if any(not s for s in args.stop):
         raise InputError("--stop: a stop string must not be empty")
+
+
+def resolve_verifier(args, given: set[str], auto: str, platform: str) -> str:
+    """``--verifier auto`` resolved (``auto``: the choice for this model and machine); int8-only
+    flags checked against the result."""
+    verifier = args.verifier
+    if verifier == "auto":
+        verifier = auto
+        if verifier == "float":
+            for flag in ("--backend", "--quantize-lm-head"):
+                if flag in given:
+                    raise InputError(f"{flag} applies only to an int8 verifier, and --verifier auto "
+                                     f"chose float on this {platform}: add --verifier w8a16 or w8a8")
+    if args.backend == "pallas" and platform == "cpu" and verifier != "float":
+        raise InputError("--backend pallas needs a GPU or TPU: on a CPU the Pallas kernels only run "
+                         "in interpret mode (tests); use --backend xla")
     return verifier
 
 
@@ -117,20 +131,22 @@ def run(args, given: set[str]) -> int:
     import jax
     import jax.numpy as jnp
 
+    from quasar_jax import compile_cache
+    from quasar_jax.checkpoint import default_verifier
     from quasar_jax.engine import Engine, GenerationConfig
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import encode, stop_ids_of
 
-    verifier = check_flags(args, given)
-    if args.backend == "pallas" and jax.default_backend() == "cpu":
-        raise InputError("--backend pallas needs a GPU or TPU: on a CPU the Pallas kernels only run "
-                         "in interpret mode (tests); use --backend xla")
-    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier,
-                                                  allow_long_context=args.allow_long_context))
+    check_flags(args, given)
     prompts = read_prompts(args)
+    compile_cache.enable(args.compile_cache)
     status = StatusLine(enabled=not (args.json or args.quiet))
     status.show(f"loading {args.model} ...")
     model_dir = resolve_model_dir(args.model)
+    platform = jax.default_backend()
+    verifier = resolve_verifier(args, given, default_verifier(model_dir, args.drafter, platform).value, platform)
+    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier,
+                                                  allow_long_context=args.allow_long_context))
     tokenizer = load_tokenizer(model_dir)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     model = load_model(model_dir, dtype=dtype, int8=config.verifier.is_int8,
@@ -177,7 +193,8 @@ def run(args, given: set[str]) -> int:
                      "tokens_per_s": round(batch_stats.tokens_per_s, 2),
                      "wall_s": round(batch_stats.wall_s, 4), "compile_s": round(batch_stats.compile_s, 3),
                      "batch_size": len(batch), "drafter": str(config.drafter),
-                     "verifier": str(config.verifier), "backend": backend, "num_draft": config.k}
+                     "verifier": str(config.verifier), "verifier_flag": args.verifier, "backend": backend,
+                     "num_draft": config.k}
             if args.json:
                 record = {"prompt": prompt.text, "prompt_ids": ids[i], "output_ids": out_ids,
                           "text": completion, "stats": stats}

@@ -39,13 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from pallas_kernels import round_up
-from quasar_jax import sharding
+from quasar_jax import compile_cache, sharding
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, make_drafter
 from quasar_jax.kv_cache import KVCache
-from quasar_jax.mesh_flags import MeshSpec
 from quasar_jax.model import Qwen3
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
@@ -127,7 +125,7 @@ class FinishReason(str, enum.Enum):
     CACHE_FULL = "cache_full"
 
 
-_FINISH_CODES = (None, FinishReason.STOP, FinishReason.LENGTH, FinishReason.CACHE_FULL)  # 0 = running
+FINISH_CODES = (None, FinishReason.STOP, FinishReason.LENGTH, FinishReason.CACHE_FULL)  # 0 = running
 
 
 @jax.tree_util.register_dataclass
@@ -139,7 +137,7 @@ class LoopState:
     lengths: jax.Array  # [B] int32: valid tokens in history
     cache: KVCache  # K/V of history[:, :lengths-1]
     done: jax.Array  # [B] bool
-    finish: jax.Array  # [B] int32: 0 running, else the index of a FinishReason in _FINISH_CODES
+    finish: jax.Array  # [B] int32: 0 running, else the index of a FinishReason in FINISH_CODES
     new_tokens: jax.Array  # [B] int32: tokens generated so far
     steps: jax.Array  # [B] int32: verify steps while the row was active
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
@@ -283,14 +281,12 @@ class Engine:
     so calls that differ only in those reuse it.
     """
 
-    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET,
-                 mesh: Mesh | MeshSpec | str | None = None):
-        """``mesh``: a ``jax.sharding.Mesh`` with axes ("data", "model"), a spec such as
-        ``"data=2,model=4"`` (over all devices), or ``None`` / ``"data=1,model=1"`` for one device.
-        On a mesh the params are placed by ``quasar_jax.sharding``'s rules (a no-op for a model
-        loaded with the same ``mesh``) and the batch is padded to a multiple of ``data``."""
+    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET, mesh=None):
+        """``mesh``: a ``Mesh`` with axes ("data", "model"), a spec ("data=2,model=4"), or ``None``
+        (one device). Params are placed by ``quasar_jax.sharding``'s rules; rows pad to ``data``."""
         if not is_int(prompt_bucket) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
+        compile_cache.enable()  # on by default (QUASAR_JAX_COMPILE_CACHE=off to disable)
         self.model = model
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.mesh = sharding.make_mesh(mesh)
@@ -333,10 +329,8 @@ class Engine:
                   RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
         out_shardings = None
         if self.mesh is not None:  # rows on "data"; the params carry their own shardings
-            cfg = self.model.config
-            inputs = sharding.sharded_abstract(inputs, sharding.with_batch_shardings(inputs, self.mesh, cfg))
-            out = jax.eval_shape(lambda prm, *a: run(prm, *a[:2], s, *a[2:]), self.params, *inputs)
-            out_shardings = sharding.with_batch_shardings(out, self.mesh, cfg)
+            inputs, out_shardings = sharding.program_shardings(
+                lambda *a: run(self.params, *a[:2], s, *a[2:]), inputs, self.mesh, self.model.config)
         jitted = jax.jit(run, static_argnums=(3,), out_shardings=out_shardings)
         t0 = time.perf_counter()
         compiled = jitted.lower(self.params, *inputs[:2], s, *inputs[2:]).compile()
@@ -383,10 +377,7 @@ class Engine:
             rows = [cfg.sampling if r is None else r for r in sampling]
             if not all(isinstance(r, SamplingParams) for r in rows):
                 raise ValueError("sampling entries must be SamplingParams or None")
-        data = 1 if self.mesh is None else int(self.mesh.shape["data"])
-        if b % data:  # pad the batch to a multiple of the data axis with 1-token rows (dropped)
-            pad = data - b % data
-            prompts, lens, rows = [*prompts, *[[0]] * pad], [*lens, *[1] * pad], [*rows, *[rows[0]] * pad]
+        prompts, lens, rows = sharding.pad_rows(self.mesh, prompts, lens, rows)  # B % data == 0
         longest = max(lens)
         s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
         if longest >= s:
@@ -409,11 +400,7 @@ class Engine:
                                            stop.shape[1], stream is not None)
         inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
                   row_keys(rows, cfg.seed))
-        if self.mesh is None:
-            inputs = jax.tree.map(jnp.asarray, inputs)
-        else:  # global arrays, rows on "data" (each process fills its own shards)
-            shardings = sharding.with_batch_shardings(inputs, self.mesh, self.model.config)
-            inputs = jax.tree.map(sharding.put_global, inputs, shardings)
+        inputs = sharding.put_inputs(inputs, self.mesh, self.model.config)
         self._stream_target, self._stream_rows = stream, b
         t0 = time.perf_counter()
         try:
@@ -421,9 +408,7 @@ class Engine:
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
-        # The rows' results on the host (pad rows dropped); the cache and keys stay on device.
-        host = sharding.fetch(dataclasses.replace(final, cache=None, keys=None))
-        host = jax.tree.map(lambda x: x[:b] if x.ndim else x, host)
+        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None), b)  # pad rows dropped
         return _result(host, lens[:b], wall, compile_s, s, drafter.num_draft)
 
 
@@ -436,7 +421,7 @@ def _result(final: LoopState, lens: list[int], wall: float, compile_s: float, s:
     tokens = [history[i, lens[i]:lengths[i]].tolist() for i in range(b)]
     stats = [RowStats(new_tokens=int(new[i]), verify_steps=int(steps[i]),
                       mean_accepted=float(new[i] / max(steps[i], 1)), emitted_hist=hist[i].tolist(),
-                      finish_reason=_FINISH_CODES[int(finish[i])].value) for i in range(b)]
+                      finish_reason=FINISH_CODES[int(finish[i])].value) for i in range(b)]
     total_new, total_steps = int(new.sum()), int(steps.sum())
     batch = BatchStats(new_tokens=total_new, verify_steps=total_steps,
                        loop_iterations=int(final.iteration), mean_accepted=total_new / max(total_steps, 1),

@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from quasar_jax import checkpoint, sharding
 from quasar_jax.config import Qwen3Config
+from quasar_jax.errors import InputError
 from quasar_jax.model import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
 from quasar_jax.modes import Backend
 from quasar_jax.quant import Int8Linear, is_quantized, quantize_model
@@ -200,6 +201,12 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
     model_dir = resolve_model_dir(name_or_path)
     if checkpoint.is_converted_dir(model_dir):
         model = checkpoint.load_converted(model_dir, dtype=dtype, backend=backend, mesh=mesh)
+        if quantize_lm_head and not isinstance(model.lm_head, Int8Linear) and is_quantized(model):
+            raise InputError(f"quantize_lm_head: {model_dir} is a converted int8 checkpoint with a float "
+                             "LM head; convert its source with --quantize-lm-head instead")
+        if quantize_lm_head and model.config.tie_word_embeddings:
+            raise InputError("quantize_lm_head: this model ties its LM head to the float embedding; "
+                             "there is no separate lm_head to quantise")
         if int8 and not is_quantized(model):
             model = quantize_model(model, lm_head=quantize_lm_head, backend=backend)
             if mesh is not None:
@@ -226,14 +233,30 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
                             place=placer)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = "demo"):
+    """The directory's tokenizer (its ``config.json`` is validated first, so a broken config is
+    reported by field and file rather than by the tokenizer library)."""
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(name_or_path)
+    Qwen3Config.from_json(model_dir / "config.json")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)} not found)")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise InputError(f"{path} is not valid JSON: {err}") from None
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as err:
-        raise ValueError(f"could not load a tokenizer from {model_dir}: {str(err).splitlines()[0]}") from None
+        first = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(f"could not load a tokenizer from {model_dir}: {first[:300]}") from None
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, int8: bool = False,

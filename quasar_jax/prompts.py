@@ -102,7 +102,7 @@ def read_jsonl_turns(path: Path, text: str | None = None) -> list[tuple[int, dic
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
             raise InputError(f"{path}:{n}: not a JSON object (Spec-Bench files hold one JSON object per line)") from None
-        rows.append((n, row, _row_turn(row, f"{path}:{n}")))
+        rows.append((n, row if isinstance(row, dict) else {}, _row_turn(row, f"{path}:{n}")))
     return rows
 
 
@@ -111,7 +111,8 @@ def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
     path = Path(path)
     text = read_text_file(path, "prompt file")
     if path.suffix.lower() in JSON_SUFFIXES:
-        prompts = [Prompt(turn, row.get("question_id", n), row.get("category"))
+        prompts = [Prompt(turn, row.get("question_id", n),
+                          None if row.get("category") is None else str(row["category"]))
                    for n, row, turn in read_jsonl_turns(path, text)]
     else:
         prompts = [Prompt(line) for line in text.splitlines() if line.strip()]

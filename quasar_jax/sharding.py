@@ -207,6 +207,30 @@ def sharded_abstract(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
+def program_shardings(run, inputs, mesh: Mesh, cfg: Qwen3Config):
+    """``run(*inputs)``'s abstract inputs with their shardings, and its output shardings."""
+    inputs = sharded_abstract(inputs, with_batch_shardings(inputs, mesh, cfg))
+    return inputs, with_batch_shardings(jax.eval_shape(run, *inputs), mesh, cfg)
+
+
+def pad_rows(mesh: Mesh | None, prompts: list, lens: list[int], rows: list):
+    """Pad the batch to a multiple of ``data`` with 1-token rows (the caller drops their output)."""
+    pad = -len(prompts) % (1 if mesh is None else int(mesh.shape["data"]))
+    return [*prompts, *[[0]] * pad], [*lens, *[1] * pad], [*rows, *rows[:1] * pad]
+
+
+def put_inputs(inputs, mesh: Mesh | None, cfg: Qwen3Config):
+    """Host inputs -> device arrays: one device, or global arrays with rows on ``data``."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, inputs)
+    return jax.tree.map(put_global, inputs, with_batch_shardings(inputs, mesh, cfg))
+
+
+def host_rows(tree, b: int):
+    """Device results -> NumPy, first ``b`` rows of every batched leaf."""
+    return jax.tree.map(lambda x: x[:b] if x.ndim else x, fetch(tree))
+
+
 def put_global(value, sharding: NamedSharding) -> jax.Array:
     """A host value that every process holds in full -> a global array on ``sharding`` (works
     across hosts: each process fills only its addressable shards). PRNG key arrays included."""

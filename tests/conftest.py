@@ -6,6 +6,8 @@ import os
 import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests count compilations: no persistent cache (test_compile_cache turns it on in a subprocess).
+os.environ["QUASAR_JAX_COMPILE_CACHE"] = "off"
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"aqt\..*")
 
 import pytest  # noqa: E402

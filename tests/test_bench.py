@@ -12,7 +12,7 @@ from quasar_jax import prompts
 from quasar_jax.bench import cli as bench_cli
 from quasar_jax.bench.metrics import Batch, ModeRun, summarize, truncate_output
 from quasar_jax.bench.modes import resolve_modes
-from quasar_jax.fidelity import common_prefix, fidelity
+from quasar_jax.fidelity.metrics import common_prefix, fidelity
 
 
 def _run(mode, outputs, steps, batches, reference="ar-fp"):

@@ -99,3 +99,33 @@ def test_cli_unreachable_hub_id_is_one_line(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert "'Qwen/Qwen3-0.6B' is neither a local directory nor downloadable" in err and len(err.splitlines()) == 1
+
+
+def test_cli_stop_strings_question_ids_and_finish_reasons(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.JSONL"  # suffix in any case: read as Spec-Bench records
+    prompts.write_text(json.dumps({"question_id": "q7", "category": "coding", "turns": ["def add(a, b):"]}) + "\n")
+    base = ["--model", str(tiny_model_dir), "--prompt-file", str(prompts), "--max-new-tokens", "12",
+            "--ignore-eos", "--json"]
+    assert main(base) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["question_id"] == "q7" and full["category"] == "coding"
+    assert full["stats"]["finish_reason"] == "length"
+    text = full["text"]
+    stop = next((text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip()), None)
+    assert stop is not None, text
+    assert main(base + ["--stop", stop]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["text"] == text[:text.index(stop)]
+    assert cut["stats"]["finish_reason"] == "stop"
+    assert cut["stats"]["new_tokens"] <= full["stats"]["new_tokens"]
+    assert main(["--model", str(tiny_model_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "5",
+                 "--ignore-eos"]) == 0
+    assert "finish=length" in capsys.readouterr().out
+
+
+def test_plain_prompt_file_lines_are_verbatim(tmp_path):
+    from quasar_jax.prompts import read_prompt_file
+
+    path = tmp_path / "p.txt"
+    path.write_text("print('a\\nb')\n\n  second  \n")
+    assert [p.text for p in read_prompt_file(path)] == ["print('a\\nb')", "  second  "]

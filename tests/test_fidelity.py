@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 
-from quasar_jax.fidelity import common_prefix, main
+from quasar_jax.fidelity.cli import main
+from quasar_jax.fidelity.metrics import common_prefix
 
 
 def test_common_prefix():

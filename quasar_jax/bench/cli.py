@@ -1,44 +1,52 @@
 """``python -m quasar_jax.bench``: flags, then :func:`~quasar_jax.bench.run.run_benchmark` and the
-output files (see the package docstring for the modes and metrics)."""
+output files (see the package docstring for the modes and metrics).
+
+``--out`` and ``--questions`` are checked before any model loads; the outputs are written all or
+nothing. Without torch (the plain install) the HF peer modes are skipped with one line when they
+came from the default mode list, and are an error when asked for by name. Parsing (and ``--help``)
+does not import JAX: the benchmark loads in :func:`run`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import sys
-import warnings
-from pathlib import Path
 
 import quasar_jax.bench
-from quasar_jax.bench.modes import DEFAULT_MODES, MODES
-from quasar_jax.bench.report import results_markdown, write_outputs
-from quasar_jax.bench.run import run_benchmark
-from quasar_jax.cli import OneLineParser, fail, float_in, positive_int
+from quasar_jax.bench.modes import DEFAULT_MODES, MODES, SPECS
+from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, explicit_flags, float_in,
+                            non_negative_int, positive_int, run_cli)
+from quasar_jax.errors import InputError
+from quasar_jax.outputs import check_output_dir
 
 PROG = "python -m quasar_jax.bench"
+OUTPUT_FILES = ("results.json", "results.md", "plot.png", "outputs.jsonl")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=quasar_jax.bench.__doc__.splitlines()[0])
-    p.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id")
+    p.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id (default: demo)")
     p.add_argument("--questions", nargs="+", required=True, metavar="FILE.jsonl",
                    help="Spec-Bench jsonl files (question_id, category, turns)")
     p.add_argument("--num-prompts", type=positive_int, default=None,
                    help="first N prompts of each category (default: all)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens to generate per prompt at most (default: 128)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"comma-separated subset of {','.join(MODES)} (default: all but ar-w8a8, "
                         "which is added as the reference of quasar-w8a8)")
-    p.add_argument("--num-draft", type=positive_int, default=5, help="K, draft tokens per step")
-    p.add_argument("--ngram-min", type=positive_int, default=1)
-    p.add_argument("--ngram-max", type=positive_int, default=3)
-    p.add_argument("--batch-size", type=positive_int, default=1, help="JAX modes (HF: always 1)")
-    p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="JAX model dtype (HF modes always run torch float32)")
-    p.add_argument("--backend", choices=["xla", "pallas"], default="xla", help="int8 matmul backend")
+    add_drafting_flags(p)
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="rows per batch of the JAX modes; HF modes run one at a time (default: 1)")
+    p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0,
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, median (default: 3)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="JAX model dtype; HF modes always run torch float32 (default: float32)")
+    p.add_argument("--backend", choices=["xla", "pallas"], default="xla",
+                   help="int8 matmul backend (default: xla)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (all modes)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
@@ -48,22 +56,50 @@ def build_parser() -> argparse.ArgumentParser:
                         "coarser bucket compiles fewer programs")
     p.add_argument("--no-fidelity", action="store_true", help="skip the float-vs-int8 fidelity pass")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or an earlier bench output)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    try:
-        if args.ngram_min > args.ngram_max:
-            raise ValueError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
-        results = write_outputs(run_benchmark(args, progress=not args.no_progress), out)
-    except (ValueError, FileNotFoundError) as err:
-        return fail(PROG, err)
+def check_modes(args, given: set[str]) -> None:
+    """Unknown modes are errors; HF peers without torch are skipped (default list) or refused."""
+    requested = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in requested if m not in SPECS]
+    if unknown or not requested:
+        raise InputError(f"--modes: unknown mode {unknown[0] if unknown else '(none)'!r}; "
+                         f"choose from {', '.join(MODES)}")
+    hf = [m for m in requested if SPECS[m].kind == "hf"]
+    if hf and importlib.util.find_spec("torch") is None:
+        if "--modes" in given:
+            raise InputError(f"--modes {hf[0]} needs torch, which is not installed "
+                             "(pip install torch==2.13.0, or leave the HF modes out)")
+        print(f"{PROG}: torch is not installed: skipping the HF peer modes {', '.join(hf)}",
+              file=sys.stderr)
+        args.modes = ",".join(m for m in requested if m not in hf)
+
+
+def run(args) -> int:
+    # The benchmark (and JAX) load here, after the arguments and paths are known to be valid.
+    from quasar_jax.bench.report import results_markdown, write_outputs
+    from quasar_jax.bench.run import run_benchmark
+
+    results = write_outputs(run_benchmark(args, progress=not args.no_progress), args.out)
     print(results_markdown(results))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'plot.png'}, "
-          f"{out / 'outputs.jsonl'}", file=sys.stderr)
+    print(f"wrote {', '.join(str(args.out / f) for f in OUTPUT_FILES)}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        given = explicit_flags(parser, argv)
+        if args.ngram_min > args.ngram_max:
+            raise InputError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
+        if args.temperature == 0 and "--seed" in given:
+            raise InputError("--seed applies only to sampling (--temperature > 0)")
+        check_modes(args, given)
+        args.out = check_output_dir(args.out, owned=OUTPUT_FILES)
+        return run(args)
+
+    return run_cli(PROG, work)

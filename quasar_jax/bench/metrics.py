@@ -8,7 +8,7 @@ import statistics
 from typing import Sequence
 
 from quasar_jax.bench.modes import BASELINE
-from quasar_jax.fidelity import common_prefix, ratio
+from quasar_jax.fidelity.metrics import common_prefix, ratio
 
 
 @dataclasses.dataclass

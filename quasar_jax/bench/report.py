@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jax
 
+from quasar_jax.outputs import staged_dir
+
 
 # ----------------------------------------------------------------------------- machine
 def _proc_field(path: str, key: str) -> str | None:
@@ -186,9 +188,14 @@ def clean_json(o):
     return o
 
 
-def write_outputs(bundle: dict, out_dir: Path) -> dict:
-    """Write the four output files of ``run_benchmark``'s bundle; returns the cleaned results."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_outputs(bundle: dict, out: Path) -> dict:
+    """Write the four output files of ``run_benchmark``'s bundle, all or nothing (a staged
+    directory renamed into place); returns the cleaned results."""
+    with staged_dir(out) as stage:
+        return _write_files(bundle, stage)
+
+
+def _write_files(bundle: dict, out_dir: Path) -> dict:
     results = clean_json(bundle["results"])
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     (out_dir / "results.md").write_text(results_markdown(results))

@@ -19,7 +19,8 @@ from quasar_jax.engine import Engine, GenerationConfig, round_up
 def jax_generation_config(args, spec: ModeSpec, stop_ids: Sequence[int], max_len: int) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, drafter=spec.drafter, num_draft=args.num_draft,
-        ngram_min=args.ngram_min, ngram_max=args.ngram_max, verifier=spec.verifier,
+        ngram_min=args.ngram_min, ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer,
+        verifier=spec.verifier,
         temperature=args.temperature, stop_ids=tuple(stop_ids), max_len=max_len,
         seed=args.seed)
 

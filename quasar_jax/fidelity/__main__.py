@@ -1,0 +1,5 @@
+"""``python -m quasar_jax.fidelity``."""
+
+from quasar_jax.fidelity.cli import main
+
+raise SystemExit(main())

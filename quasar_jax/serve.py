@@ -1,0 +1,92 @@
+"""OpenAI-compatible server with continuous batching: ``python -m quasar_jax.serve --model demo``.
+
+Serves ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming or not), ``GET
+/v1/models``, ``GET /health`` and ``GET /metrics`` with FastAPI + uvicorn. A fixed number of slots
+(batch rows) share one compiled draft-verify-accept loop; requests join and leave between device
+chunks without recompiling. SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight
+requests finish, then exits. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from quasar_jax.cli import (DRAFTERS, OneLineParser, add_compile_cache_flag, add_drafting_flags, add_model_flags,
+                            add_verifier_flag, positive_int, run_cli)
+
+PROG = "python -m quasar_jax.serve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_model_flags(p)
+    p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
+                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft); "
+                        "server-wide (default: ngram)")
+    add_drafting_flags(p)
+    add_verifier_flag(p)
+    add_compile_cache_flag(p)
+    p.add_argument("--slots", type=positive_int, default=16, help="batch rows, one request each (default: 16)")
+    p.add_argument("--max-len", type=int, default=4096,
+                   help="KV cache slots per row: prompt + completion at most (default: 4096)")
+    p.add_argument("--chunk-steps", type=positive_int, default=8,
+                   help="verify steps per device call before the host looks again (default: 8)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=128,
+                   help="largest prompt piece prefilled at once; prompt tokens prefilled between two "
+                        "decode chunks while other rows decode (default: 128)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="requests waiting for a slot before 429 (default: 64)")
+    p.add_argument("--served-model-name", default=None, help="the model id of the API (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds to wait for in-flight requests on shutdown (default: no limit)")
+    return p
+
+
+def run(args) -> int:
+    # The model code (and JAX) load here, after the arguments are known to be valid.
+    import jax
+    import jax.numpy as jnp
+
+    from quasar_jax import compile_cache
+    from quasar_jax.checkpoint import default_verifier
+    from quasar_jax.drafters import make_drafter
+    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
+    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.serving.server import ServeConfig, build, serve_forever
+
+    if args.max_len < 2:
+        raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
+    if args.ngram_min > args.ngram_max:
+        raise ValueError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
+    compile_cache.enable(args.compile_cache)
+    model_dir = resolve_model_dir(args.model)
+    verifier = args.verifier
+    if verifier == "auto":
+        verifier = default_verifier(model_dir, args.drafter, jax.default_backend()).value
+    drafter = make_drafter(args.drafter, num_draft=args.num_draft, ngram_min=args.ngram_min,
+                           ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer)
+    cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
+                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
+                       int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
+                       backend=args.backend)
+    log = logging.getLogger("quasar_jax.serving")
+    log.warning("compiling %s/%s for %d slots x %d cache slots ...", args.drafter, verifier, cfg.slots, cfg.max_len)
+    app, _, _ = build(model, tokenizer, cfg, model_name=args.served_model_name or args.model,
+                      stop_ids=stop_ids_of(tokenizer, model_dir))
+    serve_forever(app, args.host, args.port, args.drain_timeout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

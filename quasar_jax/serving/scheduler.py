@@ -1,0 +1,291 @@
+"""Continuous batching on the host: one thread drives the ``SlotEngine``.
+
+Each iteration of the scheduler thread:
+
+1. cancellations (client gone, stop string found): queued requests are dropped, running ones are
+   finished on device (``SlotEngine.finish``) and their slots freed;
+2. admission: while a slot is free, the next queued prompt is prefilled piece by piece into a
+   one-row staging cache and copied into the slot. While other rows are decoding, at most
+   ``prefill_budget`` prompt tokens are prefilled per iteration (a long prompt is spread over
+   several iterations, so it stalls the running rows for one piece at a time); with nothing
+   running, prefill is unbounded;
+3. one ``chunk``: up to ``chunk_steps`` verify steps on device, returning early when a row finishes;
+   each request gets its new tokens, one group per verify step, and a finish event when its row
+   is done.
+
+Requests talk to the thread through ``Request.sink`` (called on the scheduler thread with a
+``Tokens`` / ``Finished`` / ``Failed`` event; the HTTP layer hops onto its event loop) and
+``Scheduler.cancel``. The queue is bounded: ``submit`` raises ``QueueFull``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+import traceback
+from typing import Callable
+
+from quasar_jax.engine import FINISH_CODES
+from quasar_jax.sampling import SamplingParams
+from quasar_jax.serving.metrics import ServingMetrics
+from quasar_jax.serving.slots import SlotEngine, prefill_pieces
+
+log = logging.getLogger("quasar_jax.serving")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer accepts requests."""
+
+
+@dataclasses.dataclass
+class Tokens:
+    groups: list[list[int]]  # tokens accepted by each verify step of the last chunk
+
+
+@dataclasses.dataclass
+class Finished:
+    reason: str  # stop | length | cache_full | cancelled
+    new_tokens: int
+    verify_steps: int
+
+
+@dataclasses.dataclass
+class Failed:
+    message: str
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request (token ids in, events out)."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0  # the key's seed when ``sampling.seed`` is None
+    stop_ids: tuple[int, ...] = ()
+    sink: Callable[[object], None] = lambda event: None
+    rid: int = dataclasses.field(default_factory=lambda: next(_ids))
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+    generated: int = 0
+    cancelled: bool = False
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class _Staging:
+    req: Request
+    cache: object
+    pieces: list[tuple[int, int]]
+
+
+class Scheduler:
+    """Owns the slots; ``start`` runs the loop in a daemon thread."""
+
+    def __init__(self, engine: SlotEngine, *, max_queue: int = 64, prefill_budget: int | None = None,
+                 metrics: ServingMetrics | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.prefill_budget = prefill_budget or engine.buckets[-1]
+        self.metrics = metrics or ServingMetrics(engine.b, engine.k)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cancels: collections.deque[Request] = collections.deque()
+        self._owner: dict[int, Request] = {}  # slot -> request
+        self._staging: _Staging | None = None
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="quasar-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, req: Request) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                self.metrics.requests.labels("rejected").inc()
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self._queue.append(req)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for ``req`` (idempotent; a finished request is left alone)."""
+        with self._cond:
+            if req.finished or req.cancelled:
+                return
+            req.cancelled = True
+            self._cancels.append(req)
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let queued and running ones finish, then end the thread."""
+        with self._cond:
+            self._accepting = False
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def busy(self) -> int:
+        return len(self._owner)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _idle(self) -> bool:
+        return not (self._queue or self._owner or self._staging or self._cancels)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._idle() and not self._stop:
+                    self._cond.wait()
+                if self._idle() and self._stop:
+                    return
+                cancels = list(self._cancels)
+                self._cancels.clear()
+            try:
+                self._cancel(cancels)
+                self._admit()
+                if self._owner:
+                    self._chunk()
+            except Exception as err:  # a device failure: fail the running requests, keep serving
+                log.error("scheduler iteration failed: %s", traceback.format_exc())
+                self._fail_all(f"internal error: {type(err).__name__}: {err}")
+
+    def _cancel(self, reqs: list[Request]) -> None:
+        slots = []
+        for req in reqs:
+            slot = next((s for s, r in self._owner.items() if r is req), None)
+            if slot is not None:
+                slots.append(slot)
+                self._retire(slot, Finished("cancelled", req.generated, 0), "cancelled")
+            elif self._staging is not None and self._staging.req is req:
+                self._staging = None
+                self._close(req, Finished("cancelled", 0, 0), "cancelled")
+            else:
+                with self._cond:
+                    if req in self._queue:
+                        self._queue.remove(req)
+                        self.metrics.queue_depth.set(len(self._queue))
+                self._close(req, Finished("cancelled", 0, 0), "cancelled")
+        if slots:
+            self.engine.finish(slots)
+
+    def _next_request(self) -> Request | None:
+        with self._cond:
+            while self._queue:
+                req = self._queue.popleft()
+                self.metrics.queue_depth.set(len(self._queue))
+                if not req.cancelled:
+                    return req
+        return None
+
+    def _admit(self) -> None:
+        eng = self.engine
+        spent = 0
+        while len(self._owner) < eng.b:
+            if self._staging is None:
+                req = self._next_request()
+                if req is None:
+                    return
+                self._staging = _Staging(req, eng.new_staging(), prefill_pieces(len(req.prompt) - 1, eng.buckets))
+            st = self._staging
+            while st.pieces and (not self._owner or spent < self.prefill_budget):
+                start, size = st.pieces.pop(0)
+                st.cache = eng.prefill(st.cache, st.req.prompt, start, size)
+                spent += size
+            if st.pieces:
+                return  # budget spent: continue next iteration, after a decode chunk
+            slot = next(s for s in range(eng.b) if s not in self._owner)
+            req = st.req
+            eng.admit(st.cache, slot, req.prompt, req.max_tokens, req.stop_ids, req.sampling,
+                      eng.key_for(req.sampling, req.seed))
+            self._staging = None
+            self._owner[slot] = req
+            self.metrics.prompt_tokens.inc(len(req.prompt))
+            self.metrics.slots_busy.set(len(self._owner))
+
+    def _chunk(self) -> None:
+        busy = len(self._owner)
+        res = self.engine.chunk()
+        now = time.perf_counter()
+        m = self.metrics
+        m.loop_iterations.inc(res.iterations)
+        m.busy_slot_iterations.inc(res.iterations * busy)
+        for slot, req in list(self._owner.items()):
+            n = int(res.appended[slot])
+            if n:
+                toks = res.tokens[slot, :n].tolist()
+                groups, at = [], 0
+                for e in res.emits[:, slot]:
+                    if e > 0:
+                        groups.append(toks[at:at + e])
+                        m.accepted_length.observe(int(e))
+                        at += int(e)
+                m.generated_tokens.inc(n)
+                m.verify_steps.inc(len(groups))
+                if req.first_token is None:
+                    req.first_token = now
+                    m.ttft.observe(now - req.arrival)
+                req.last_token = now
+                req.generated += n
+                self._deliver(req, Tokens(groups))
+            if res.done[slot]:
+                reason = FINISH_CODES[int(res.finish[slot])].value
+                self._retire(slot, Finished(reason, int(res.new_tokens[slot]), int(res.steps[slot])), "finished")
+
+    def _retire(self, slot: int, event: Finished, outcome: str) -> None:
+        req = self._owner.pop(slot)
+        self.metrics.slots_busy.set(len(self._owner))
+        if req.first_token is not None:
+            self.metrics.latency.observe(req.last_token - req.arrival)
+            if req.generated > 1:
+                self.metrics.tpot.observe((req.last_token - req.first_token) / (req.generated - 1))
+        self._close(req, event, outcome)
+
+    def _close(self, req: Request, event, outcome: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self.metrics.requests.labels(outcome).inc()
+        self._deliver(req, event)
+
+    def _deliver(self, req: Request, event) -> None:
+        try:
+            req.sink(event)
+        except Exception:  # a broken consumer must not stop the loop
+            log.error("request %s: event delivery failed: %s", req.rid, traceback.format_exc())
+
+    def _fail_all(self, message: str) -> None:
+        reqs = list(self._owner.values()) + ([self._staging.req] if self._staging else [])
+        self._owner.clear()
+        self._staging = None
+        self.metrics.slots_busy.set(0)
+        try:
+            self.engine.reset()
+        except Exception:
+            log.error("slot reset failed: %s", traceback.format_exc())
+        for req in reqs:
+            self._close(req, Failed(message), "error")

@@ -1,0 +1,116 @@
+"""Assembling a server: model loading, slots, scheduler, app; uvicorn in the foreground or a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import socket
+import threading
+import time
+
+import uvicorn
+
+from quasar_jax.drafters import Drafter, QSpecDrafter
+from quasar_jax.modes import QuantMode
+from quasar_jax.serving.api import Api, create_app
+from quasar_jax.serving.scheduler import Scheduler
+from quasar_jax.serving.slots import SlotEngine
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Everything static about one server (changing any of it means new programs)."""
+
+    drafter: Drafter
+    verifier: QuantMode = QuantMode.FLOAT
+    slots: int = 16
+    max_len: int = 4096
+    chunk_steps: int = 8  # N: verify steps per device call at most
+    prefill_chunk: int = 128  # largest prefill piece; also the per-iteration prefill budget
+    max_queue: int = 64
+    num_stop: int = 4
+    default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+
+    def __post_init__(self):
+        object.__setattr__(self, "verifier", QuantMode.parse(self.verifier, "verifier"))
+        if isinstance(self.drafter, QSpecDrafter) and self.verifier is not QuantMode.W8A16:
+            raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier 'w8a16'")
+        for name in ("slots", "chunk_steps", "prefill_chunk", "max_queue", "num_stop", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted({min(b, self.prefill_chunk) for b in (32, 64)} | {self.prefill_chunk}))
+
+
+def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tuple[int, ...]):
+    """``(app, api, scheduler)`` with the scheduler thread started; every program compiled."""
+    if len(stop_ids) > cfg.num_stop:
+        cfg = dataclasses.replace(cfg, num_stop=len(stop_ids))
+    engine = SlotEngine(model, cfg.drafter, cfg.verifier, slots=cfg.slots, max_len=cfg.max_len,
+                        num_stop=cfg.num_stop, chunk_steps=cfg.chunk_steps, prefill_buckets=cfg.prefill_buckets)
+    scheduler = Scheduler(engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk).start()
+    api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
+              default_max_tokens=cfg.default_max_tokens)
+    app = create_app(api, on_shutdown=scheduler.stop)
+    return app, api, scheduler
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM / SIGINT end with exit status 0 after the drain (uvicorn re-raises the
+    signal once shut down, which makes the process die of it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def serve_forever(app, host: str, port: int, drain_timeout: float | None = None) -> None:
+    """Run ``app`` until SIGTERM / SIGINT; in-flight requests finish first (up to ``drain_timeout``)."""
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                  timeout_graceful_shutdown=drain_timeout)).run()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn in a background thread (tests, the load generator's offline mode)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                                   lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)

@@ -1,0 +1,263 @@
+"""Device side of serving: a fixed set of slots (batch rows) that requests enter and leave.
+
+The slot state is ``SlotState``: the generation loop's ``LoopState`` for ``B`` rows plus every
+per-row input of ``make_program``'s ``step`` (token budget, stop ids, sampling settings) as device
+arrays. A free slot is a done row (``step`` freezes done rows). Four programs, each compiled once
+ahead of time when ``SlotEngine`` is built, so requests coming and going never compile:
+
+* ``prefill(params, cache1, tokens [1, C], start)``: K/V of one prompt piece of ``C`` tokens
+  (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a one-row staging cache
+  at slots ``start .. start+C-1``. Pad tokens past the prompt write slots that are masked and
+  overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded prefill.
+* ``admit(slots, cache1, slot, history_row [S], prompt_len, max_new, stop_row, temperature,
+  top_k, top_p, key)``: copies the staging row into row ``slot`` of the ``[L, B, S, G, E]``
+  cache (``lax.dynamic_update_slice``) and resets that row's loop fields and inputs.
+* ``chunk(params, slots)``: a ``lax.while_loop`` of ``step`` until ``N`` steps have run, or a row
+  that was running at entry is done, or a newly admitted row has its first tokens, or no row runs. Returns the new state, the tokens each row
+  appended (``[B, N*(K+1)]``, from its length at entry) and ``n_emit`` per step (``[N, B]``).
+* ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
+  host, cancelled (disconnected) requests.
+
+``slot`` and every per-row value are device data; only (B, S, N, K, prefill bucket, number of
+stop ids, drafter, verifier) are static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from quasar_jax.accept import greedy_accept
+from quasar_jax.drafters import Drafter
+from quasar_jax.engine import LoopState, make_program
+from quasar_jax.kv_cache import KVCache
+from quasar_jax.modes import QuantMode
+from quasar_jax.quant import is_quantized
+from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """All device state of the slots (dimension letters of docs/CONVENTIONS.md)."""
+
+    loop: LoopState  # B rows; a done row is a free (or finishing) slot
+    max_new: jax.Array  # [B] int32 token budgets
+    stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
+    rows: RowSampling  # [B] sampling settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSampler:
+    """``RowSampler`` (any mix of greedy and sampled rows), but a step in which every row is
+    greedy takes the greedy rule alone (a device-side ``lax.cond``): on a CPU the per-row top-k /
+    top-p sort over the vocabulary costs several times a small model's verify step. Greedy rows
+    get the same tokens either way (``RowSampler`` takes the greedy rule's result for them)."""
+
+    def accept(self, draft, n_draft, logits, rows, keys):
+        def greedy():
+            tokens, n_emit = greedy_accept(draft, n_draft, logits)
+            return tokens.astype(jnp.int32), n_emit.astype(jnp.int32)
+
+        return jax.lax.cond(jnp.all(rows.temperature <= 0), greedy,
+                            lambda: RowSampler().accept(draft, n_draft, logits, rows, keys))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    """Host copy of what one ``chunk`` call produced."""
+
+    tokens: np.ndarray  # [B, N*(K+1)] tokens appended per row (valid: the first appended[b])
+    appended: np.ndarray  # [B] tokens appended in this chunk
+    emits: np.ndarray  # [N, B] tokens appended by each verify step (0 for steps not run / frozen)
+    done: np.ndarray  # [B] bool
+    finish: np.ndarray  # [B] int32 FinishReason code (see engine.FINISH_CODES)
+    new_tokens: np.ndarray  # [B]
+    steps: np.ndarray  # [B] verify steps while active
+    iterations: int  # loop iterations run by this chunk
+
+
+def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``(start, size)`` pieces that cover ``n`` tokens: full pieces of the largest bucket, then
+    the smallest bucket that holds the rest."""
+    big, pieces, start = buckets[-1], [], 0
+    while n - start > 0:
+        rest = n - start
+        size = big if rest >= big else next(b for b in buckets if b >= rest)
+        pieces.append((start, size))
+        start += size
+    return pieces
+
+
+class SlotEngine:
+    """The slots of one (model, drafter, verifier) and their compiled programs.
+
+    Not thread-safe: one host thread (the scheduler) drives it.
+    """
+
+    def __init__(self, model, drafter: Drafter, verifier: QuantMode | str, *, slots: int, max_len: int,
+                 num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128)):
+        verifier = QuantMode.parse(verifier, "verifier")
+        if verifier.is_int8 != is_quantized(model):
+            raise ValueError(f"verifier '{verifier}' does not match the model's weights "
+                             f"({'int8' if is_quantized(model) else 'float'})")
+        if slots < 1 or max_len < 2 or chunk_steps < 1 or num_stop < 1:
+            raise ValueError("slots >= 1, max_len >= 2, chunk_steps >= 1 and num_stop >= 1 are required")
+        if not prefill_buckets or list(prefill_buckets) != sorted(set(prefill_buckets)) or prefill_buckets[0] < 1:
+            raise ValueError(f"prefill_buckets must be increasing positive sizes, got {prefill_buckets!r}")
+        self.model, self.drafter, self.verifier = model, drafter, verifier
+        self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
+        self.k = drafter.num_draft
+        self.buckets = tuple(min(c, max_len) for c in prefill_buckets)
+        self.graphdef, self.params = nnx.split(model)
+        self._build()
+
+    # ------------------------------------------------------------------ programs
+    def _build(self):
+        graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
+        cfg, dtype = self.model.config, self.model.dtype
+        _, step, _ = make_program(graphdef, self.drafter, ServingSampler(), verifier)
+        m = n * (k + 1)
+
+        def empty(params) -> SlotState:
+            del params
+            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k), max_new=jnp.ones((b,), jnp.int32),
+                             stop=jnp.full((b, self.ns), -1, jnp.int32),
+                             rows=RowSampling.of([SamplingParams()] * b))
+
+        def prefill(params, cache1: KVCache, tokens, start):
+            model = nnx.merge(graphdef, params)
+            c = tokens.shape[1]
+            positions = (start + jnp.arange(c, dtype=jnp.int32))[None, :]
+            _, cache1 = model(tokens, positions, cache1.replace(lengths=jnp.reshape(start, (1,))), mode=verifier)
+            return cache1
+
+        def admit(st: SlotState, cache1: KVCache, slot, history_row, prompt_len, max_new, stop_row,
+                  temperature, top_k, top_p, key) -> SlotState:
+            lp = st.loop
+            zero = jnp.zeros((), jnp.int32)
+            at = (zero, slot, zero, zero, zero)
+            cache = lp.cache.replace(k=jax.lax.dynamic_update_slice(lp.cache.k, cache1.k, at),
+                                     v=jax.lax.dynamic_update_slice(lp.cache.v, cache1.v, at))
+            lengths = lp.lengths.at[slot].set(prompt_len)
+            full = prompt_len >= s
+            loop = LoopState(
+                history=lp.history.at[slot].set(history_row), lengths=lengths,
+                cache=cache.replace(lengths=lengths - 1), done=lp.done.at[slot].set(full),
+                finish=lp.finish.at[slot].set(jnp.where(full, 3, 0)),
+                new_tokens=lp.new_tokens.at[slot].set(0), steps=lp.steps.at[slot].set(0),
+                emitted_hist=lp.emitted_hist.at[slot].set(0), keys=lp.keys.at[slot].set(key),
+                iteration=lp.iteration)
+            rows = RowSampling(temperature=st.rows.temperature.at[slot].set(temperature),
+                               top_k=st.rows.top_k.at[slot].set(top_k), top_p=st.rows.top_p.at[slot].set(top_p))
+            return SlotState(loop=loop, max_new=st.max_new.at[slot].set(max_new),
+                             stop=st.stop.at[slot].set(stop_row), rows=rows)
+
+        def chunk(params, st: SlotState):
+            start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
+            fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
+
+            def cond(carry):
+                i, lp, _ = carry
+                finished = jnp.any(lp.done & ~start_done)
+                first_tokens = jnp.any(fresh & (lp.new_tokens > 0))  # return them at once (TTFT)
+                return (i < n) & jnp.any(~lp.done) & ~finished & ~first_tokens
+
+            def body(carry):
+                i, lp, emits = carry
+                # free and finished rows count as greedy, so an all-greedy batch skips sampling
+                rows = dataclasses.replace(st.rows, temperature=jnp.where(lp.done, 0.0, st.rows.temperature))
+                new = step(params, lp, st.max_new, st.stop, rows)
+                return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
+
+            _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
+                                                             jnp.zeros((n, b), jnp.int32)))
+            idx = jnp.clip(start_len[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :], 0, s - 1)
+            tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
+            out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
+                   loop.steps, loop.iteration - start_it)
+            return dataclasses.replace(st, loop=loop), out
+
+        def finish(st: SlotState, mask) -> SlotState:
+            lp = st.loop
+            loop = dataclasses.replace(lp, done=lp.done | mask,
+                                       finish=jnp.where(mask & ~lp.done, 1, lp.finish).astype(jnp.int32))
+            return dataclasses.replace(st, loop=loop)
+
+        i32, f32 = jnp.int32, jnp.float32
+        sds = jax.ShapeDtypeStruct
+        abstract_state = jax.eval_shape(empty, None)
+        cache1 = jax.eval_shape(lambda: KVCache.init(cfg, 1, s, dtype))
+        key1 = jax.eval_shape(lambda: jax.random.key(0))
+        scalar = sds((), i32)
+        self._empty = jax.jit(empty)
+        self._cache1 = jax.jit(lambda: KVCache.init(cfg, 1, s, dtype))
+        self._prefill = {c: jax.jit(prefill, donate_argnums=(1,)).lower(
+            self.params, cache1, sds((1, c), i32), scalar).compile() for c in sorted(set(self.buckets))}
+        self._admit = jax.jit(admit, donate_argnums=(0,)).lower(
+            abstract_state, cache1, scalar, sds((s,), i32), scalar, scalar, sds((self.ns,), i32),
+            sds((), f32), scalar, sds((), f32), key1).compile()
+        self._chunk = jax.jit(chunk, donate_argnums=(1,)).lower(self.params, abstract_state).compile()
+        self._finish = jax.jit(finish, donate_argnums=(0,)).lower(abstract_state, sds((b,), jnp.bool_)).compile()
+        self.state = self._empty(None)
+        self.new_staging()  # compile the small helpers now, not at the first request
+        self.key_for(SamplingParams(), 0)
+
+    @property
+    def num_programs(self) -> int:
+        return len(self._prefill) + 3
+
+    # ------------------------------------------------------------------ host API
+    def reset(self) -> None:
+        """Every slot free (after a failure)."""
+        self.state = self._empty(None)
+
+    def new_staging(self) -> KVCache:
+        return self._cache1()
+
+    def prefill(self, cache1: KVCache, prompt: list[int], start: int, size: int) -> KVCache:
+        """Prefill ``prompt[start:start+size]`` (padded) into the staging cache."""
+        piece = np.zeros((1, size), np.int32)
+        part = prompt[start:start + size]
+        piece[0, :len(part)] = part
+        return self._prefill[size](self.params, cache1, jnp.asarray(piece), jnp.int32(start))
+
+    def admit(self, cache1: KVCache, slot: int, prompt: list[int], max_new: int, stop_ids: tuple[int, ...],
+              sampling: SamplingParams, key) -> None:
+        history = np.zeros((self.s,), np.int32)
+        history[:len(prompt)] = prompt
+        stop = np.full((self.ns,), -1, np.int32)
+        stop[:len(stop_ids)] = stop_ids
+        self.state = self._admit(self.state, cache1, jnp.int32(slot), jnp.asarray(history),
+                                 jnp.int32(len(prompt)), jnp.int32(max_new), jnp.asarray(stop),
+                                 jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                                 jnp.float32(sampling.top_p), key)
+
+    def chunk(self) -> ChunkResult:
+        self.state, out = self._chunk(self.params, self.state)
+        tokens, appended, emits, done, finish, new_tokens, steps, iters = jax.device_get(out)
+        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters))
+
+    def finish(self, slots: list[int]) -> None:
+        mask = np.zeros((self.b,), bool)
+        mask[slots] = True
+        self.state = self._finish(self.state, jnp.asarray(mask))
+
+    @staticmethod
+    def key_for(sampling: SamplingParams, seed: int):
+        """The PRNG key of one request: from its own seed alone when it has one."""
+        return row_keys([sampling], seed)[0]
+
+
+def _empty_loop(cfg, dtype, b: int, s: int, k: int) -> LoopState:
+    """A ``LoopState`` with every row done (every slot free)."""
+    zeros = jnp.zeros((b,), jnp.int32)
+    return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
+                     cache=KVCache.init(cfg, b, s, dtype), done=jnp.ones((b,), bool),
+                     finish=jnp.full((b,), 2, jnp.int32), new_tokens=zeros, steps=zeros,
+                     emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
+                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32))

@@ -1,0 +1,209 @@
+"""The OpenAI-compatible server against a live uvicorn on localhost (demo model, float32).
+
+One server per module (4 slots, small cache); requests are few and short.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import jax
+import pytest
+
+openai = pytest.importorskip("openai")
+
+SLOTS, MAX_LEN = 4, 192
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):",
+           "for i in range(10):", "x = [", "    return self._", "# Copyright 2001 Python Software Foundation\n",
+           "def __repr__(self):\n        return", "with open(filename) as f:"]
+MAX_TOKENS = [24, 40, 17, 30, 9, 33, 21, 28]
+
+
+@pytest.fixture(scope="module")
+def served():
+    import quasar_jax as qj
+    from quasar_jax.drafters import make_drafter
+    from quasar_jax.loading import resolve_model_dir
+    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.serving.server import ServeConfig, ServerThread, build
+
+    model, tok = qj.load("demo", dtype="float32")
+    stop_ids = stop_ids_of(tok, resolve_model_dir("demo"))
+    cfg = ServeConfig(drafter=make_drafter("ngram", num_draft=3), slots=SLOTS, max_len=MAX_LEN, chunk_steps=4,
+                      prefill_chunk=16, max_queue=16)
+    app, api, scheduler = build(model, tok, cfg, model_name="demo", stop_ids=stop_ids)
+    server = ServerThread(app).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    yield dict(model=model, tok=tok, url=server.url, client=client, api=api, scheduler=scheduler,
+               stop_ids=stop_ids, cfg=cfg)
+    server.stop()
+
+
+def _post(url, body, path="/v1/completions"):
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(url + path, content=data, headers={"content-type": "application/json"}, timeout=30)
+
+
+def test_greedy_concurrent_equals_engine_generate(served):
+    """8 interleaved requests (4 slots: some wait, some start as others leave), half streaming,
+    equal offline Engine.generate token for token."""
+    import quasar_jax as qj
+
+    tok, client = served["tok"], served["client"]
+
+    def one(i):
+        kw = dict(model="demo", prompt=PROMPTS[i], max_tokens=MAX_TOKENS[i], temperature=0)
+        if i % 2:
+            chunks = list(client.completions.create(stream=True, **kw))
+            return "".join(c.choices[0].text for c in chunks), chunks[-1].usage.completion_tokens
+        r = client.completions.create(**kw)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(8)))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    engine = qj.Engine(served["model"])
+    for i in range(8):  # each prompt on its own, as offline decoding would run it
+        cfg = qj.GenerationConfig(max_new_tokens=MAX_TOKENS[i], drafter="ngram", num_draft=3,
+                                  stop_ids=served["stop_ids"], max_len=MAX_LEN)
+        want = engine.generate([ids[i]], cfg).tokens[0]
+        assert got[i][0] == tok.decode(want, skip_special_tokens=True), i
+        assert got[i][1] == len(want)
+
+
+def test_chat_stream_and_usage(served):
+    client = served["client"]
+    msgs = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    r = client.chat.completions.create(model="demo", messages=msgs, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    u = r.usage.model_dump()
+    assert u["completion_tokens"] <= 12 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["accepted_tokens"] == u["completion_tokens"] - u["verify_steps"] >= 0
+    chunks = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == u["completion_tokens"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_seeded_sampling_reproducible_and_stop_strings(served):
+    client = served["client"]
+    kw = dict(model="demo", prompt="class Stack:", max_tokens=30, temperature=0.9, top_p=0.95, seed=1234,
+              extra_body={"top_k": 50})
+    a = client.completions.create(**kw).choices[0].text
+    with cf.ThreadPoolExecutor(3) as pool:  # with neighbours in other slots: the same text
+        others = [pool.submit(client.completions.create, model="demo", prompt=p, max_tokens=20, temperature=1.0)
+                  for p in PROMPTS[:2]]
+        b = client.completions.create(**kw).choices[0].text
+        [f.result() for f in others]
+    assert a == b
+    full = client.completions.create(model="demo", prompt="def fibonacci(n):", max_tokens=40, temperature=0)
+    text = full.choices[0].text
+    assert "\n" in text.strip("\n")
+    stop = text.strip("\n").split("\n")[1][:3] or "\n"
+    cut = client.completions.create(model="demo", prompt="def fibonacci(n):", max_tokens=40, temperature=0,
+                                    stop=[stop, "@@never@@"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[:text.index(stop)]
+    streamed = client.completions.create(model="demo", prompt="def fibonacci(n):", max_tokens=40,
+                                         temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+@pytest.mark.parametrize("body, param", [
+    ("{not json", None),
+    ("[1, 2]", None),
+    ({"model": "demo", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "demo", "prompt": "x", "max_tokens": MAX_LEN}, "max_tokens"),
+    ({"model": "demo", "prompt": "x", "max_tokens": "8"}, "max_tokens"),
+    ({"model": "demo", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"model": "demo", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "demo", "prompt": "x", "stream": "yes"}, "stream"),
+    ({"model": "demo", "prompt": "x", "n": 2}, "n"),
+    ({"model": "demo", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "demo", "prompt": "x", "tools": []}, "tools"),
+    ({"model": "demo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "demo", "prompt": "x " * (MAX_LEN + 10)}, "prompt"),
+    ({"model": "demo", "prompt": ""}, "prompt"),
+    ({"model": "demo", "prompt": [1, 2, 10**9]}, "prompt"),
+    ({"model": "demo"}, "prompt"),
+])
+def test_bad_completion_requests_get_400(served, body, param):
+    r = _post(served["url"], body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"]
+
+
+def test_bad_chat_and_model_requests(served):
+    url = served["url"]
+    for body in ({"model": "demo", "messages": []}, {"model": "demo", "messages": [{"role": "robot", "content": "x"}]},
+                 {"model": "demo", "messages": "hi"}):
+        r = _post(url, body, "/v1/chat/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
+    r = _post(url, {"model": "gpt-9", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        served["client"].completions.create(model="demo", prompt="x", max_tokens=-1)
+    # the server still serves after the bad requests
+    assert served["client"].completions.create(model="demo", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_models_health_metrics(served):
+    url = served["url"]
+    assert [m.id for m in served["client"].models.list().data] == ["demo"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    text = httpx.get(url + "/metrics").text
+    for name in ("quasar_requests_total", "quasar_generated_tokens_total", "quasar_verify_steps_total",
+                 "quasar_accepted_length_bucket", "quasar_time_to_first_token_seconds_bucket",
+                 "quasar_time_per_output_token_seconds_bucket", "quasar_queue_depth", "quasar_slots_busy",
+                 "quasar_slots_total 4.0"):
+        assert name in text, name
+
+
+def test_disconnect_frees_the_slot(served):
+    url, scheduler = served["url"], served["scheduler"]
+    body = {"model": "demo", "prompt": "import os\n", "max_tokens": MAX_LEN - 8, "temperature": 1.0, "seed": 7,
+            "stream": True}
+
+    def cancelled():
+        return scheduler.metrics.requests.labels("cancelled")._value.get()
+
+    before = cancelled()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.monotonic() + 20
+    while (scheduler.busy or cancelled() == before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.busy == 0 and cancelled() == before + 1
+
+
+def test_no_compilation_after_first_request(served):
+    client = served["client"]
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    client.completions.create(model="demo", prompt="def f():", max_tokens=4, temperature=0)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        with cf.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda kw: client.completions.create(model="demo", **kw), [
+                dict(prompt="a" * 150, max_tokens=5, temperature=0.7, seed=3),
+                dict(prompt="while True:\n    pass\n" * 3, max_tokens=11, temperature=0, stop=["\n"]),
+                dict(prompt="print(", max_tokens=7, top_p=0.5, extra_body={"top_k": 3}),
+                dict(prompt=[1, 2, 3], max_tokens=3),
+            ]))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []

@@ -1,0 +1,128 @@
+"""Serving: queue bound (429), SIGTERM drain of a subprocess server, host-side text handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from quasar_jax.serving.slots import prefill_pieces
+from quasar_jax.serving.text import TextStream
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_prefill_pieces():
+    assert prefill_pieces(0, (32, 128)) == []
+    assert prefill_pieces(5, (32, 128)) == [(0, 32)]
+    assert prefill_pieces(40, (32, 128)) == [(0, 128)]
+    assert prefill_pieces(300, (32, 128)) == [(0, 128), (128, 128), (256, 128)]
+    assert prefill_pieces(260, (32, 128)) == [(0, 128), (128, 128), (256, 32)]
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_stop_prefixes():
+    ts = TextStream(_CharTokenizer(), ["END", "\n\n"])
+    out = [ts.feed([ord(c)]) for c in "ab E"] + [ts.feed([ord("N")]), ts.feed([ord("x")])]
+    assert "".join(out) == "ab ENx" and out[3] == "" and out[4] == ""  # "E", "EN" held back
+    assert ts.feed([ord(c) for c in "yEND tail"]) == "y" and ts.stopped
+    assert ts.feed([ord("z")]) == "" and ts.flush() == ""
+    ts2 = TextStream(_CharTokenizer(), ["END"])
+    assert ts2.feed([ord("E")]) == "" and ts2.flush() == "E"
+
+
+@pytest.fixture(scope="module")
+def paused(tiny_model_dir):
+    """A server (1 slot, queue of 1) whose scheduler thread has not started: requests stay queued."""
+    from quasar_jax.drafters import make_drafter
+    from quasar_jax.loading import load_model, load_tokenizer
+    from quasar_jax.serving.api import Api, create_app
+    from quasar_jax.serving.scheduler import Scheduler
+    from quasar_jax.serving.server import ServerThread
+    from quasar_jax.serving.slots import SlotEngine
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    engine = SlotEngine(model, make_drafter("ngram", num_draft=2), "float", slots=1, max_len=64, chunk_steps=2,
+                        prefill_buckets=(8,))
+    scheduler = Scheduler(engine, max_queue=1)
+    api = Api(scheduler, tok, model_name="tiny", stop_ids=())
+    server = ServerThread(create_app(api, on_shutdown=scheduler.stop)).start()
+    yield server, scheduler
+    server.stop()
+
+
+def test_full_queue_answers_429(paused):
+    server, scheduler = paused
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}
+            first = asyncio.create_task(c.post("/v1/completions", json=body))
+            while scheduler.queued < 1:
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/completions", json=body)
+            assert second.status_code == 429, second.text
+            err = second.json()["error"]
+            assert err["code"] == "queue_full" and err["type"] == "rate_limit_exceeded"
+            scheduler.start()  # the queued request now runs
+            r = await first
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    asyncio.run(go())
+    assert scheduler.metrics.requests.labels("rejected")._value.get() == 1
+
+
+def test_cli_rejects_bad_flags():
+    r = subprocess.run([sys.executable, "-m", "quasar_jax.serve", "--mesh", "2x2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unrecognized arguments: --mesh" in r.stderr
+
+
+def test_sigterm_drains_in_flight_and_exits(tiny_model_dir):
+    from quasar_jax.serving.server import free_port
+
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "quasar_jax.serve", "--model", str(tiny_model_dir), "--slots", "2",
+                             "--max-len", "160", "--num-draft", "2", "--prefill-chunk", "16", "--chunk-steps", "1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": str(tiny_model_dir), "prompt": "for i in range(10):", "max_tokens": 80,
+                "temperature": 0, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    if len(lines) == 1:
+                        proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "[DONE]"
+        final = json.loads(lines[-2])
+        assert final["choices"][0]["finish_reason"] in ("stop", "length")
+        assert final["usage"]["completion_tokens"] == 80 or final["choices"][0]["finish_reason"] == "stop"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
