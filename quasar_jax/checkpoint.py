@@ -22,6 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
+from quasar_jax import sharding
 from quasar_jax.config import Qwen3Config
 from quasar_jax.errors import InputError
 from quasar_jax.model import Qwen3, abstract_model
@@ -90,9 +91,15 @@ def default_verifier(model_dir: str | Path, drafter: str, platform: str) -> Quan
     return QuantMode.FLOAT
 
 
-def load_converted(path: str | Path, *, dtype=None, backend: Backend | str = Backend.XLA) -> Qwen3:
+def load_converted(path: str | Path, *, dtype=None, backend: Backend | str = Backend.XLA,
+                   mesh=None) -> Qwen3:
     """Restore a converted directory; ``dtype`` casts the float params (default: as saved);
-    ``backend`` is the int8 layers' matmul implementation (if the checkpoint is int8)."""
+    ``backend`` is the int8 layers' matmul implementation (if the checkpoint is int8).
+
+    ``mesh`` (a ``jax.sharding.Mesh`` or a spec such as ``"data=2,model=4"``) restores every
+    array straight onto its shards (``quasar_jax.sharding`` rules): orbax reads each device's
+    slice, so no device or host holds a whole model copy.
+    """
     import orbax.checkpoint as ocp
 
     backend = Backend.parse(backend, "backend")
@@ -121,6 +128,9 @@ def load_converted(path: str | Path, *, dtype=None, backend: Backend | str = Bac
     else:
         raise ValueError(f"{path / MARKER}: unknown quantize value {meta['quantize']!r}")
     graphdef, state = nnx.split(abstract)
+    mesh = sharding.make_mesh(mesh)
+    if mesh is not None:  # abstract targets that carry their shardings: orbax restores onto them
+        state = sharding.sharded_abstract(state, sharding.param_shardings(state, mesh, cfg))
     target = nnx.to_pure_dict(state)
     try:
         with ocp.StandardCheckpointer() as ckpt:

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import round_up
-from quasar_jax import compile_cache
+from quasar_jax import compile_cache, sharding
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, is_tree_drafter, make_drafter
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.model import Qwen3
@@ -295,16 +295,22 @@ class Engine:
     so calls that differ only in those reuse it.
     """
 
-    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET):
+    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET, mesh=None):
+        """``mesh``: a ``Mesh`` with axes ("data", "model"), a spec ("data=2,model=4"), or ``None``
+        (one device). Params are placed by ``quasar_jax.sharding``'s rules; rows pad to ``data``."""
         if not is_int(prompt_bucket) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
         compile_cache.enable()  # on by default (QUASAR_JAX_COMPILE_CACHE=off to disable)
         self.model = model
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
+        self.mesh = sharding.make_mesh(mesh)
+        if self.mesh is not None:
+            sharding.place_model(model, self.mesh)  # the model now refers to the sharded arrays
         self.graphdef, self.params = nnx.split(model)
         self._compiled: dict = {}
         self.quantized = is_quantized(model)
         self._stream_target: Callable | None = None  # the current call's stream callback
+        self._stream_rows: int | None = None  # and its number of rows
 
     @property
     def num_compiled(self) -> int:
@@ -317,10 +323,11 @@ class Engine:
         Returns the rows to stop now (``[B]`` bool): what the call's callback returned, if any.
         """
         stop = np.zeros(n_emit.shape, bool)
+        b = self._stream_rows  # the caller's rows; those past it pad the batch for the mesh
         if self._stream_target is not None:
-            wanted = self._stream_target(tokens, n_emit)
+            wanted = self._stream_target(tokens[:b], n_emit[:b])
             if wanted is not None:
-                stop |= np.asarray(wanted, bool).reshape(stop.shape)
+                stop[:b] |= np.asarray(wanted, bool).reshape(stop[:b].shape)
         return stop
 
     def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
@@ -330,14 +337,17 @@ class Engine:
             return self._compiled[key], 0.0
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
                                  self._stream if stream else None)
-        jitted = jax.jit(run, static_argnums=(3,))
         i32 = jnp.int32
+        inputs = (jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32),
+                  jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
+                  RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
+        out_shardings = None
+        if self.mesh is not None:  # rows on "data"; the params carry their own shardings
+            inputs, out_shardings = sharding.program_shardings(
+                lambda *a: run(self.params, *a[:2], s, *a[2:]), inputs, self.mesh, self.model.config)
+        jitted = jax.jit(run, static_argnums=(3,), out_shardings=out_shardings)
         t0 = time.perf_counter()
-        compiled = jitted.lower(
-            self.params, jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32), s,
-            jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
-            RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)),
-        ).compile()
+        compiled = jitted.lower(self.params, *inputs[:2], s, *inputs[2:]).compile()
         compile_s = time.perf_counter() - t0
         self._compiled[key] = compiled
         return compiled, compile_s
@@ -381,6 +391,7 @@ class Engine:
             rows = [cfg.sampling if r is None else r for r in sampling]
             if not all(isinstance(r, SamplingParams) for r in rows):
                 raise ValueError("sampling entries must be SamplingParams or None")
+        prompts, lens, rows = sharding.pad_rows(self.mesh, prompts, lens, rows)  # B % data == 0
         longest = max(lens)
         s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
         if longest >= s:
@@ -392,24 +403,27 @@ class Engine:
                              f"the model's context of {context} positions (max_position_embeddings); "
                              "shorten the prompt or allow it explicitly (allow_long_context)")
         p = min(round_up(longest, self.prompt_bucket), s)
-        prompt = np.zeros((b, p), np.int32)
+        bp = len(prompts)  # padded batch
+        prompt = np.zeros((bp, p), np.int32)
         for i, row in enumerate(prompts):
             prompt[i, :len(row)] = np.asarray(row, np.int32)
-        stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (b, 1))  # [B, NS]
+        stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (bp, 1))  # [B, NS]
+        max_new = np.where(np.arange(bp) < b, cfg.max_new_tokens, 1).astype(np.int32)  # pad rows: 1
         drafter = cfg.make_drafter()
-        program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, b, p, s,
+        program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
                                            stop.shape[1], stream is not None)
-        args = (self.params, jnp.asarray(prompt), jnp.asarray(lens, jnp.int32),
-                jnp.full((b,), cfg.max_new_tokens, jnp.int32), jnp.asarray(stop),
-                RowSampling.of(rows), row_keys(rows, cfg.seed))
-        self._stream_target = stream
+        inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
+                  row_keys(rows, cfg.seed))
+        inputs = sharding.put_inputs(inputs, self.mesh, self.model.config)
+        self._stream_target, self._stream_rows = stream, b
         t0 = time.perf_counter()
         try:
-            final = jax.block_until_ready(program(*args))
+            final = jax.block_until_ready(program(self.params, *inputs))
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
-        return _result(final, lens, wall, compile_s, s, drafter.num_draft)
+        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None), b)  # pad rows dropped
+        return _result(host, lens[:b], wall, compile_s, s, drafter.num_draft)
 
 
 def _result(final: LoopState, lens: list[int], wall: float, compile_s: float, s: int,

@@ -29,7 +29,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from quasar_jax import checkpoint
+from quasar_jax import checkpoint, sharding
 from quasar_jax.config import Qwen3Config
 from quasar_jax.errors import InputError
 from quasar_jax.model import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
@@ -108,11 +108,11 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray | jax.Array]]:
-    """Yield ``(name, array)`` one tensor at a time across all shards."""
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, host array)`` one tensor at a time across all shards."""
     for file in _safetensors_files(model_dir):
         try:
-            with safe_open(str(file), framework="flax") as f:
+            with safe_open(str(file), framework="numpy") as f:
                 names = list(f.keys())
                 for name in names:
                     yield name, f.get_tensor(name)
@@ -123,14 +123,25 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray | jax.Ar
 
 # ------------------------------------------------------------------------ loading
 TensorHook = Callable[[str, tuple, jax.Array], object]
+Place = Callable[[tuple, np.ndarray, object], jax.Array]  # (path, host array, dtype) -> device array
 
 
-def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | None = None) -> Qwen3:
+def _to_device(path: tuple, host: np.ndarray, dtype) -> jax.Array:
+    """One device (the default): the whole tensor, cast there."""
+    del path
+    return jnp.asarray(host).astype(dtype)
+
+
+def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | None = None,
+                     place: Place | None = None) -> Qwen3:
     """Fill ``model`` (built abstractly or not) from ``(hf_name, array)`` pairs, strictly.
 
     ``tensor_hook(hf_name, path, kernel)`` may return a replacement module for a Linear
     (``path`` ends in ``"kernel"``, ``kernel`` is ``[I, O]`` float32) or ``None`` to keep it.
+    ``place(path, host, dtype)`` puts a host tensor (already in the model's layout) on the
+    device(s): the default device, or its shards (``quasar_jax.sharding.Placer``).
     """
+    place = place or _to_device
     cfg = model.config
     table = key_table(cfg)
     seen: set[str] = set()
@@ -146,7 +157,7 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
             raise ValueError(f"tensor {name} appears twice in the checkpoint")
         path = table[name]
         variable = get_path(model, path)
-        array = jnp.asarray(array)
+        array = np.asarray(array)
         if is_linear_path(path):
             array = array.T  # torch weight [O, I] -> kernel [I, O]
         expected = tuple(variable.shape)
@@ -156,11 +167,11 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
         # A hook (int8 quantisation) sees the checkpoint's values in float32, not rounded to the
         # load dtype first, so the int8 weights do not depend on --dtype.
         hooked = tensor_hook and is_linear_path(path)
-        replacement = tensor_hook(name, path, array.astype(jnp.float32)) if hooked else None
+        replacement = tensor_hook(name, path, place(path, array, jnp.float32)) if hooked else None
         if replacement is not None:
             set_path(model, path[:-1], replacement)
         else:
-            variable.set_value(array.astype(dtype))
+            variable.set_value(place(path, array, dtype))
         seen.add(name)
     missing = [k for k in table if k not in seen]
     if missing:
@@ -170,7 +181,8 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
 
 
 def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, int8: bool = False,
-               quantize_lm_head: bool = False, backend: Backend | str = Backend.XLA) -> Qwen3:
+               quantize_lm_head: bool = False, backend: Backend | str = Backend.XLA,
+               mesh=None) -> Qwen3:
     """Load a Qwen3 model from ``"demo"``, a local HF or converted directory, or a hub id.
 
     ``int8=True`` quantises every attention/MLP projection (and the untied LM head with
@@ -178,11 +190,17 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
     ``backend`` is the int8 layers' matmul implementation. The activation mode is not stored:
     call the model with ``mode=QuantMode.W8A16`` or ``W8A8``. A converted directory loads as saved
     (float or int8); ``int8=True`` quantises a float one after loading.
+
+    ``mesh`` (a ``jax.sharding.Mesh`` or a spec such as ``"data=2,model=4"``; ``None``: one
+    device) places every tensor directly on its shards as it is read (``quasar_jax.sharding``'s
+    rules; int8 quantisation runs sharded too): no device ever holds a whole weight, and the host
+    holds about one tensor at a time.
     """
     backend = Backend.parse(backend, "backend")
+    mesh = sharding.make_mesh(mesh)
     model_dir = resolve_model_dir(name_or_path)
     if checkpoint.is_converted_dir(model_dir):
-        model = checkpoint.load_converted(model_dir, dtype=dtype, backend=backend)
+        model = checkpoint.load_converted(model_dir, dtype=dtype, backend=backend, mesh=mesh)
         if quantize_lm_head and not isinstance(model.lm_head, Int8Linear) and is_quantized(model):
             raise InputError(f"quantize_lm_head: {model_dir} is a converted int8 checkpoint with a float "
                              "LM head; convert its source with --quantize-lm-head instead")
@@ -191,8 +209,11 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
                              "there is no separate lm_head to quantise")
         if int8 and not is_quantized(model):
             model = quantize_model(model, lm_head=quantize_lm_head, backend=backend)
+            if mesh is not None:
+                sharding.place_model(model, mesh)
         return model
     cfg = Qwen3Config.from_json(model_dir / "config.json")
+    placer = sharding.Placer(mesh, cfg) if mesh is not None else None  # checks the mesh fits cfg
     tensor_hook = None
     if int8:
         if quantize_lm_head and cfg.tie_word_embeddings:
@@ -202,10 +223,14 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
         def tensor_hook(name, path, kernel):
             if path[0] == "lm_head" and not quantize_lm_head:
                 return None
+            if placer is not None:  # quantised on the shards, each output on its own sharding
+                qvalue, scale = placer.quantize(path, kernel)
+                return Int8Linear(qvalue, scale, backend=backend)
             return Int8Linear.from_kernel(kernel, backend=backend, name=name)
 
     model = abstract_model(cfg, dtype)
-    return load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook)
+    return load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook,
+                            place=placer)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
@@ -235,11 +260,11 @@ def load_tokenizer(name_or_path: str | os.PathLike = "demo"):
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, int8: bool = False,
-         quantize_lm_head: bool = False, backend: Backend | str = Backend.XLA):
+         quantize_lm_head: bool = False, backend: Backend | str = Backend.XLA, mesh=None):
     """``(model, tokenizer)`` for ``"demo"``, a local HF or converted directory, or a hub id
     (the model as :func:`load_model` gives it)."""
     model = load_model(name_or_path, dtype=dtype, int8=int8, quantize_lm_head=quantize_lm_head,
-                       backend=backend)
+                       backend=backend, mesh=mesh)
     return model, load_tokenizer(name_or_path)
 
 
