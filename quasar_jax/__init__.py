@@ -35,6 +35,7 @@ _EXPORTS = {
     "Qwen3": "quasar_jax.model", "forward": "quasar_jax.model",
     "Backend": "quasar_jax.modes", "QuantMode": "quasar_jax.modes",
     "SamplingParams": "quasar_jax.sampling",
+    "make_mesh": "quasar_jax.sharding", "memory_plan": "quasar_jax.sharding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ from quasar_jax.cli import (DRAFTERS, OneLineParser, StatusLine, add_compile_cac
                             add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
                             explicit_flags, generation_kwargs, positive_int, run_cli)
 from quasar_jax.errors import InputError
+from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
 
 PROG = "python -m quasar_jax.decode"
@@ -26,6 +27,7 @@ PROG = "python -m quasar_jax.decode"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     add_model_flags(p)
+    add_mesh_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable; default: read stdin)")
     src.add_argument("--prompt-file", help="one prompt per line, or Spec-Bench .jsonl (first turn; "
@@ -133,13 +135,24 @@ def run(args, given: set[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from quasar_jax import compile_cache
+    from quasar_jax import compile_cache, sharding
     from quasar_jax.checkpoint import default_verifier
+    from quasar_jax.config import Qwen3Config
     from quasar_jax.engine import Engine, GenerationConfig
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import encode, stop_ids_of
 
+    mesh = sharding.start(args)  # jax.distributed when asked for; stdout on process 0 only
     check_flags(args, given)
+    if args.plan:
+        model_dir = resolve_model_dir(args.model)
+        plan = sharding.memory_plan(
+            Qwen3Config.from_json(model_dir / "config.json"), args.mesh, dtype=args.dtype,
+            int8=args.verifier in ("w8a16", "w8a8") or args.drafter == "qspec",
+            quantize_lm_head=args.quantize_lm_head, batch=args.batch_size, cache_len=args.max_len or 4096,
+            device_gb=sharding.device_memory_bytes() / sharding.GiB, name=args.model)
+        print(plan.line())
+        return 0
     prompts = read_prompts(args)
     compile_cache.enable(args.compile_cache)
     status = StatusLine(enabled=not (args.json or args.quiet))
@@ -152,10 +165,10 @@ def run(args, given: set[str]) -> int:
     tokenizer = load_tokenizer(model_dir)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     model = load_model(model_dir, dtype=dtype, int8=config.verifier.is_int8,
-                       quantize_lm_head=args.quantize_lm_head, backend=args.backend)
+                       quantize_lm_head=args.quantize_lm_head, backend=args.backend, mesh=mesh)
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
     config = dataclasses.replace(config, stop_ids=stop)
-    engine = Engine(model)
+    engine = Engine(model, mesh=mesh)
     backend = args.backend if config.verifier.is_int8 else "none"  # what runs the int8 matmuls
 
     for start in range(0, len(prompts), args.batch_size):

@@ -18,6 +18,7 @@ from quasar_jax.bench.modes import DEFAULT_MODES, MODES, SPECS
 from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, explicit_flags, float_in,
                             non_negative_int, positive_int, run_cli)
 from quasar_jax.errors import InputError
+from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.outputs import check_output_dir
 
 PROG = "python -m quasar_jax.bench"
@@ -27,6 +28,7 @@ OUTPUT_FILES = ("results.json", "results.md", "plot.png", "outputs.jsonl")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=quasar_jax.bench.__doc__.splitlines()[0])
     p.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id (default: demo)")
+    add_mesh_flags(p)
     p.add_argument("--questions", nargs="+", required=True, metavar="FILE.jsonl",
                    help="Spec-Bench jsonl files (question_id, category, turns)")
     p.add_argument("--num-prompts", type=positive_int, default=None,
@@ -79,8 +81,11 @@ def check_modes(args, given: set[str]) -> None:
 
 def run(args) -> int:
     # The benchmark (and JAX) load here, after the arguments and paths are known to be valid.
+    from quasar_jax import sharding
     from quasar_jax.bench.report import results_markdown, write_outputs
     from quasar_jax.bench.run import run_benchmark
+
+    args.mesh_obj = sharding.start(args)
 
     results = write_outputs(run_benchmark(args, progress=not args.no_progress), args.out)
     print(results_markdown(results))

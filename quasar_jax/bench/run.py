@@ -110,14 +110,15 @@ def run_benchmark(args, progress: bool = True) -> dict:
     max_len = round_up(max(map(len, prompt_ids)) + args.max_new_tokens, CACHE_BUCKET)
 
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    model_fp = load_model(model_dir, dtype=dtype)
+    mesh = getattr(args, "mesh_obj", None)  # set by the command line from --mesh
+    model_fp = load_model(model_dir, dtype=dtype, mesh=mesh)
     model_q, int8_load_s = None, None
     if any(SPECS[m].model == "int8" for m in modes):
         t0 = time.perf_counter()  # the same int8 weights as decode --verifier / fidelity
-        model_q = load_model(model_dir, dtype=dtype, int8=True, backend=args.backend)
+        model_q = load_model(model_dir, dtype=dtype, int8=True, backend=args.backend, mesh=mesh)
         int8_load_s = time.perf_counter() - t0
-    engines = {"float": Engine(model_fp, prompt_bucket=bucket),
-               "int8": Engine(model_q, prompt_bucket=bucket) if model_q is not None else None}
+    engines = {"float": Engine(model_fp, prompt_bucket=bucket, mesh=mesh),
+               "int8": Engine(model_q, prompt_bucket=bucket, mesh=mesh) if model_q is not None else None}
     hf_model = load_hf_model(model_dir, args.seed) if any(SPECS[m].kind == "hf" for m in modes) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
 
