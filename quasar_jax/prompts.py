@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Sequence
 
 from quasar_jax.errors import InputError
+from quasar_jax.examples import PROMPTS as MINI_PROMPTS
 
 JSON_SUFFIXES = (".jsonl", ".json")
+MINI = "mini"  # --questions mini: the small Spec-Bench-style set shipped with the package
 
 
 @dataclasses.dataclass
@@ -124,6 +126,8 @@ def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
 def load_questions(files: Sequence[str | os.PathLike], num_prompts: int | None = None) -> list[Question]:
     """Spec-Bench jsonl files -> the first ``num_prompts`` questions of each category.
 
+    The name ``mini`` stands for the prompt set shipped with the package (``quasar_jax.examples``).
+
     The first turn is the prompt; a missing/empty ``category`` becomes the file's stem. Texts
     already taken (the same question listed in two files) are skipped. The result is grouped by
     category in order of first appearance.
@@ -131,7 +135,7 @@ def load_questions(files: Sequence[str | os.PathLike], num_prompts: int | None =
     by_cat: dict[str, list[Question]] = {}
     seen: set[str] = set()
     for file in files:
-        path = Path(file)
+        path = MINI_PROMPTS if str(file) == MINI else Path(file)
         if path.suffix.lower() not in JSON_SUFFIXES and path.exists():
             raise InputError(f"questions file {path}: expected a Spec-Bench .jsonl file")
         for n, row, text in read_jsonl_turns(path):

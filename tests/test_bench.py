@@ -177,3 +177,10 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         bench_cli.main(["--questions", "x.jsonl"])  # --out missing
     assert err.value.code == 2
+
+
+def test_questions_mini_is_the_shipped_set():
+    from quasar_jax.examples import PROMPTS
+
+    assert [q.text for q in prompts.load_questions(["mini"], 1)] == \
+        [q.text for q in prompts.load_questions([PROMPTS], 1)]

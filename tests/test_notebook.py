@@ -109,7 +109,7 @@ def test_notebook_runs_on_cpu_with_the_demo_model(tmp_path, monkeypatch):
     assert _text(cells["device"]).startswith("CPU: ")
     assert "falling back to the demo model" in _text(cells["load"])
     run = _text(cells["run"])
-    for mode in ("ar", "ngram-sd", "quasar-w8a16", "quasar-w8a8", "qspec"):
+    for mode in ("ar", "ngram-sd", "tree-ngram", "quasar-w8a16", "quasar-tree-w8a16", "quasar-w8a8", "qspec"):
         assert f"{mode}: compile" in run, run
     table = [o for o in cells["table"].outputs if o.get("output_type") == "display_data"]
     assert table and any(k in table[0]["data"] for k in ("text/html", "text/markdown"))

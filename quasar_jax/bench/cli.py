@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id (default: demo)")
     add_mesh_flags(p)
     p.add_argument("--questions", nargs="+", required=True, metavar="FILE.jsonl",
-                   help="Spec-Bench jsonl files (question_id, category, turns)")
+                   help="Spec-Bench jsonl files (question_id, category, turns); 'mini' = the small "
+                        "set shipped with the package")
     p.add_argument("--num-prompts", type=positive_int, default=None,
                    help="first N prompts of each category (default: all)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=quasar_jax.fidelity.__doc__.splitlines()[0])
     p.add_argument("--model", default="demo", help="'demo', a local HF directory, or a hub id (default: demo)")
     p.add_argument("--questions", nargs="+", required=True, metavar="FILE.jsonl",
-                   help="Spec-Bench style .jsonl files")
+                   help="Spec-Bench style .jsonl files; 'mini' = the small set shipped with the package")
     p.add_argument("--num-prompts", type=positive_int, default=None,
                    help="first N prompts of each category (default: all)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
