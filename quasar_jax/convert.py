@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args, given: set[str]) -> int:
     # The model code (and JAX) load here, after the arguments and paths are known to be valid.
     from quasar_jax.checkpoint import converted_meta, is_converted_dir, save_converted
+    from quasar_jax.config import Qwen3Config
     from quasar_jax.loading import load_model, resolve_model_dir
     from quasar_jax.outputs import check_output_dir
 
@@ -50,6 +51,9 @@ def run(args, given: set[str]) -> int:
     if meta is not None and meta.get("quantize") == "int8" and args.quantize == "none":
         raise InputError(f"--model {args.model} is already an int8 checkpoint; converting it back to "
                          "float is not supported (use --quantize int8, or convert the float source)")
+    if args.quantize_lm_head and Qwen3Config.from_json(src).tie_word_embeddings:
+        raise InputError(f"--quantize-lm-head: {args.model} ties its LM head to the float embedding; "
+                         "there is no separate lm_head to quantise")
     if meta is not None and args.quantize_lm_head and not meta.get("lm_head_int8"):
         raise InputError(f"--quantize-lm-head: {args.model} is a converted checkpoint whose LM head is "
                          "float; convert its Hugging Face source with --quantize-lm-head instead")

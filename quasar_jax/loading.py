@@ -201,12 +201,12 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
     model_dir = resolve_model_dir(name_or_path)
     if checkpoint.is_converted_dir(model_dir):
         model = checkpoint.load_converted(model_dir, dtype=dtype, backend=backend, mesh=mesh)
-        if quantize_lm_head and not isinstance(model.lm_head, Int8Linear) and is_quantized(model):
-            raise InputError(f"quantize_lm_head: {model_dir} is a converted int8 checkpoint with a float "
-                             "LM head; convert its source with --quantize-lm-head instead")
         if quantize_lm_head and model.config.tie_word_embeddings:
             raise InputError("quantize_lm_head: this model ties its LM head to the float embedding; "
                              "there is no separate lm_head to quantise")
+        if quantize_lm_head and not isinstance(model.lm_head, Int8Linear) and is_quantized(model):
+            raise InputError(f"quantize_lm_head: {model_dir} is a converted int8 checkpoint with a float "
+                             "LM head; convert its source with --quantize-lm-head instead")
         if int8 and not is_quantized(model):
             model = quantize_model(model, lm_head=quantize_lm_head, backend=backend)
             if mesh is not None:
