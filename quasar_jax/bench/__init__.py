@@ -1,6 +1,6 @@
 """Spec-Bench-style benchmark: acceptance (tau), speedup, exact match, float-vs-int8 fidelity.
 
-    python -m quasar_jax.bench --model demo --questions /work/shared/specbench/*.jsonl \\
+    python -m quasar_jax.bench --model demo --questions ../shared/specbench/*.jsonl \\
         --num-prompts 3 --max-new-tokens 64 --out runs/bench
 
 Every mode runs on the same prompt ids in one process; results go to ``DIR/results.json``,
