@@ -192,6 +192,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="quantise the LM head to int8 too (untied models; default: off)")
 
 
+def add_drafter_flag(p: argparse.ArgumentParser, *, note: str = "") -> None:
+    """--drafter {none,ngram,qspec}."""
+    p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
+                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft)"
+                        f"{note} (default: ngram)")
+
+
 def add_drafting_flags(p: argparse.ArgumentParser, *, num_candidates: int = 1) -> None:
     """--num-draft, --ngram-min, --ngram-max, --ngram-prefer, --num-candidates, --tree-nodes."""
     p.add_argument("--num-draft", type=positive_int, default=5,

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 
-from quasar_jax.cli import (DRAFTERS, OneLineParser, StatusLine, add_compile_cache_flag, add_drafting_flags,
+from quasar_jax.cli import (OneLineParser, StatusLine, add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
                             add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
                             explicit_flags, generation_kwargs, positive_int, run_cli)
 from quasar_jax.errors import InputError
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a stop string (repeatable): the text ends before it (default: none)")
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="KV cache slots (default: longest prompt + max new tokens, rounded up)")
-    p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
-                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft) "
-                        "(default: ngram)")
+    add_drafter_flag(p)
     add_drafting_flags(p)
     add_verifier_flag(p)
     add_sampling_flags(p)

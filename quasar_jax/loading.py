@@ -214,7 +214,7 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
         return model
     cfg = Qwen3Config.from_json(model_dir / "config.json")
     placer = sharding.Placer(mesh, cfg) if mesh is not None else None  # checks the mesh fits cfg
-    tensor_hook = None
+    tensor_hook = None  # float load: every tensor as it is
     if int8:
         if quantize_lm_head and cfg.tie_word_embeddings:
             raise ValueError("quantize_lm_head: this model ties its LM head to the float embedding; "

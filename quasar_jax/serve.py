@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from quasar_jax.cli import (DRAFTERS, OneLineParser, add_compile_cache_flag, add_drafting_flags, add_model_flags,
+from quasar_jax.cli import (OneLineParser, add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
                             add_verifier_flag, positive_int, run_cli)
 
 PROG = "python -m quasar_jax.serve"
@@ -21,9 +21,7 @@ PROG = "python -m quasar_jax.serve"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     add_model_flags(p)
-    p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
-                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft); "
-                        "server-wide (default: ngram)")
+    add_drafter_flag(p, note="; server-wide")
     add_drafting_flags(p)
     add_verifier_flag(p)
     add_compile_cache_flag(p)

@@ -177,6 +177,7 @@ def run_mode(mode: str, args, reqs, tokenizer, model_dir, stop_ids) -> dict:
     import jax.numpy as jnp
 
     from quasar_jax.drafters import make_drafter
+    from quasar_jax.loading import load_model
     from quasar_jax.serving.server import ServeConfig, ServerThread, build
 
     drafter_name, verifier = MODES[mode]
