@@ -34,7 +34,6 @@ budgets, stop ids, temperature / top-k / top-p and PRNG keys, so new values neve
 from __future__ import annotations
 
 import dataclasses
-import enum
 import time
 from typing import Callable, Sequence
 
@@ -50,6 +49,7 @@ from quasar_jax.kv_cache import KVCache
 from quasar_jax.model import Qwen3
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
+from quasar_jax.results import CACHE_FULL, LENGTH, STOP, GenerationResult, result_of
 from quasar_jax.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
                                  row_keys, sampler_for)
 from quasar_jax.tree import verify_tree
@@ -95,13 +95,13 @@ class GenerationConfig:
             raise ValueError(f"drafter must be one of {', '.join(DrafterKind.values())} or a Drafter, "
                              f"got {self.drafter!r}")
         object.__setattr__(self, "verifier", QuantMode.parse(self.verifier, "verifier"))
-        self.make_drafter()  # validates num_draft / ngram_* for the built-in drafters
+        drafter = self.make_drafter()  # validates num_draft / ngram_* for the built-in drafters
         if not isinstance(self.stop_ids, (tuple, list)) or not all(
                 is_int(t) and 0 <= t < 2**31 for t in self.stop_ids):
             raise ValueError(f"stop_ids must be a tuple of non-negative int32 token ids, got {self.stop_ids!r}")
         object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
         check_seed(self.seed)
-        if isinstance(self.make_drafter(), QSpecDrafter) and self.verifier is not QuantMode.W8A16:
+        if isinstance(drafter, QSpecDrafter) and self.verifier is not QuantMode.W8A16:
             raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier='w8a16'")
         check_sampling(self.temperature, self.top_k, self.top_p)
         if self.max_len is not None and (not is_int(self.max_len) or self.max_len < 2):
@@ -124,17 +124,6 @@ class GenerationConfig:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
 
 
-class FinishReason(str, enum.Enum):
-    """Why a row stopped: a stop id, its token budget, or a full cache."""
-
-    STOP = "stop"
-    LENGTH = "length"
-    CACHE_FULL = "cache_full"
-
-
-FINISH_CODES = (None, FinishReason.STOP, FinishReason.LENGTH, FinishReason.CACHE_FULL)  # 0 = running
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoopState:
@@ -150,47 +139,6 @@ class LoopState:
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
     keys: jax.Array  # [B] PRNG keys, one stream per row
     iteration: jax.Array  # [] int32
-
-
-@dataclasses.dataclass(frozen=True)
-class RowStats:
-    """One row's generation statistics."""
-
-    new_tokens: int
-    verify_steps: int
-    mean_accepted: float  # tau: tokens emitted per verify step
-    emitted_hist: list[int]  # [K+2]: steps that emitted n = 0..K+1 tokens
-    finish_reason: str  # a FinishReason value
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchStats:
-    """Statistics of one ``generate`` call (all rows)."""
-
-    new_tokens: int
-    verify_steps: int
-    loop_iterations: int
-    mean_accepted: float
-    wall_s: float  # run time of the compiled program (compile time excluded)
-    tokens_per_s: float
-    compile_s: float  # 0.0 when the program was already compiled
-    cache_len: int
-    num_draft: int
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    """Generated ids per row (prompt excluded) and statistics."""
-
-    tokens: list[list[int]]
-    stats: list[RowStats]
-    batch_stats: BatchStats
 
 
 # ----------------------------------------------------------------------------- the device program
@@ -226,6 +174,8 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         keys, step_keys = split[:, 0], split[:, 1]
         # Never propose past the cache (each emitted token needs a history slot) or the budget.
         room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
+        # Finished rows are frozen: sampling them is wasted work, so they count as greedy.
+        rows = dataclasses.replace(rows, temperature=jnp.where(state.done, 0.0, rows.temperature))
         if is_tree_drafter(drafter):  # static: tree drafts, one masked verify forward
             tokens, n_emit, cache = verify_tree(model, drafter, sampler, verifier, state.history,
                                                 state.lengths, state.cache, room, rows, step_keys)
@@ -248,7 +198,8 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         if stream is not None:  # the host sees the new tokens and may stop rows (stop strings)
             hit_stop |= jax.experimental.io_callback(
                 stream, jax.ShapeDtypeStruct((b,), jnp.bool_), tokens, n_emit, ordered=True)
-        reason = jnp.where(hit_stop, 1, jnp.where(new_tokens >= max_new, 2, jnp.where(lengths >= s, 3, 0)))
+        reason = jnp.where(hit_stop, STOP, jnp.where(new_tokens >= max_new, LENGTH,
+                                                      jnp.where(lengths >= s, CACHE_FULL, 0)))
         finish = jnp.where(state.done, state.finish, reason).astype(jnp.int32)
         return LoopState(
             history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1),
@@ -269,7 +220,7 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         full = prompt_lens >= s
         return LoopState(
             history=history, lengths=prompt_lens, cache=cache.replace(lengths=prompt_lens - 1),
-            done=full, finish=jnp.where(full, 3, 0).astype(jnp.int32),
+            done=full, finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32),
             new_tokens=jnp.zeros((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32),
             emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32))
 
@@ -423,25 +374,7 @@ class Engine:
             self._stream_target = None
         wall = time.perf_counter() - t0
         host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None), b)  # pad rows dropped
-        return _result(host, lens[:b], wall, compile_s, s, drafter.num_draft)
-
-
-def _result(final: LoopState, lens: list[int], wall: float, compile_s: float, s: int,
-            k: int) -> GenerationResult:
-    history, lengths = np.asarray(final.history), np.asarray(final.lengths)
-    new, steps, hist = np.asarray(final.new_tokens), np.asarray(final.steps), np.asarray(final.emitted_hist)
-    finish = np.asarray(final.finish)
-    b = len(lens)
-    tokens = [history[i, lens[i]:lengths[i]].tolist() for i in range(b)]
-    stats = [RowStats(new_tokens=int(new[i]), verify_steps=int(steps[i]),
-                      mean_accepted=float(new[i] / max(steps[i], 1)), emitted_hist=hist[i].tolist(),
-                      finish_reason=FINISH_CODES[int(finish[i])].value) for i in range(b)]
-    total_new, total_steps = int(new.sum()), int(steps.sum())
-    batch = BatchStats(new_tokens=total_new, verify_steps=total_steps,
-                       loop_iterations=int(final.iteration), mean_accepted=total_new / max(total_steps, 1),
-                       wall_s=wall, tokens_per_s=total_new / wall if wall > 0 else float("inf"),
-                       compile_s=compile_s, cache_len=s, num_draft=k)
-    return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch)
+        return result_of(host, lens[:b], wall, compile_s, s, drafter.num_draft)
 
 
 def generate(model: Qwen3, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

@@ -135,27 +135,42 @@ class GreedySampler:
 
 @dataclasses.dataclass(frozen=True)
 class RowSampler:
-    """Per-row settings: greedy rows exactly greedy, the others exact speculative sampling."""
+    """Per-row settings: greedy rows exactly greedy, the others exact speculative sampling.
+
+    A step in which every row is greedy (finished rows count as greedy: the loop zeroes their
+    temperature) takes the greedy rule alone through a device-side ``lax.cond``, skipping the
+    per-row sort over the vocabulary; greedy rows get the same tokens either way.
+    """
 
     def accept(self, draft, n_draft, logits, rows, keys):
-        b, k = draft.shape
-        g_tokens, g_emit = greedy_accept(draft, n_draft, logits)
-        greedy, probs = _row_probs(logits, rows)  # [B], [B, K+1, V]
-        if k == 0:
-            tokens = jax.vmap(sample_tokens)(probs[:, 0], keys)[:, None]  # [B, 1]
-            n_emit = jnp.ones((b,), jnp.int32)
-        else:
-            tokens, n_emit = speculative_sample(draft, n_draft, probs, keys)
-        return (jnp.where(greedy[:, None], g_tokens, tokens).astype(jnp.int32),
-                jnp.where(greedy, g_emit, n_emit).astype(jnp.int32))
+        def sampled():
+            b, k = draft.shape
+            g_tokens, g_emit = greedy_accept(draft, n_draft, logits)
+            greedy, probs = _row_probs(logits, rows)  # [B], [B, K+1, V]
+            if k == 0:
+                tokens = jax.vmap(sample_tokens)(probs[:, 0], keys)[:, None]  # [B, 1]
+                n_emit = jnp.ones((b,), jnp.int32)
+            else:
+                tokens, n_emit = speculative_sample(draft, n_draft, probs, keys)
+            return jnp.where(greedy[:, None], g_tokens, tokens), jnp.where(greedy, g_emit, n_emit)
 
+        return _greedy_or(rows, lambda: greedy_accept(draft, n_draft, logits), sampled)
 
     def accept_tree(self, tree, valid, logits, rows, keys):
-        greedy_out = greedy_tree_accept(tree, valid, logits)
-        greedy, probs = _row_probs(logits, rows)  # [B], [B, N+1, V]
-        sampled = speculative_tree_sample(tree, valid, probs, keys)
-        return tuple(jnp.where(greedy.reshape((-1,) + (1,) * (g.ndim - 1)), g, x).astype(jnp.int32)
-                     for g, x in zip(greedy_out, sampled))
+        def sampled():
+            greedy_out = greedy_tree_accept(tree, valid, logits)
+            greedy, probs = _row_probs(logits, rows)  # [B], [B, N+1, V]
+            return tuple(jnp.where(greedy.reshape((-1,) + (1,) * (g.ndim - 1)), g, x)
+                         for g, x in zip(greedy_out, speculative_tree_sample(tree, valid, probs, keys)))
+
+        return _greedy_or(rows, lambda: greedy_tree_accept(tree, valid, logits), sampled)
+
+
+def _greedy_or(rows: RowSampling, greedy, sampled):
+    """``greedy()`` when every row is greedy, else ``sampled()`` (int32 outputs either way)."""
+    def as_int32(fn):
+        return lambda: tuple(x.astype(jnp.int32) for x in fn())
+    return jax.lax.cond(jnp.all(rows.temperature <= 0), as_int32(greedy), as_int32(sampled))
 
 
 def _row_probs(logits, rows: RowSampling) -> tuple[jax.Array, jax.Array]:

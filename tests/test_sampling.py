@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from quasar_jax.accept import process_logits
-from quasar_jax.engine import BatchStats, Engine, GenerationConfig, RowStats
+from quasar_jax.engine import Engine, GenerationConfig
+from quasar_jax.results import BatchStats, RowStats
 from quasar_jax.loading import load_model
 from quasar_jax.modes import QuantMode
 from quasar_jax.sampling import GreedySampler, RowSampler, SamplingParams

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Callable
 
-from quasar_jax.engine import FINISH_CODES
+from quasar_jax.results import FINISH_CODES
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces

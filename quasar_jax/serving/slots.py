@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from quasar_jax.accept import greedy_accept
 from quasar_jax.drafters import Drafter
 from quasar_jax.engine import LoopState, make_program
+from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
@@ -49,22 +49,6 @@ class SlotState:
     max_new: jax.Array  # [B] int32 token budgets
     stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
     rows: RowSampling  # [B] sampling settings
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingSampler:
-    """``RowSampler`` (any mix of greedy and sampled rows), but a step in which every row is
-    greedy takes the greedy rule alone (a device-side ``lax.cond``): on a CPU the per-row top-k /
-    top-p sort over the vocabulary costs several times a small model's verify step. Greedy rows
-    get the same tokens either way (``RowSampler`` takes the greedy rule's result for them)."""
-
-    def accept(self, draft, n_draft, logits, rows, keys):
-        def greedy():
-            tokens, n_emit = greedy_accept(draft, n_draft, logits)
-            return tokens.astype(jnp.int32), n_emit.astype(jnp.int32)
-
-        return jax.lax.cond(jnp.all(rows.temperature <= 0), greedy,
-                            lambda: RowSampler().accept(draft, n_draft, logits, rows, keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +104,7 @@ class SlotEngine:
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
         cfg, dtype = self.model.config, self.model.dtype
-        _, step, _ = make_program(graphdef, self.drafter, ServingSampler(), verifier)
+        _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier)
         m = n * (k + 1)
 
         def empty(params) -> SlotState:
@@ -148,7 +132,7 @@ class SlotEngine:
             loop = LoopState(
                 history=lp.history.at[slot].set(history_row), lengths=lengths,
                 cache=cache.replace(lengths=lengths - 1), done=lp.done.at[slot].set(full),
-                finish=lp.finish.at[slot].set(jnp.where(full, 3, 0)),
+                finish=lp.finish.at[slot].set(jnp.where(full, CACHE_FULL, 0)),
                 new_tokens=lp.new_tokens.at[slot].set(0), steps=lp.steps.at[slot].set(0),
                 emitted_hist=lp.emitted_hist.at[slot].set(0), keys=lp.keys.at[slot].set(key),
                 iteration=lp.iteration)
@@ -169,9 +153,7 @@ class SlotEngine:
 
             def body(carry):
                 i, lp, emits = carry
-                # free and finished rows count as greedy, so an all-greedy batch skips sampling
-                rows = dataclasses.replace(st.rows, temperature=jnp.where(lp.done, 0.0, st.rows.temperature))
-                new = step(params, lp, st.max_new, st.stop, rows)
+                new = step(params, lp, st.max_new, st.stop, st.rows)
                 return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
 
             _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
@@ -185,7 +167,7 @@ class SlotEngine:
         def finish(st: SlotState, mask) -> SlotState:
             lp = st.loop
             loop = dataclasses.replace(lp, done=lp.done | mask,
-                                       finish=jnp.where(mask & ~lp.done, 1, lp.finish).astype(jnp.int32))
+                                       finish=jnp.where(mask & ~lp.done, STOP, lp.finish).astype(jnp.int32))
             return dataclasses.replace(st, loop=loop)
 
         i32, f32 = jnp.int32, jnp.float32
@@ -258,6 +240,6 @@ def _empty_loop(cfg, dtype, b: int, s: int, k: int) -> LoopState:
     zeros = jnp.zeros((b,), jnp.int32)
     return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
                      cache=KVCache.init(cfg, b, s, dtype), done=jnp.ones((b,), bool),
-                     finish=jnp.full((b,), 2, jnp.int32), new_tokens=zeros, steps=zeros,
+                     finish=jnp.full((b,), LENGTH, jnp.int32), new_tokens=zeros, steps=zeros,
                      emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
                      keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32))
