@@ -20,6 +20,7 @@ from quasar_jax.cli import (OneLineParser, StatusLine, add_compile_cache_flag, a
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
+from quasar_jax.text_stream import TextStream
 
 PROG = "python -m quasar_jax.decode"
 
@@ -103,31 +104,6 @@ def resolve_verifier(args, given: set[str], auto: str, platform: str) -> str:
     return verifier
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class _Row:
-    """Host view of one row while it streams: its ids, its text and stop-string detection."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.stopped = False
-
-    def add(self, new_ids) -> bool:
-        """Append accepted ids; True when a stop string has appeared (the row should stop)."""
-        if not self.stopped:
-            self.ids.extend(new_ids)
-            if self.stops:
-                self.stopped = _cut_at_stop(self.text_so_far(), self.stops)[1]
-        return self.stopped
-
-    def text_so_far(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-
 def run(args, given: set[str]) -> int:
     # JAX and the model code load here, after the arguments are known to be valid.
     import jax
@@ -172,22 +148,17 @@ def run(args, given: set[str]) -> int:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         ids = [encode(tokenizer, p.text, args.chat) for p in batch]
-        rows = [_Row(tokenizer, args.stop) for _ in batch]
+        texts = [TextStream(tokenizer, args.stop) for _ in batch]  # incremental text, stop strings
         sink = sys.stderr if args.json else sys.stdout  # keep --json output valid JSONL
-        printed = 0
 
         def on_tokens(tokens, n_emit):
-            nonlocal printed
-            stop_now = [row.add(tokens[i, :int(n_emit[i])].tolist()) for i, row in enumerate(rows)]
-            if args.stream:
-                text, _ = _cut_at_stop(rows[0].text_so_far(), args.stop)
-                if args.stop:  # hold back a tail that may still become a stop string
-                    text = text[:max(printed, len(text) - max(map(len, args.stop)) + 1)]
-                if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-                    sink.write(text[printed:])
-                    sink.flush()
-                    printed = len(text)
-            return stop_now
+            for i, text in enumerate(texts):
+                if n_emit[i]:
+                    delta = text.feed(tokens[i, :int(n_emit[i])].tolist())
+                    if args.stream and delta:
+                        sink.write(delta)
+                        sink.flush()
+            return [text.stopped for text in texts]
 
         streaming = args.stream or bool(args.stop)
         if args.stream and not args.json:
@@ -197,11 +168,15 @@ def run(args, given: set[str]) -> int:
         result = engine.generate(ids, config, stream=on_tokens if streaming else None)
         status.clear()
         for i, prompt in enumerate(batch):
-            out_ids = result.tokens[i]
-            completion = tokenizer.decode(out_ids, skip_special_tokens=True)
-            completion, cut = _cut_at_stop(completion, args.stop)
+            out_ids, text = result.tokens[i], texts[i]
+            if not streaming:
+                text.feed(out_ids)
+            tail = text.flush()  # the held-back rest (an incomplete character, a stop-string prefix)
+            if args.stream:
+                sink.write(tail + ("" if args.json else "\n"))
+            completion = text.text
             row, batch_stats = result.stats[i], result.batch_stats
-            finish = "stop" if cut else row.finish_reason
+            finish = "stop" if text.stopped else row.finish_reason
             stats = {**row.to_dict(), "mean_accepted": round(row.mean_accepted, 4), "finish_reason": finish,
                      "tokens_per_s": round(batch_stats.tokens_per_s, 2),
                      "wall_s": round(batch_stats.wall_s, 4), "compile_s": round(batch_stats.compile_s, 3),
@@ -217,10 +192,7 @@ def run(args, given: set[str]) -> int:
                     record["category"] = prompt.category
                 print(json.dumps(record), flush=True)
             else:
-                if args.stream:
-                    sys.stdout.write(completion[printed:])
-                    print()
-                else:
+                if not args.stream:
                     print(prompt.text + completion)
                 print(f"[{config.drafter}/{config.verifier}/{backend}] new_tokens={stats['new_tokens']} "
                       f"verify_steps={stats['verify_steps']} tau={stats['mean_accepted']:.2f} "

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from quasar_jax.serving.slots import prefill_pieces
-from quasar_jax.serving.text import TextStream
+from quasar_jax.text_stream import TextStream
 
 REPO = Path(__file__).resolve().parents[1]
 

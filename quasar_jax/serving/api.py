@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import CONTENT_TYPE_LATEST
 from quasar_jax.serving.scheduler import Failed, Finished, QueueFull, Request, Scheduler, ShuttingDown, Tokens
-from quasar_jax.serving.text import TextStream
+from quasar_jax.text_stream import TextStream
 
 MAX_STOP_STRINGS = 4
 # Parameters accepted with their neutral value only (anything else is "unsupported": 400).
