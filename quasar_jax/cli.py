@@ -15,6 +15,7 @@ import threading
 import warnings
 from typing import Callable
 
+from quasar_jax.errors import InputError
 from quasar_jax.outputs import remove_partial_outputs
 
 EXIT_USAGE = 2
@@ -239,12 +240,15 @@ def add_prompt_flags(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None
 
 
 def generation_kwargs(args: argparse.Namespace, **overrides) -> dict:
-    """``GenerationConfig`` keyword arguments from the shared flags present on ``args``."""
-    names = {"max_new_tokens": "max_new_tokens", "num_draft": "num_draft", "ngram_min": "ngram_min",
-             "ngram_max": "ngram_max", "ngram_prefer": "ngram_prefer", "temperature": "temperature",
-             "top_k": "top_k", "top_p": "top_p", "seed": "seed", "max_len": "max_len",
-             "num_candidates": "num_candidates", "tree_nodes": "tree_nodes"}
-    kw = {field: getattr(args, attr) for field, attr in names.items() if hasattr(args, attr)}
-    if kw.get("ngram_min", 1) > kw.get("ngram_max", kw.get("ngram_min", 1)):
-        raise ValueError(f"--ngram-min {kw['ngram_min']} > --ngram-max {kw['ngram_max']}")
-    return {**kw, **overrides}
+    """``GenerationConfig`` keyword arguments from the shared flags present on ``args``
+    (each flag's dest is the field's name)."""
+    check_ngram_range(args)
+    fields = ("max_new_tokens", "num_draft", "ngram_min", "ngram_max", "ngram_prefer", "temperature",
+              "top_k", "top_p", "seed", "max_len", "num_candidates", "tree_nodes")
+    return {**{f: getattr(args, f) for f in fields if hasattr(args, f)}, **overrides}
+
+
+def check_ngram_range(args: argparse.Namespace) -> None:
+    """--ngram-min <= --ngram-max, refused before anything loads."""
+    if args.ngram_min > args.ngram_max:
+        raise InputError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")

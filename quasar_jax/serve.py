@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from quasar_jax.cli import (OneLineParser, add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
-                            add_verifier_flag, positive_int, run_cli)
+                            add_verifier_flag, check_ngram_range, positive_int, run_cli)
 
 PROG = "python -m quasar_jax.serve"
 
@@ -57,8 +57,7 @@ def run(args) -> int:
 
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
-    if args.ngram_min > args.ngram_max:
-        raise ValueError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
+    check_ngram_range(args)
     compile_cache.enable(args.compile_cache)
     model_dir = resolve_model_dir(args.model)
     verifier = args.verifier

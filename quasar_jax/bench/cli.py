@@ -15,8 +15,8 @@ import sys
 
 import quasar_jax.bench
 from quasar_jax.bench.modes import DEFAULT_MODES, MODES, SPECS
-from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, explicit_flags, float_in,
-                            non_negative_int, positive_int, run_cli)
+from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, check_ngram_range, explicit_flags,
+                            float_in, non_negative_int, positive_int, run_cli)
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.outputs import check_output_dir
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         given = explicit_flags(parser, argv)
-        if args.ngram_min > args.ngram_max:
-            raise InputError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
+        check_ngram_range(args)
         if args.num_candidates < 2 and any(m.strip().startswith("tree-") for m in args.modes.split(",")):
             raise InputError("--num-candidates must be >= 2 for the tree modes")
         if args.temperature == 0 and "--seed" in given:
