@@ -30,6 +30,7 @@ _EXPORTS = {
     "GenerationResult": "quasar_jax.results", "RowStats": "quasar_jax.results",
     "InputError": "quasar_jax.errors",
     "KVCache": "quasar_jax.kv_cache",
+    "DraftHeads": "quasar_jax.heads", "load_heads": "quasar_jax.heads", "S4CDrafter": "quasar_jax.s4c",
     "load": "quasar_jax.loading", "load_model": "quasar_jax.loading", "load_tokenizer": "quasar_jax.loading",
     "save_pretrained": "quasar_jax.loading",
     "Qwen3": "quasar_jax.model", "forward": "quasar_jax.model",

@@ -160,7 +160,7 @@ def fail(prog: str, err: Exception) -> int:
 DTYPES = ("float32", "bfloat16")
 VERIFIERS = ("float", "w8a16", "w8a8")  # quasar_jax.modes.QuantMode values
 BACKENDS = ("xla", "pallas")  # quasar_jax.modes.Backend values
-DRAFTERS = ("none", "ngram", "qspec")  # quasar_jax.drafters.DrafterKind values
+DRAFTERS = ("none", "ngram", "qspec", "s4c")  # quasar_jax.drafters.DrafterKind values
 NGRAM_PREFER = ("recent", "earliest")
 
 
@@ -194,10 +194,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_drafter_flag(p: argparse.ArgumentParser, *, note: str = "") -> None:
-    """--drafter {none,ngram,qspec}."""
+    """--drafter {none,ngram,qspec,s4c}, --heads."""
     p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
-                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft)"
-                        f"{note} (default: ngram)")
+                   help="none (autoregressive), ngram (prompt lookup), qspec (W8A8 self-draft), s4c (trained "
+                        f"draft heads, a token tree){note} (default: ngram)")
+    add_heads_flag(p)
+
+
+def add_heads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", default=None, metavar="DIR",
+                   help="S4C draft heads (python -m quasar_jax.train_heads) (default: the heads saved beside "
+                        "the model, <model>/s4c_heads; the shipped heads for --model demo)")
 
 
 def add_drafting_flags(p: argparse.ArgumentParser, *, num_candidates: int = 1) -> None:
@@ -210,11 +217,12 @@ def add_drafting_flags(p: argparse.ArgumentParser, *, num_candidates: int = 1) -
                    help="largest n-gram the prompt-lookup drafter matches (default: 3)")
     p.add_argument("--ngram-prefer", choices=NGRAM_PREFER, default="recent",
                    help="which earlier occurrence of the n-gram wins (default: recent)")
-    p.add_argument("--num-candidates", type=positive_int, default=num_candidates,
-                   help="C n-gram continuations verified together as one token tree; 1 = the chain "
-                        f"(default: {num_candidates})")
+    p.add_argument("--num-candidates", type=non_negative_int, default=num_candidates,
+                   help="C n-gram continuations verified together as one token tree; 1 = the chain; with "
+                        f"--drafter s4c, joining the heads' tree (0 = none) (default: {num_candidates})")
     p.add_argument("--tree-nodes", type=positive_int, default=None,
-                   help="N, most tree nodes per verify step, >= --num-draft (default: C * K)")
+                   help="N, most tree nodes per verify step, >= --num-draft (default: C * K; s4c: the "
+                        "heads' stored default)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -252,3 +260,20 @@ def check_ngram_range(args: argparse.Namespace) -> None:
     """--ngram-min <= --ngram-max, refused before anything loads."""
     if args.ngram_min > args.ngram_max:
         raise InputError(f"--ngram-min {args.ngram_min} > --ngram-max {args.ngram_max}")
+
+
+def check_drafter_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Drafting flags that do not apply to ``--drafter`` are errors (decode, serve)."""
+    tree_capable = args.drafter in ("ngram", "s4c")
+    for flag in ("--ngram-min", "--ngram-max", "--ngram-prefer", "--num-candidates", "--tree-nodes"):
+        if flag in given and not tree_capable:
+            raise InputError(f"{flag} applies only to --drafter ngram or s4c")
+    if "--heads" in given and args.drafter != "s4c":
+        raise InputError("--heads applies only to --drafter s4c")
+    if args.drafter == "none" and "--num-draft" in given:
+        raise InputError("--num-draft does not apply to --drafter none")
+    if args.drafter == "ngram" and args.num_candidates < 1:
+        raise InputError("--num-candidates must be >= 1 for --drafter ngram (1 = the chain)")
+    if "--tree-nodes" in given and args.drafter == "ngram" and args.num_candidates == 1:
+        raise InputError("--tree-nodes applies only with --num-candidates > 1")
+    check_ngram_range(args)

@@ -16,7 +16,7 @@ import sys
 
 from quasar_jax.cli import (OneLineParser, StatusLine, add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
                             add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
-                            explicit_flags, generation_kwargs, positive_int, run_cli)
+                            check_drafter_flags, explicit_flags, generation_kwargs, positive_int, run_cli)
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
@@ -65,14 +65,7 @@ def read_prompts(args) -> list[Prompt]:
 
 def check_flags(args, given: set[str]) -> None:
     """Flags that do not apply to this run are errors (before anything loads)."""
-    if args.drafter != "ngram":
-        for flag in ("--ngram-min", "--ngram-max", "--ngram-prefer", "--num-candidates", "--tree-nodes"):
-            if flag in given:
-                raise InputError(f"{flag} applies only to --drafter ngram")
-    if args.drafter == "none" and "--num-draft" in given:
-        raise InputError("--num-draft does not apply to --drafter none")
-    if "--tree-nodes" in given and args.num_candidates == 1:
-        raise InputError("--tree-nodes applies only with --num-candidates > 1")
+    check_drafter_flags(args, given)
     if args.temperature == 0:
         for flag in ("--top-k", "--top-p", "--seed"):
             if flag in given:
@@ -113,6 +106,7 @@ def run(args, given: set[str]) -> int:
     from quasar_jax.checkpoint import default_verifier
     from quasar_jax.config import Qwen3Config
     from quasar_jax.engine import Engine, GenerationConfig
+    from quasar_jax.heads import resolve_heads
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import encode, stop_ids_of
 
@@ -134,7 +128,8 @@ def run(args, given: set[str]) -> int:
     model_dir = resolve_model_dir(args.model)
     platform = jax.default_backend()
     verifier = resolve_verifier(args, given, default_verifier(model_dir, args.drafter, platform).value, platform)
-    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier,
+    heads = resolve_heads(args.heads, model_dir) if args.drafter == "s4c" else None
+    config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier, heads=heads,
                                                   allow_long_context=args.allow_long_context))
     tokenizer = load_tokenizer(model_dir)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
@@ -182,7 +177,8 @@ def run(args, given: set[str]) -> int:
                      "wall_s": round(batch_stats.wall_s, 4), "compile_s": round(batch_stats.compile_s, 3),
                      "batch_size": len(batch), "drafter": str(config.drafter),
                      "verifier": str(config.verifier), "verifier_flag": args.verifier, "backend": backend,
-                     "num_draft": config.k, "num_candidates": config.num_candidates}
+                     "num_draft": config.k, "num_candidates": config.num_candidates,
+                     "tree_nodes": getattr(config.make_drafter(), "num_nodes", None)}
             if args.json:
                 record = {"prompt": prompt.text, "prompt_ids": ids[i], "output_ids": out_ids,
                           "text": completion, "stats": stats}

@@ -21,7 +21,17 @@ A tree drafter instead has ``num_draft`` (K, the tree's depth), ``num_nodes`` (N
     tree, cache = drafter.draft_tree(model, history [B, S], lengths [B], cache)
 
 returning a ``quasar_jax.tree.TreeDraft``; the loop then verifies all N nodes in one forward
-(docs/tree.md). :class:`NGramTreeDrafter` merges several n-gram continuations into one trie.
+(docs/tree.md). :class:`NGramTreeDrafter` merges several n-gram continuations into one trie;
+``quasar_jax.s4c.S4CDrafter`` grows a tree with trained draft heads (docs/s4c.md).
+
+Optional capabilities (read with ``getattr``, so existing drafters need none of them):
+
+* ``uses_hidden = True``: the drafter reads the target's final hidden state of position
+  ``lengths - 2`` (``LoopState.hidden [B, D]``, which the loop then carries and updates);
+* ``params``: a pytree of arrays the compiled program takes as a run-time input (see
+  ``engine.program_params``) instead of embedding them as constants;
+* ``bind(hidden, params)``: the drafter of one loop step, given that step's hidden state and params;
+* ``check_model(model)``: a one-line ``ValueError`` when the drafter does not fit the model.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ import jax.numpy as jnp
 
 from quasar_jax.drafting import NGRAM_PREFER, check_ngram_args, ngram_candidates, ngram_draft
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.heads import LoadedHeads, load_heads
 from quasar_jax.modes import QuantMode, Choice
+from quasar_jax.s4c import S4CDrafter, make_s4c_drafter
 from quasar_jax.tree import TreeDraft, build_trie
 
 
@@ -44,6 +56,7 @@ class DrafterKind(Choice):
     NONE = "none"
     NGRAM = "ngram"
     QSPEC = "qspec"
+    S4C = "s4c"
 
 
 class Drafter(Protocol):
@@ -165,17 +178,27 @@ class QSpecDrafter:
 
 def make_drafter(kind: DrafterKind | str, *, num_draft: int = 5, ngram_min: int = 1,
                  ngram_max: int = 3, ngram_prefer: str = "recent", num_candidates: int = 1,
-                 tree_nodes: int | None = None) -> Drafter | TreeDrafter:
+                 tree_nodes: int | None = None,
+                 heads: LoadedHeads | str | None = None) -> Drafter | TreeDrafter:
     """A built-in drafter from its name and the flags that apply to it.
 
-    ``num_candidates`` C > 1 (n-gram only) gives the tree drafter; C = 1 is the chain
-    ``NGramDrafter`` (``tree_nodes`` is then unused).
+    ``num_candidates`` C > 1 (n-gram) gives the tree drafter; C = 1 is the chain
+    ``NGramDrafter`` (``tree_nodes`` is then unused). ``s4c`` needs ``heads`` (loaded, or a
+    directory for ``quasar_jax.heads.load_heads``); its ``num_candidates`` C >= 0 n-gram
+    continuations join the heads' tree and ``tree_nodes`` cuts the heads' stored tree.
     """
     kind = DrafterKind.parse(kind, "drafter")
-    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-        raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
-    if num_candidates > 1 and kind is not DrafterKind.NGRAM:
-        raise ValueError(f"num_candidates > 1 needs drafter 'ngram', got drafter '{kind}'")
+    low = 0 if kind is DrafterKind.S4C else 1
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < low:
+        raise ValueError(f"num_candidates must be an integer >= {low}, got {num_candidates!r}")
+    if num_candidates > 1 and kind not in (DrafterKind.NGRAM, DrafterKind.S4C):
+        raise ValueError(f"num_candidates > 1 needs drafter 'ngram' or 's4c', got drafter '{kind}'")
+    if kind is DrafterKind.S4C:
+        if heads is None:
+            raise ValueError("drafter 's4c' needs trained heads: heads=DIR (or quasar_jax.heads.load_heads(DIR))")
+        heads = heads if isinstance(heads, LoadedHeads) else load_heads(heads)
+        return make_s4c_drafter(heads, num_draft=num_draft, tree_nodes=tree_nodes, num_candidates=num_candidates,
+                                ngram_min=ngram_min, ngram_max=ngram_max, ngram_prefer=ngram_prefer)
     if kind is DrafterKind.NONE:
         return NoDrafter()
     if kind is DrafterKind.NGRAM and num_candidates > 1:
@@ -186,4 +209,4 @@ def make_drafter(kind: DrafterKind | str, *, num_draft: int = 5, ngram_min: int 
 
 
 __all__ = ["Drafter", "DrafterKind", "NGRAM_PREFER", "NGramDrafter", "NGramTreeDrafter", "NoDrafter",
-           "QSpecDrafter", "TreeDrafter", "is_tree_drafter", "make_drafter"]
+           "QSpecDrafter", "S4CDrafter", "TreeDrafter", "is_tree_drafter", "make_drafter"]

@@ -23,7 +23,10 @@ A tree drafter (``num_candidates > 1``) replaces steps 1-3 by ``quasar_jax.tree.
 trie nodes verified in one forward under a tree mask, the accepted path's K/V then moved to
 contiguous slots; step 4 is shared (docs/tree.md).
 The prompt's last token is not prefilled: it is the first token the loop verifies, so drafts are
-used from the first step on.
+used from the first step on. A drafter that reads the target's hidden state (``uses_hidden``: S4C's
+heads) makes the state carry ``hidden [B, D]``, the final hidden state of position ``lengths - 2``:
+the prefill supplies it, and every verify forward (chain or tree) gathers it at the accepted path's
+end (feature reuse: drafting needs no extra target forward).
 
 The compiled program depends on (drafter, sampler kind, verifier mode, batch, prompt bucket, cache
 length S, number of stop ids); ``Engine`` compiles each once (ahead of time, so compile time is
@@ -85,13 +88,14 @@ class GenerationConfig:
     max_len: int | None = None  # cache slots S; None = prompt + max_new_tokens rounded up
     seed: int = 0
     allow_long_context: bool = False  # allow prompt + max_new_tokens past max_position_embeddings
+    heads: object = None  # drafter "s4c": a heads directory or quasar_jax.heads.load_heads(...)
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if isinstance(self.drafter, (str, DrafterKind)):
             object.__setattr__(self, "drafter", DrafterKind.parse(self.drafter, "drafter"))
-        elif not callable(getattr(self.drafter, "draft", None)):
+        elif not any(callable(getattr(self.drafter, m, None)) for m in ("draft", "draft_tree", "bind")):
             raise ValueError(f"drafter must be one of {', '.join(DrafterKind.values())} or a Drafter, "
                              f"got {self.drafter!r}")
         object.__setattr__(self, "verifier", QuantMode.parse(self.verifier, "verifier"))
@@ -112,7 +116,8 @@ class GenerationConfig:
             return self.drafter
         return make_drafter(self.drafter, num_draft=self.num_draft, ngram_min=self.ngram_min,
                             ngram_max=self.ngram_max, ngram_prefer=self.ngram_prefer,
-                            num_candidates=self.num_candidates, tree_nodes=self.tree_nodes)
+                            num_candidates=self.num_candidates, tree_nodes=self.tree_nodes,
+                            heads=self.heads)
 
     @property
     def k(self) -> int:
@@ -139,6 +144,20 @@ class LoopState:
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
     keys: jax.Array  # [B] PRNG keys, one stream per row
     iteration: jax.Array  # [] int32
+    # [B, D] final hidden state of position lengths-2 (its logits gave the last token); None when
+    # no drafter of this state reads it (static: the pytree structure)
+    hidden: jax.Array | None = None
+
+
+def program_params(params, drafter: Drafter, mesh=None):
+    """What ``make_program``'s functions take as ``params``: the model's params, paired with the
+    drafter's own (``drafter.params``, e.g. S4C's heads; replicated on ``mesh``) when it has any."""
+    extra = getattr(drafter, "params", None)
+    if extra is None:
+        return params
+    if mesh is not None:
+        extra = jax.device_put(extra, sharding.batch_sharding(mesh, 0))  # replicated
+    return params, extra
 
 
 # ----------------------------------------------------------------------------- the device program
@@ -154,21 +173,35 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
     * ``step(params, state, max_new, stop, rows)`` is one loop iteration;
     * ``run(params, prompt, prompt_lens, S, max_new, stop, rows, keys)`` is ``init`` followed by
       the ``while_loop`` of ``step`` until every row is done (what ``Engine`` compiles).
+
+    ``params`` is ``program_params(model_params, drafter)``. A state that carries ``hidden`` (made
+    by ``init`` for a drafter with ``uses_hidden``) has it updated by every step, whatever the
+    drafter, so programs of different drafters may share one state.
     """
     k = drafter.num_draft
+    carry_hidden = bool(getattr(drafter, "uses_hidden", False))
+    has_params = getattr(drafter, "params", None) is not None
 
-    def chain_step(model, state: LoopState, room, rows: RowSampling, step_keys):
+    def merged(params):
+        """(model, the drafter's params or None) from the program's ``params``."""
+        model_params, extra = params if has_params else (params, None)
+        return nnx.merge(graphdef, model_params), extra
+
+    def chain_step(model, drafter, state: LoopState, room, rows: RowSampling, step_keys):
         draft, n_draft, cache = drafter.draft(model, state.history, state.lengths, state.cache)
         n_draft = jnp.clip(jnp.minimum(n_draft, room), 0, k)
         last = jnp.take_along_axis(state.history, state.lengths[:, None] - 1, axis=1)  # [B, 1]
         verify_tokens = jnp.concatenate([last, draft], axis=1)  # [B, K+1]
         positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
         cache = cache.replace(lengths=state.lengths - 1)
-        logits, cache = model(verify_tokens, positions, cache, mode=verifier)  # [B, K+1, V]
+        logits, cache, *hidden = model(verify_tokens, positions, cache, mode=verifier,
+                                       return_hidden=state.hidden is not None)  # [B, K+1, V]
         tokens, n_emit = sampler.accept(draft, n_draft, logits, rows, step_keys)
-        return tokens, n_emit, cache
+        if hidden:  # the bonus token's predecessor: verify position n_emit - 1 -> [B, D]
+            return tokens, n_emit, cache, jnp.take_along_axis(hidden[0], (n_emit - 1)[:, None, None], axis=1)[:, 0]
+        return tokens, n_emit, cache, None
 
-    def body(model, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
+    def body(model, extra, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
         b, s = state.history.shape
         split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]
         keys, step_keys = split[:, 0], split[:, 1]
@@ -176,11 +209,14 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
         # Finished rows are frozen: sampling them is wasted work, so they count as greedy.
         rows = dataclasses.replace(rows, temperature=jnp.where(state.done, 0.0, rows.temperature))
-        if is_tree_drafter(drafter):  # static: tree drafts, one masked verify forward
-            tokens, n_emit, cache = verify_tree(model, drafter, sampler, verifier, state.history,
-                                                state.lengths, state.cache, room, rows, step_keys)
+        bound = drafter.bind(state.hidden, extra) if callable(getattr(drafter, "bind", None)) else drafter
+        if is_tree_drafter(bound):  # static: tree drafts, one masked verify forward
+            tokens, n_emit, cache, *hidden = verify_tree(
+                model, bound, sampler, verifier, state.history, state.lengths, state.cache, room, rows,
+                step_keys, return_hidden=state.hidden is not None)
+            hidden = hidden[0] if hidden else None
         else:
-            tokens, n_emit, cache = chain_step(model, state, room, rows, step_keys)
+            tokens, n_emit, cache, hidden = chain_step(model, bound, state, room, rows, step_keys)
 
         # Stop ids: emit up to and including the first one.
         j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]
@@ -205,34 +241,40 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
             history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1),
             done=finish > 0, finish=finish, new_tokens=new_tokens, steps=state.steps + active,
             emitted_hist=state.emitted_hist.at[jnp.arange(b), n_emit].add(active),
-            keys=keys, iteration=state.iteration + 1)
+            keys=keys, iteration=state.iteration + 1,
+            hidden=None if hidden is None else jnp.where(state.done[:, None], state.hidden, hidden))
 
     def init(params, prompt, prompt_lens, max_len_static: int, keys) -> LoopState:
         """Prefill every prompt token but each row's last one; the loop's state before step 1."""
-        model = nnx.merge(graphdef, params)
+        model, _ = merged(params)
         b, p = prompt.shape
         s = max_len_static
         cache = KVCache.init(model.config, b, s, model.dtype)
+        hidden = jnp.zeros((b, model.config.hidden_size), model.dtype) if carry_hidden else None
         if p > 1:
             positions = jnp.broadcast_to(jnp.arange(p - 1, dtype=jnp.int32), (b, p - 1))
-            _, cache = model(prompt[:, :-1], positions, cache, mode=verifier)
+            _, cache, *out = model(prompt[:, :-1], positions, cache, mode=verifier, return_hidden=carry_hidden)
+            if carry_hidden:  # position P-2 (a 1-token prompt has none: zeros, the drafts are then poor)
+                at = jnp.maximum(prompt_lens - 2, 0)[:, None, None]
+                hidden = jnp.where((prompt_lens >= 2)[:, None], jnp.take_along_axis(out[0], at, axis=1)[:, 0], 0)
         history = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompt)
         full = prompt_lens >= s
         return LoopState(
             history=history, lengths=prompt_lens, cache=cache.replace(lengths=prompt_lens - 1),
             done=full, finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32),
             new_tokens=jnp.zeros((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32),
-            emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32))
+            emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32),
+            hidden=hidden)
 
     def step(params, state: LoopState, max_new, stop, rows) -> LoopState:
         """One draft-verify-accept-commit iteration (the loop body)."""
-        return body(nnx.merge(graphdef, params), state, max_new, stop, rows)
+        return body(*merged(params), state, max_new, stop, rows)
 
     def run(params, prompt, prompt_lens, max_len_static: int, max_new, stop, rows, keys) -> LoopState:
-        model = nnx.merge(graphdef, params)
+        model, extra = merged(params)
         state = init(params, prompt, prompt_lens, max_len_static, keys)
         return jax.lax.while_loop(lambda st: jnp.any(~st.done),
-                                  lambda st: body(model, st, max_new, stop, rows), state)
+                                  lambda st: body(model, extra, st, max_new, stop, rows), state)
 
     return init, step, run
 
@@ -295,10 +337,12 @@ class Engine:
         out_shardings = None
         if self.mesh is not None:  # rows on "data"; the params carry their own shardings
             inputs, out_shardings = sharding.program_shardings(
-                lambda *a: run(self.params, *a[:2], s, *a[2:]), inputs, self.mesh, self.model.config)
+                lambda *a: run(program_params(self.params, drafter), *a[:2], s, *a[2:]), inputs, self.mesh,
+                self.model.config)
         jitted = jax.jit(run, static_argnums=(3,), out_shardings=out_shardings)
         t0 = time.perf_counter()
-        compiled = jitted.lower(self.params, *inputs[:2], s, *inputs[2:]).compile()
+        compiled = jitted.lower(program_params(self.params, drafter, self.mesh), *inputs[:2], s,
+                                *inputs[2:]).compile()
         compile_s = time.perf_counter() - t0
         self._compiled[key] = compiled
         return compiled, compile_s
@@ -361,6 +405,8 @@ class Engine:
         stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (bp, 1))  # [B, NS]
         max_new = np.where(np.arange(bp) < b, cfg.max_new_tokens, 1).astype(np.int32)  # pad rows: 1
         drafter = cfg.make_drafter()
+        if callable(getattr(drafter, "check_model", None)):
+            drafter.check_model(self.model)  # e.g. S4C heads trained for another model
         program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
                                            stop.shape[1], stream is not None)
         inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
@@ -369,11 +415,11 @@ class Engine:
         self._stream_target, self._stream_rows = stream, b
         t0 = time.perf_counter()
         try:
-            final = jax.block_until_ready(program(self.params, *inputs))
+            final = jax.block_until_ready(program(program_params(self.params, drafter, self.mesh), *inputs))
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
-        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None), b)  # pad rows dropped
+        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None, hidden=None), b)  # pad rows dropped
         return result_of(host, lens[:b], wall, compile_s, s, drafter.num_draft)
 
 

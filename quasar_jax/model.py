@@ -8,7 +8,8 @@ Token ``(b, t)`` sits at absolute position ``positions[b, t]``; its K/V is writt
 slot, and it attends causally to the committed slots of its row plus this call's chunk (see
 ``KVCache.attention_mask``). Rows may sit at different offsets. The returned cache has
 ``lengths = positions[:, -1] + 1``; a caller that keeps fewer tokens (speculative rejection,
-right padding) sets ``lengths`` itself.
+right padding) sets ``lengths`` itself. ``return_hidden=True`` adds the final hidden state
+``[B, T, D]`` (the LM head's input) as a third output, for draft heads (``quasar_jax.heads``).
 
 Tree verification passes ``chunk_mask [B, T, T]`` (bool): token t then attends to chunk token j
 iff ``chunk_mask[b, t, j]`` (instead of causally), its K/V goes to slot ``positions[b, 0] + t``
@@ -155,13 +156,16 @@ class Qwen3(nnx.Module):
         return KVCache.init(self.config, batch, max_len, self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
-                 mode: QuantMode = QuantMode.FLOAT,
-                 chunk_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                 mode: QuantMode = QuantMode.FLOAT, chunk_mask: jax.Array | None = None,
+                 return_hidden: bool = False):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, cache).
 
         ``mode`` is how the projections multiply: ``FLOAT`` for a float model, ``W8A16`` or
         ``W8A8`` for an int8 one (it is static under ``jit``). ``chunk_mask [B, T, T]`` replaces
         causal visibility inside this call's tokens (tree verification; module docstring).
+        ``return_hidden=True`` also returns the final hidden state ``[B, T, D]`` (compute dtype):
+        the output of the final norm, i.e. the LM head's input (draft heads reuse it):
+        ``(logits, cache, hidden)``.
         """
         mode = QuantMode.parse(mode, "mode")
         mask = cache.attention_mask(positions, chunk_mask)  # [B, T, S], lengths before this call
@@ -169,24 +173,33 @@ class Qwen3(nnx.Module):
         if chunk_mask is not None:
             slots = positions[:, :1] + jnp.arange(tokens.shape[1], dtype=positions.dtype)[None, :]
         with jax.named_scope("embed"):
-            x = jnp.take(self.embed_tokens[...], tokens, axis=0)  # [B, T, D]
+            x = self.embed(tokens)  # [B, T, D]
         for layer, block in enumerate(self.layers):
             x, cache = block(x, positions, slots, cache, layer, mask, mode=mode)
         with jax.named_scope("lm_head"):
             x = self.norm(x)
-            if self.lm_head is None:
-                logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens[...],
-                                    preferred_element_type=jnp.float32)
-            else:
-                logits = self.lm_head(x, mode=mode)
+            logits = self.lm_logits(x, mode=mode)
         cache = cache.replace(lengths=positions[:, -1].astype(jnp.int32) + 1)
-        return logits.astype(jnp.float32), cache
+        return (logits, cache, x) if return_hidden else (logits, cache)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings ``[..., D]`` (compute dtype) of int32 ``tokens [...]``."""
+        return jnp.take(self.embed_tokens[...], tokens, axis=0)
+
+    def lm_logits(self, x: jax.Array, *, mode: QuantMode = QuantMode.FLOAT) -> jax.Array:
+        """The LM head: final hidden states ``x [..., D]`` (after the final norm) -> logits
+        ``[..., V]`` float32 (the tied embedding, or ``lm_head`` multiplied as ``mode`` says)."""
+        if self.lm_head is None:
+            logits = jnp.einsum("...d,vd->...v", x, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x, mode=mode)
+        return logits.astype(jnp.float32)
 
 
 def forward(model: Qwen3, tokens, positions, cache, *, mode: QuantMode = QuantMode.FLOAT,
-            chunk_mask=None):
-    """Functional alias of ``model(tokens, positions, cache, mode=mode, chunk_mask=chunk_mask)``."""
-    return model(tokens, positions, cache, mode=mode, chunk_mask=chunk_mask)
+            chunk_mask=None, return_hidden: bool = False):
+    """Functional alias of ``model(tokens, positions, cache, mode=..., chunk_mask=..., return_hidden=...)``."""
+    return model(tokens, positions, cache, mode=mode, chunk_mask=chunk_mask, return_hidden=return_hidden)
 
 
 def linear_paths(module: nnx.Module, *, lm_head: bool = True) -> list[tuple]:

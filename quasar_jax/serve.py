@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from quasar_jax.cli import (OneLineParser, add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
-                            add_verifier_flag, check_ngram_range, positive_int, run_cli)
+                            add_verifier_flag, check_drafter_flags, explicit_flags, positive_int, run_cli)
 
 PROG = "python -m quasar_jax.serve"
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def run(args, given: set[str]) -> int:
     # The model code (and JAX) load here, after the arguments are known to be valid.
     import jax
     import jax.numpy as jnp
@@ -51,20 +51,23 @@ def run(args) -> int:
     from quasar_jax import compile_cache
     from quasar_jax.checkpoint import default_verifier
     from quasar_jax.drafters import make_drafter
+    from quasar_jax.heads import resolve_heads
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import stop_ids_of
     from quasar_jax.serving.server import ServeConfig, build, serve_forever
 
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
-    check_ngram_range(args)
+    check_drafter_flags(args, given)
     compile_cache.enable(args.compile_cache)
     model_dir = resolve_model_dir(args.model)
     verifier = args.verifier
     if verifier == "auto":
         verifier = default_verifier(model_dir, args.drafter, jax.default_backend()).value
+    heads = resolve_heads(args.heads, model_dir) if args.drafter == "s4c" else None
     drafter = make_drafter(args.drafter, num_draft=args.num_draft, ngram_min=args.ngram_min,
-                           ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer)
+                           ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer, heads=heads,
+                           num_candidates=args.num_candidates, tree_nodes=args.tree_nodes)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
     tokenizer = load_tokenizer(model_dir)
@@ -81,8 +84,9 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return run_cli(PROG, lambda: run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_cli(PROG, lambda: run(args, explicit_flags(parser, argv)))
 
 
 if __name__ == "__main__":

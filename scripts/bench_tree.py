@@ -24,7 +24,7 @@ from flax import nnx
 
 from pallas_kernels import round_up
 from quasar_jax.bench.report import machine_info
-from quasar_jax.engine import GenerationConfig, make_program
+from quasar_jax.engine import GenerationConfig, make_program, program_params
 from quasar_jax.loading import load
 from quasar_jax.prompts import encode, load_questions
 from quasar_jax.sampling import RowSampling, row_keys, sampler_for
@@ -41,9 +41,12 @@ def mode_configs(k: int, trees: list[str], max_new: int) -> dict[str, Generation
 
 
 def run_mode(graphdef, params, cfg: GenerationConfig, prompts: list[list[int]], p: int, s: int, repeats: int):
-    """Per prompt: (new_tokens, verify_steps, loop seconds) of one batch-1 generation."""
+    """Per prompt: (new_tokens, verify_steps, loop seconds, output ids, emitted_hist) of one batch-1
+    generation (the drafter's own params, e.g. S4C heads, travel with the model's)."""
     rows = [cfg.sampling]
-    init, step, _ = make_program(graphdef, cfg.make_drafter(), sampler_for(rows), cfg.verifier)
+    drafter = cfg.make_drafter()
+    params = program_params(params, drafter)
+    init, step, _ = make_program(graphdef, drafter, sampler_for(rows), cfg.verifier)
     init = jax.jit(init, static_argnums=(3,))
     max_new, stop, sampling = jnp.asarray([cfg.max_new_tokens], jnp.int32), jnp.full((1, 1), -1), RowSampling.of(rows)
     loop = jax.jit(lambda params, state: jax.lax.while_loop(
@@ -63,7 +66,8 @@ def run_mode(graphdef, params, cfg: GenerationConfig, prompts: list[list[int]], 
             final = jax.block_until_ready(loop(params, state))
             best = min(best, time.perf_counter() - t0)
         out.append((int(final.new_tokens[0]), int(final.steps[0]), best,
-                    np.asarray(final.history[0, len(ids):int(final.lengths[0])]).tolist()))
+                    np.asarray(final.history[0, len(ids):int(final.lengths[0])]).tolist(),
+                    np.asarray(final.emitted_hist[0]).tolist()))
     return out, compile_s
 
 

@@ -42,7 +42,6 @@ import platform
 import sys
 import sysconfig
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,6 +54,7 @@ from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from quasar_jax.config import Qwen3Config  # noqa: E402
+from quasar_jax.corpus import EXCLUDED_DIRS, list_corpus, read_texts  # noqa: E402
 from quasar_jax.loading import load_model, save_pretrained  # noqa: E402
 from quasar_jax.model import Qwen3, count_params  # noqa: E402
 
@@ -74,9 +74,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
-                 "encodings", "pydoc_data", "__pycache__"}
-
 # Size presets. "cpu" is the default and trains in about 40 minutes on 2 CPU cores;
 # "gpu" is the shipped model (10.8M parameters, 21.6 MB in bfloat16; 800 steps = 6.1 epochs of
 # the 2.14M-token training stream took 40 s on one H100; 400/800/1600 steps gave val loss
@@ -92,35 +89,6 @@ PRESETS = {
                 eval_max_seqs=None),
 }
 SAMPLE_PROMPT = "def fibonacci(n):"
-
-
-# ---------------------------------------------------------------------------------- corpus
-def list_corpus(root: Path, val_mod: int) -> tuple[list[Path], list[Path]]:
-    """Sorted ``*.py`` files of the stdlib at ``root`` split into (train, val)."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"standard library directory not found: {root}")
-    train, val = [], []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(part in EXCLUDED_DIRS for part in rel.parts[:-1]) or not path.is_file():
-            continue
-        is_val = zlib.crc32(rel.as_posix().encode()) % val_mod == 0
-        (val if is_val else train).append(path)
-    if not train or not val:
-        raise ValueError(f"corpus at {root} gave {len(train)} train and {len(val)} val files")
-    return train, val
-
-
-def read_texts(paths: list[Path]) -> list[str]:
-    texts = []
-    for p in paths:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # a handful of latin-1 test fixtures; none outside the excluded trees
-        if text.strip():
-            texts.append(text)
-    return texts
 
 
 # ---------------------------------------------------------------------------------- tokenizer

@@ -85,3 +85,22 @@ def tiny_model_dir(tmp_path_factory):
     tok = make_tiny_tokenizer(d)
     make_hf_checkpoint(d, tie=True, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
     return d
+
+
+def random_heads(model, *, num_heads=3, seed=0, nodes=10, scale=0.3):
+    """Untrained S4C heads for ``model`` with random (non-zero) output weights, so drafts vary,
+    and a tree grown from a made-up acceptance table (``quasar_jax.heads.LoadedHeads``)."""
+    import jax
+    from flax import nnx
+
+    from quasar_jax.heads import DraftHeads, LoadedHeads, heads_meta
+    from quasar_jax.s4c import choose_tree
+
+    heads = DraftHeads(num_heads, model.config.hidden_size, rngs=nnx.Rngs(seed))
+    for i, block in enumerate(heads.blocks):
+        shape = block.w_out.kernel.shape
+        block.w_out.kernel.set_value(scale * jax.random.normal(jax.random.key(seed * 100 + i), shape))
+    acc = [[0.55 - 0.05 * d, 0.2, 0.08, 0.04] for d in range(num_heads)]
+    ranked = [list(p) for p, _ in choose_tree(acc, 32)]
+    meta = heads_meta(heads, model, tree={"paths": ranked, "default_nodes": nodes})
+    return LoadedHeads(heads, meta, None)

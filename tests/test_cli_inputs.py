@@ -19,8 +19,10 @@ from quasar_jax.decode import main as decode_main
 from quasar_jax.errors import InputError
 from quasar_jax.fidelity.cli import main as fidelity_main
 from quasar_jax.prompts import read_prompt_file
+from quasar_jax.train_heads import main as train_heads_main
 
-MAINS = {"decode": decode_main, "convert": convert_main, "bench": bench_main, "fidelity": fidelity_main}
+MAINS = {"decode": decode_main, "convert": convert_main, "bench": bench_main, "fidelity": fidelity_main,
+         "train_heads": train_heads_main}
 
 
 def _snapshot(root: Path) -> dict:
@@ -29,7 +31,7 @@ def _snapshot(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_model_dir):
+def workdir(tmp_path_factory, tiny_model_dir, hf_tiny):
     """Inputs the cases point at: a model, broken models, prompt files of every bad kind."""
     d = tmp_path_factory.mktemp("cli_inputs")
     (d / "dir.jsonl").mkdir()
@@ -47,6 +49,16 @@ def workdir(tmp_path_factory, tiny_model_dir):
     cfg = json.loads((noheads / "config.json").read_text())
     del cfg["num_attention_heads"]
     (noheads / "config.json").write_text(json.dumps(cfg))
+    from conftest import random_heads
+    from quasar_jax.heads import save_heads
+    from quasar_jax.loading import load_model
+
+    other = random_heads(load_model(hf_tiny(False, 2)[0]), num_heads=3)  # heads of another model
+    save_heads(other.module(), other.meta, d / "otherheads")
+    (d / "interrupted").mkdir()
+    (d / "interrupted" / "run.json").write_text(json.dumps({"model": "other"}))
+    (d / "trained").mkdir()
+    (d / "trained" / "heads.json").write_text("{}")
     return d
 
 
@@ -84,6 +96,32 @@ def _cases(model: str):
         ("fidelity", ["--model", model, "--questions", "q.jsonl", "--json", "no/dir/f.json"],
          "--json no/dir/f.json: directory"),
         ("fidelity", ["--model", model, "--questions", "q.jsonl", "--modes", "w4a4"], "--modes: unknown mode 'w4a4'"),
+        ("decode", ["--model", model, "--prompt", "x", "--heads", "otherheads"], "--heads applies only to --drafter s4c"),
+        ("decode", ["--model", model, "--prompt", "x", "--drafter", "s4c"], "--drafter s4c: no heads beside the model"),
+        ("decode", ["--model", model, "--prompt", "x", "--drafter", "s4c", "--heads", "nope"],
+         "heads directory not found: nope"),
+        ("decode", ["--model", model, "--prompt", "x", "--drafter", "s4c", "--heads", "foreign"],
+         "foreign is not a heads directory (no heads.json)"),
+        ("decode", ["--model", model, "--prompt", "x", "--drafter", "s4c", "--heads", "otherheads"],
+         "num_draft must be an integer in [1, 3]"),
+        ("decode", ["--model", model, "--prompt", "x", "--drafter", "s4c", "--heads", "otherheads", "--num-draft", "3"],
+         "do not match the model: they were trained for vocab_size 96"),
+        ("decode", ["--model", model, "--prompt", "x", "--num-candidates", "0"],
+         "--num-candidates must be >= 1 for --drafter ngram"),
+        ("bench", ["--model", model, "--questions", "q.jsonl", "--modes", "ar-fp", "--heads", "otherheads", "--out", "b"],
+         "--heads applies only to the s4c modes"),
+        ("train_heads", ["--model", model, "--out", "new"], "no prompts: give --prompt, --prompt-file or --text"),
+        ("train_heads", ["--model", model, "--text", "missing.txt", "--out", "new"],
+         "--text missing.txt: no such file or directory"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--out", "afile"], "--out afile exists and is not a directory"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--out", "foreign"], "--out foreign is not empty"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--out", "trained"], "--out trained already holds trained heads"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--out", "interrupted"],
+         "--out interrupted holds an interrupted run with --model 'other'"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--plan", "--out", "new"], "--plan applies only to decode"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--steps", "0", "--out", "new"],
+         "--steps: expected a positive integer"),
+        ("train_heads", ["--model", model, "--prompt", "   ", "--out", "new"], "--prompt 1: the prompt is empty"),
     ]
 
 

@@ -26,9 +26,9 @@ LAZY_OK = ("torch", "transformers", "matplotlib", "orbax", "huggingface_hub",
 # Command-line entry modules: they parse (and answer --help) without JAX, so the runtime they
 # drive is imported inside their ``run`` function -- the one place a project import may be deferred.
 CLI_MODULES = ("quasar_jax.decode", "quasar_jax.convert", "quasar_jax.bench.cli", "quasar_jax.fidelity.cli",
-               "quasar_jax.serve")
+               "quasar_jax.serve", "quasar_jax.train_heads")
 CLI_COMMANDS = ("quasar_jax.decode", "quasar_jax.convert", "quasar_jax.bench", "quasar_jax.fidelity",
-                "quasar_jax.serve")
+                "quasar_jax.serve", "quasar_jax.train_heads")
 
 
 def _modules() -> dict[str, Path]:

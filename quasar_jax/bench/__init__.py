@@ -21,12 +21,15 @@ Modes (``--modes``, comma separated):
 ``tree-fp``      C n-gram candidates (``--num-candidates``, default 4) verified as one token tree,
                  float verifier
 ``tree-w8a16``   the same with the int8 W8A16 verifier (Quasar with tree drafts)
+``s4c-fp``       S4C: trained draft heads (``--heads``, default: beside the model) grow a token
+                 tree, one n-gram candidate joins it, float verifier (docs/s4c.md)
+``s4c-w8a16``    the same with the int8 W8A16 verifier (Quasar + S4C)
 ``hf-ar``        transformers ``generate`` greedy, torch float32 on CPU, batch 1
 ``hf-pld``       transformers ``generate(prompt_lookup_num_tokens=K)`` (prompt lookup decoding)
 ===============  ==========================================================================
 
 ``ar-fp`` is always run (it is the speed and fidelity baseline); ``ar-int8`` is added when
-``quasar-w8a16``, ``qspec`` or ``tree-w8a16`` is requested and ``ar-w8a8`` when ``quasar-w8a8`` is: runs added that
+``quasar-w8a16``, ``qspec``, ``tree-w8a16`` or ``s4c-w8a16`` is requested and ``ar-w8a8`` when ``quasar-w8a8`` is: runs added that
 way carry ``"auto_added": true``. The float model is loaded once; the int8 model is loaded once
 with int8 weights (quantised while loading, as ``decode`` and ``fidelity`` do; the activation mode
 is chosen per call) and shared by every int8 mode. One ``Engine`` per model: each (mode, batch,

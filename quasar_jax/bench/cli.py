@@ -15,8 +15,8 @@ import sys
 
 import quasar_jax.bench
 from quasar_jax.bench.modes import DEFAULT_MODES, MODES, SPECS
-from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, check_ngram_range, explicit_flags,
-                            float_in, non_negative_int, positive_int, run_cli)
+from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, add_heads_flag, check_ngram_range,
+                            explicit_flags, float_in, non_negative_int, positive_int, run_cli)
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.outputs import check_output_dir
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(MODES)} (default: all but ar-w8a8, "
                         "which is added as the reference of quasar-w8a8)")
     add_drafting_flags(p, num_candidates=4)  # C applies to the tree modes only
+    add_heads_flag(p)  # the s4c modes
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help="rows per batch of the JAX modes; HF modes run one at a time (default: 1)")
     p.add_argument("--temperature", type=float_in(0.0, 100.0, False), default=0.0,
@@ -101,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         given = explicit_flags(parser, argv)
         check_ngram_range(args)
-        if args.num_candidates < 2 and any(m.strip().startswith("tree-") for m in args.modes.split(",")):
+        requested = [m.strip() for m in args.modes.split(",")]
+        if args.num_candidates < 2 and any(m.startswith("tree-") for m in requested):
             raise InputError("--num-candidates must be >= 2 for the tree modes")
+        if "--heads" in given and not any(m.startswith("s4c-") for m in requested):
+            raise InputError("--heads applies only to the s4c modes (s4c-fp, s4c-w8a16)")
         if args.temperature == 0 and "--seed" in given:
             raise InputError("--seed applies only to sampling (--temperature > 0)")
         check_modes(args, given)

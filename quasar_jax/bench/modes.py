@@ -9,7 +9,7 @@ from typing import Sequence
 from quasar_jax.modes import QuantMode
 
 MODES = ("ar-fp", "ar-int8", "ar-w8a8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "tree-fp",
-         "tree-w8a16", "hf-ar", "hf-pld")
+         "tree-w8a16", "s4c-fp", "s4c-w8a16", "hf-ar", "hf-pld")
 DEFAULT_MODES = ("ar-fp", "ar-int8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "hf-ar",
                  "hf-pld")
 BASELINE = "ar-fp"
@@ -20,7 +20,7 @@ class ModeSpec:
     name: str
     kind: str  # "jax" | "hf"
     model: str  # "float" | "int8" | "hf": which loaded model runs it
-    drafter: str  # none | ngram | qspec (hf: none | pld)
+    drafter: str  # none | ngram | qspec | s4c (hf: none | pld)
     verifier: QuantMode  # the verify (and AR) forward's matmuls; HF peers run float
     reference: str  # the AR mode whose outputs this mode must reproduce (greedy)
     tree: bool = False  # n-gram candidates verified as one token tree (--num-candidates C)
@@ -37,6 +37,8 @@ SPECS = {s.name: s for s in (
     ModeSpec("qspec", "jax", "int8", "qspec", _W16, "ar-int8"),
     ModeSpec("tree-fp", "jax", "float", "ngram", _F, "ar-fp", tree=True),
     ModeSpec("tree-w8a16", "jax", "int8", "ngram", _W16, "ar-int8", tree=True),
+    ModeSpec("s4c-fp", "jax", "float", "s4c", _F, "ar-fp"),
+    ModeSpec("s4c-w8a16", "jax", "int8", "s4c", _W16, "ar-int8"),
     ModeSpec("hf-ar", "hf", "hf", "none", _F, "ar-fp"),
     ModeSpec("hf-pld", "hf", "hf", "pld", _F, "ar-fp"),
 )}

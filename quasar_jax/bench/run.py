@@ -19,6 +19,7 @@ from quasar_jax.bench.runners import (HFRunner, JaxRunner, hf_generation_config,
                                       load_hf_model, shape_key)
 from quasar_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Engine
 from quasar_jax.fidelity.metrics import fidelity, pool_fidelity
+from quasar_jax.heads import resolve_heads
 from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 from quasar_jax.prompts import encode, load_questions, stop_ids_of
 
@@ -123,11 +124,13 @@ def run_benchmark(args, progress: bool = True) -> dict:
     hf_model = load_hf_model(model_dir, args.seed) if any(SPECS[m].kind == "hf" for m in modes) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
 
+    heads = (resolve_heads(getattr(args, "heads", None), model_dir)
+             if any(SPECS[m].drafter == "s4c" for m in modes) else None)
     runners, plans = {}, {}
     for m in modes:
         spec = SPECS[m]
         if spec.kind == "jax":
-            cfg = jax_generation_config(args, spec, stop, max_len)
+            cfg = jax_generation_config(args, spec, stop, max_len, heads)
             runners[m] = JaxRunner(spec, engines[spec.model], cfg)
             plans[m] = make_batches(categories, args.batch_size)
         else:

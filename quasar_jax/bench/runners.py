@@ -17,12 +17,16 @@ from quasar_jax.engine import Engine, GenerationConfig
 
 
 # ----------------------------------------------------------------------------- JAX
-def jax_generation_config(args, spec: ModeSpec, stop_ids: Sequence[int], max_len: int) -> GenerationConfig:
+def jax_generation_config(args, spec: ModeSpec, stop_ids: Sequence[int], max_len: int,
+                          heads=None) -> GenerationConfig:
+    """The mode's config; S4C modes use ``heads`` with their stored tree size and one n-gram
+    candidate joining it (the drafter's defaults)."""
+    s4c = spec.drafter == "s4c"
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, drafter=spec.drafter, num_draft=args.num_draft,
         ngram_min=args.ngram_min, ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer,
         verifier=spec.verifier, num_candidates=args.num_candidates if spec.tree else 1,
-        tree_nodes=args.tree_nodes if spec.tree else None,
+        tree_nodes=args.tree_nodes if spec.tree else None, heads=heads if s4c else None,
         temperature=args.temperature, stop_ids=tuple(stop_ids), max_len=max_len,
         seed=args.seed)
 

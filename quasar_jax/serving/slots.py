@@ -20,6 +20,10 @@ ahead of time when ``SlotEngine`` is built, so requests coming and going never c
 
 ``slot`` and every per-row value are device data; only (B, S, N, K, prefill bucket, number of
 stop ids, drafter, verifier) are static.
+
+A drafter that reads the target's hidden state (S4C) makes the staging area a ``Staging`` (cache
+and the hidden state of prompt position P-2, taken from the prefill piece that holds it) and the
+slot state carry ``LoopState.hidden``; its params travel with the model's (``program_params``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from quasar_jax.drafters import Drafter
-from quasar_jax.engine import LoopState, make_program
+from quasar_jax.engine import LoopState, make_program, program_params
 from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.modes import QuantMode
@@ -49,6 +53,16 @@ class SlotState:
     max_new: jax.Array  # [B] int32 token budgets
     stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
     rows: RowSampling  # [B] sampling settings
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """One request's prefill: its K/V and (drafters with ``uses_hidden``) the hidden state of
+    prompt position P-2 (``[1, D]``, zeros until the piece holding it is prefilled)."""
+
+    cache: KVCache
+    hidden: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,36 +107,46 @@ class SlotEngine:
             raise ValueError("slots >= 1, max_len >= 2, chunk_steps >= 1 and num_stop >= 1 are required")
         if not prefill_buckets or list(prefill_buckets) != sorted(set(prefill_buckets)) or prefill_buckets[0] < 1:
             raise ValueError(f"prefill_buckets must be increasing positive sizes, got {prefill_buckets!r}")
+        if callable(getattr(drafter, "check_model", None)):
+            drafter.check_model(model)  # e.g. S4C heads trained for another model
         self.model, self.drafter, self.verifier = model, drafter, verifier
+        self.hidden = bool(getattr(drafter, "uses_hidden", False))
         self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
         self.k = drafter.num_draft
         self.buckets = tuple(min(c, max_len) for c in prefill_buckets)
         self.graphdef, self.params = nnx.split(model)
+        self.program_params = program_params(self.params, drafter)
         self._build()
 
     # ------------------------------------------------------------------ programs
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
-        cfg, dtype = self.model.config, self.model.dtype
+        cfg, dtype, carry = self.model.config, self.model.dtype, self.hidden
         _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier)
         m = n * (k + 1)
 
         def empty(params) -> SlotState:
             del params
-            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k), max_new=jnp.ones((b,), jnp.int32),
+            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, hidden=carry), max_new=jnp.ones((b,), jnp.int32),
                              stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
 
-        def prefill(params, cache1: KVCache, tokens, start):
+        def prefill(params, staged: Staging, tokens, start, at):
+            """``at``: the piece index of prompt position P-2 (its hidden state is kept)."""
             model = nnx.merge(graphdef, params)
             c = tokens.shape[1]
             positions = (start + jnp.arange(c, dtype=jnp.int32))[None, :]
-            _, cache1 = model(tokens, positions, cache1.replace(lengths=jnp.reshape(start, (1,))), mode=verifier)
-            return cache1
+            _, cache1, *out = model(tokens, positions, staged.cache.replace(lengths=jnp.reshape(start, (1,))),
+                                    mode=verifier, return_hidden=carry)
+            hidden = staged.hidden
+            if carry:  # [1, D]
+                row = jax.lax.dynamic_slice_in_dim(out[0][0], jnp.clip(at, 0, c - 1), 1)
+                hidden = jnp.where((at >= 0) & (at < c), row, hidden)
+            return Staging(cache1, hidden)
 
-        def admit(st: SlotState, cache1: KVCache, slot, history_row, prompt_len, max_new, stop_row,
+        def admit(st: SlotState, staged: Staging, slot, history_row, prompt_len, max_new, stop_row,
                   temperature, top_k, top_p, key) -> SlotState:
-            lp = st.loop
+            lp, cache1 = st.loop, staged.cache
             zero = jnp.zeros((), jnp.int32)
             at = (zero, slot, zero, zero, zero)
             cache = lp.cache.replace(k=jax.lax.dynamic_update_slice(lp.cache.k, cache1.k, at),
@@ -135,7 +159,7 @@ class SlotEngine:
                 finish=lp.finish.at[slot].set(jnp.where(full, CACHE_FULL, 0)),
                 new_tokens=lp.new_tokens.at[slot].set(0), steps=lp.steps.at[slot].set(0),
                 emitted_hist=lp.emitted_hist.at[slot].set(0), keys=lp.keys.at[slot].set(key),
-                iteration=lp.iteration)
+                iteration=lp.iteration, hidden=None if lp.hidden is None else lp.hidden.at[slot].set(staged.hidden[0]))
             rows = RowSampling(temperature=st.rows.temperature.at[slot].set(temperature),
                                top_k=st.rows.top_k.at[slot].set(top_k), top_p=st.rows.top_p.at[slot].set(top_p))
             return SlotState(loop=loop, max_new=st.max_new.at[slot].set(max_new),
@@ -173,17 +197,21 @@ class SlotEngine:
         i32, f32 = jnp.int32, jnp.float32
         sds = jax.ShapeDtypeStruct
         abstract_state = jax.eval_shape(empty, None)
-        cache1 = jax.eval_shape(lambda: KVCache.init(cfg, 1, s, dtype))
+        def new_staging() -> Staging:
+            return Staging(KVCache.init(cfg, 1, s, dtype),
+                           jnp.zeros((1, cfg.hidden_size), dtype) if carry else None)
+
+        staging1 = jax.eval_shape(new_staging)
         key1 = jax.eval_shape(lambda: jax.random.key(0))
         scalar = sds((), i32)
         self._empty = jax.jit(empty)
-        self._cache1 = jax.jit(lambda: KVCache.init(cfg, 1, s, dtype))
+        self._cache1 = jax.jit(new_staging)
         self._prefill = {c: jax.jit(prefill, donate_argnums=(1,)).lower(
-            self.params, cache1, sds((1, c), i32), scalar).compile() for c in sorted(set(self.buckets))}
+            self.params, staging1, sds((1, c), i32), scalar, scalar).compile() for c in sorted(set(self.buckets))}
         self._admit = jax.jit(admit, donate_argnums=(0,)).lower(
-            abstract_state, cache1, scalar, sds((s,), i32), scalar, scalar, sds((self.ns,), i32),
+            abstract_state, staging1, scalar, sds((s,), i32), scalar, scalar, sds((self.ns,), i32),
             sds((), f32), scalar, sds((), f32), key1).compile()
-        self._chunk = jax.jit(chunk, donate_argnums=(1,)).lower(self.params, abstract_state).compile()
+        self._chunk = jax.jit(chunk, donate_argnums=(1,)).lower(self.program_params, abstract_state).compile()
         self._finish = jax.jit(finish, donate_argnums=(0,)).lower(abstract_state, sds((b,), jnp.bool_)).compile()
         self.state = self._empty(None)
         self.new_staging()  # compile the small helpers now, not at the first request
@@ -198,17 +226,18 @@ class SlotEngine:
         """Every slot free (after a failure)."""
         self.state = self._empty(None)
 
-    def new_staging(self) -> KVCache:
+    def new_staging(self) -> Staging:
         return self._cache1()
 
-    def prefill(self, cache1: KVCache, prompt: list[int], start: int, size: int) -> KVCache:
-        """Prefill ``prompt[start:start+size]`` (padded) into the staging cache."""
+    def prefill(self, cache1: Staging, prompt: list[int], start: int, size: int) -> Staging:
+        """Prefill ``prompt[start:start+size]`` (padded) into the staging area."""
         piece = np.zeros((1, size), np.int32)
         part = prompt[start:start + size]
         piece[0, :len(part)] = part
-        return self._prefill[size](self.params, cache1, jnp.asarray(piece), jnp.int32(start))
+        return self._prefill[size](self.params, cache1, jnp.asarray(piece), jnp.int32(start),
+                                   jnp.int32(len(prompt) - 2 - start))
 
-    def admit(self, cache1: KVCache, slot: int, prompt: list[int], max_new: int, stop_ids: tuple[int, ...],
+    def admit(self, cache1: Staging, slot: int, prompt: list[int], max_new: int, stop_ids: tuple[int, ...],
               sampling: SamplingParams, key) -> None:
         history = np.zeros((self.s,), np.int32)
         history[:len(prompt)] = prompt
@@ -220,7 +249,7 @@ class SlotEngine:
                                  jnp.float32(sampling.top_p), key)
 
     def chunk(self) -> ChunkResult:
-        self.state, out = self._chunk(self.params, self.state)
+        self.state, out = self._chunk(self.program_params, self.state)
         tokens, appended, emits, done, finish, new_tokens, steps, iters = jax.device_get(out)
         return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters))
 
@@ -235,11 +264,12 @@ class SlotEngine:
         return row_keys([sampling], seed)[0]
 
 
-def _empty_loop(cfg, dtype, b: int, s: int, k: int) -> LoopState:
-    """A ``LoopState`` with every row done (every slot free)."""
+def _empty_loop(cfg, dtype, b: int, s: int, k: int, *, hidden: bool = False) -> LoopState:
+    """A ``LoopState`` with every row done (every slot free); ``hidden``: it carries ``[B, D]``."""
     zeros = jnp.zeros((b,), jnp.int32)
     return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
                      cache=KVCache.init(cfg, b, s, dtype), done=jnp.ones((b,), bool),
                      finish=jnp.full((b,), LENGTH, jnp.int32), new_tokens=zeros, steps=zeros,
                      emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
-                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32))
+                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32),
+                     hidden=jnp.zeros((b, cfg.hidden_size), dtype) if hidden else None)

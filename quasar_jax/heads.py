@@ -1,0 +1,252 @@
+"""S4C draft heads: light residual blocks on the frozen target's final hidden state.
+
+Head i (1-based, i = 1..H) proposes the token at depth i below the last committed token. It is
+*coherent* in the sense of S4C / Hydra / EAGLE: it sees the token chosen for the depth before
+(its embedding) and the feature head i-1 computed, not the hidden state alone as Medusa does::
+
+    f_0 = h_t                                  the target's final hidden state at position t
+                                               (after the final norm: the LM head's input)
+    f_i = f_{i-1} + W_out silu(W_in [norm(f_{i-1}); norm(e(x_{t+i}))])      W_in [2D, D], W_out [D, D]
+    logits_i = lm_head(f_i)                    predicts x_{t+i+1}
+
+The target's LM head ``lm_head`` and embedding ``e`` are REUSED (``Qwen3.lm_logits`` /
+``Qwen3.embed``), so the heads hold only their blocks (~3 D^2 parameters each) and their checkpoint
+is small. ``W_out`` starts at zero: an untrained head predicts what the target predicts next.
+In a decode step ``h_t`` is the hidden state at position ``lengths - 2`` (whose logits produced the
+last committed token ``x_{t+1}``), so head 1 proposes the token after it (``quasar_jax.s4c``).
+
+A heads directory (``save_heads`` / ``load_heads``)::
+
+    heads.json     {"format": 1, "num_heads", "hidden_size", "vocab_size", "rms_norm_eps", "dtype",
+                    "model": fingerprint of the target, "tree": {...}, "acceptance": {...}, ...}
+    params/        orbax-checkpoint of the heads' parameter pytree
+
+Dimension letters: docs/CONVENTIONS.md (H here counts draft heads, not attention heads).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from quasar_jax.errors import InputError
+from quasar_jax.loading import DEMO_MODEL_DIR
+from quasar_jax.model import Linear, Qwen3, RMSNorm
+from quasar_jax.modes import QuantMode
+from quasar_jax.outputs import staged_dir, write_text_atomic
+from quasar_jax.quant import is_quantized
+
+META = "heads.json"
+FORMAT = 1
+DEFAULT_DIRNAME = "s4c_heads"  # heads saved beside a model: <model dir>/s4c_heads
+DEMO_HEADS_DIR = DEMO_MODEL_DIR / DEFAULT_DIRNAME
+FINGERPRINT_RTOL = 0.02  # embedding statistics may differ this much (float32 vs bfloat16 loads)
+
+
+class HeadBlock(nnx.Module):
+    """One draft head: ``f' = f + W_out silu(W_in [norm(f); norm(e)])`` (module docstring)."""
+
+    def __init__(self, d: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        self.feat_norm = RMSNorm(d, eps, dtype=dtype)
+        self.token_norm = RMSNorm(d, eps, dtype=dtype)
+        self.w_in = Linear(2 * d, d, dtype=dtype, rngs=rngs)
+        self.w_out = Linear(d, d, dtype=dtype, rngs=rngs)
+        self.w_out.kernel.set_value(jnp.zeros((d, d), dtype))  # start as the identity on f
+
+    def __call__(self, feat: jax.Array, emb: jax.Array) -> jax.Array:
+        """feat, emb [..., D] -> the next feature [..., D] (in the heads' dtype)."""
+        dtype = self.w_in.kernel.dtype
+        feat, emb = feat.astype(dtype), emb.astype(dtype)
+        u = jnp.concatenate([self.feat_norm(feat), self.token_norm(emb)], axis=-1)  # [..., 2D]
+        return feat + self.w_out(jax.nn.silu(self.w_in(u)))
+
+
+class DraftHeads(nnx.Module):
+    """H draft heads for one target model (the target is not part of this module)."""
+
+    def __init__(self, num_heads: int, hidden_size: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.blocks = nnx.List([HeadBlock(hidden_size, eps, dtype=dtype, rngs=rngs) for _ in range(num_heads)])
+        self.hidden_size, self.eps = hidden_size, eps
+
+    @property
+    def num_heads(self) -> int:  # H
+        return len(self.blocks)
+
+    def unroll(self, model: Qwen3, hidden: jax.Array, tokens: jax.Array) -> list[jax.Array]:
+        """Teacher-forced training / evaluation pass of every head at every position.
+
+        ``hidden [B, T, D]`` are the target's final hidden states of ``tokens [B, T]``. Returns H
+        logits ``[B, T, V]``: entry i-1 at position t predicts ``tokens[t + i + 1]`` from ``f_{i-1}``
+        and ``tokens[t + i]`` (positions past the end see padding; mask them out).
+        """
+        feat, out = hidden, []
+        for i, block in enumerate(self.blocks):
+            nxt = jnp.pad(tokens[:, i + 1:], ((0, 0), (0, i + 1)))  # [B, T]: x_{t+i+1}
+            feat = block(feat, model.embed(nxt))
+            out.append(head_logits(model, feat))
+        return out
+
+
+def head_logits(model: Qwen3, feat: jax.Array) -> jax.Array:
+    """The target's LM head on a head feature ``[..., D]`` -> logits ``[..., V]`` float32 (int8
+    models: the weight-only path, whatever the verifier)."""
+    mode = QuantMode.W8A16 if is_quantized(model) else QuantMode.FLOAT
+    return model.lm_logits(feat.astype(model.dtype), mode=mode)
+
+
+# ----------------------------------------------------------------------------- model fingerprint
+def fingerprint(model: Qwen3) -> dict:
+    """What heads must match: the shapes they were built for and two statistics of the embedding
+    (which the heads reuse), so heads of another model of the same shape are refused too."""
+    emb = np.asarray(jax.device_get(model.embed_tokens[...]), np.float32)
+    return {"hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
+            "num_hidden_layers": model.config.num_hidden_layers,
+            "embed_mean_abs": float(np.mean(np.abs(emb))), "embed_row0_norm": float(np.linalg.norm(emb[0]))}
+
+
+def check_model(meta: dict, model: Qwen3, where: str) -> None:
+    """One-line ``InputError`` when the heads described by ``meta`` do not fit ``model``."""
+    want, have = meta["model"], fingerprint(model)
+    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+        if want.get(key) != have[key]:
+            raise InputError(f"heads {where} do not match the model: they were trained for {key} "
+                             f"{want.get(key)}, the model has {have[key]}")
+    for key in ("embed_mean_abs", "embed_row0_norm"):
+        w, h = float(want.get(key, 0.0)), have[key]
+        if abs(w - h) > FINGERPRINT_RTOL * max(abs(w), abs(h), 1e-12):
+            raise InputError(f"heads {where} do not match the model: they were trained for another "
+                             f"model of the same shape (embedding {key} {w:.5g} vs {h:.5g})")
+
+
+# ----------------------------------------------------------------------------- save / load
+class LoadedHeads:
+    """Heads restored from a directory: the module split for use inside compiled programs.
+
+    Hashed by identity (it holds arrays): a drafter holding it keys its compiled programs by it.
+    """
+
+    def __init__(self, heads: DraftHeads, meta: dict, path: Path | None):
+        self.graphdef, self.params = nnx.split(heads)
+        self.meta, self.path = meta, path
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.meta["num_heads"])
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path is not None else "(in memory)"
+
+    def module(self, params=None) -> DraftHeads:
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def check_model(self, model: Qwen3) -> None:
+        check_model(self.meta, model, self.where)
+
+
+def heads_meta(heads: DraftHeads, model: Qwen3, **extra) -> dict:
+    return {"format": FORMAT, "num_heads": heads.num_heads, "hidden_size": heads.hidden_size,
+            "vocab_size": model.config.vocab_size, "rms_norm_eps": heads.eps, "model": fingerprint(model),
+            **extra}
+
+
+def write_heads(heads: DraftHeads, meta: dict, directory: Path, *, dtype=jnp.bfloat16) -> None:
+    """Write ``params/`` (``heads`` cast to ``dtype``) and ``heads.json`` into ``directory``."""
+    import orbax.checkpoint as ocp
+
+    state = jax.tree.map(lambda x: jnp.asarray(x, dtype), nnx.to_pure_dict(nnx.state(heads)))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(Path(directory).resolve() / "params", state)
+        ckpt.wait_until_finished()
+    write_text_atomic(Path(directory) / META, json.dumps({**meta, "dtype": jnp.dtype(dtype).name}, indent=1) + "\n")
+
+
+def save_heads(heads: DraftHeads, meta: dict, out_dir: str | os.PathLike, *, dtype=jnp.bfloat16) -> Path:
+    """``write_heads`` into ``out_dir`` all or nothing (a hidden sibling renamed into place)."""
+    with staged_dir(out_dir) as stage:
+        write_heads(heads, meta, stage, dtype=dtype)
+    return Path(out_dir)
+
+
+def read_meta(path: Path) -> dict:
+    """``heads.json`` of a heads directory, checked field by field (one-line errors)."""
+    marker = path / META
+    if not path.is_dir():
+        raise InputError(f"heads directory not found: {path}")
+    if not marker.is_file():
+        raise InputError(f"{path} is not a heads directory (no {META}); train heads with "
+                         "python -m quasar_jax.train_heads")
+    try:
+        meta = json.loads(marker.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{marker} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{marker}: unsupported format (expected {{\"format\": {FORMAT}, ...}})")
+    for key in ("num_heads", "hidden_size", "vocab_size", "model", "dtype", "tree"):
+        if key not in meta:
+            raise InputError(f"{marker} lacks field {key!r}")
+    if not (path / "params").is_dir():
+        raise InputError(f"heads directory {path} is missing params/")
+    return meta
+
+
+def resolve_heads(heads: str | os.PathLike | None, model_dir: str | os.PathLike) -> "LoadedHeads":
+    """``--heads`` of a command line: the given heads directory, else the heads saved beside the
+    model (``<model dir>/s4c_heads``: for the demo model, the shipped heads); one-line errors."""
+    if heads is not None:
+        return _load_dir(Path(heads).expanduser())
+    path = Path(model_dir) / DEFAULT_DIRNAME
+    if not (path / META).is_file():
+        raise InputError(f"--drafter s4c: no heads beside the model ({path}); give --heads DIR, or train them: "
+                         f"python -m quasar_jax.train_heads --model {model_dir} --out {path}")
+    return _load_dir(path)
+
+
+def _load_dir(path: Path) -> LoadedHeads:
+    """The heads directory ``path`` (errors name it as given), through a cache keyed by its
+    resolved path and the time ``heads.json`` was written."""
+    meta = read_meta(path)
+    return _load(str(path.resolve()), (path / META).stat().st_mtime_ns, json.dumps(meta, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, stamp: int, meta_json: str) -> LoadedHeads:
+    del stamp  # part of the cache key: a rewritten directory is loaded again
+    import orbax.checkpoint as ocp
+
+    p = Path(path)
+    meta = json.loads(meta_json)
+    abstract = nnx.eval_shape(lambda: DraftHeads(int(meta["num_heads"]), int(meta["hidden_size"]),
+                                                 eps=float(meta.get("rms_norm_eps", 1e-6)),
+                                                 dtype=jnp.dtype(meta["dtype"])))
+    graphdef, state = nnx.split(abstract)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(p / "params", nnx.to_pure_dict(state))
+    except Exception as err:  # orbax reports missing / mismatched arrays in many shapes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"could not restore heads from {p / 'params'}: {first}") from None
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), restored))
+    heads = nnx.merge(graphdef, state)
+    return LoadedHeads(heads, meta, p)
+
+
+def load_heads(path: str | os.PathLike = "demo") -> LoadedHeads:
+    """Heads from a directory (``"demo"``: the shipped heads of the demo model; a model directory:
+    the heads saved beside it), as float32. Loads are cached per path, so repeated configs share
+    one object (and so one compiled program)."""
+    p = DEMO_HEADS_DIR if str(path) == "demo" else Path(path).expanduser()
+    if (p / "config.json").is_file() and not (p / META).is_file():
+        p = p / DEFAULT_DIRNAME
+    return _load_dir(p)

@@ -1,0 +1,264 @@
+"""S4C: draft heads, the heads' tree (vs plain-Python references), the carried hidden state, and
+the drafter in the fused loop: lossless greedy (float32, w8a16; batch 1 and ragged), exact sampling,
+serving slots, configuration errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import random_heads
+from quasar_jax.drafters import make_drafter
+from quasar_jax.engine import Engine, GenerationConfig, make_program, program_params
+from quasar_jax.errors import InputError
+from quasar_jax.heads import DraftHeads, head_logits
+from quasar_jax.loading import load_model
+from quasar_jax.s4c import S4CDrafter, TreeShape, choose_tree, grow_tree
+from quasar_jax.sampling import GreedySampler, RowSampling, SamplingParams, row_keys
+from test_engine import PROMPTS, _next_token_probs
+from test_tree_engine import check_first_token
+
+
+@pytest.fixture(scope="module")
+def engine(hf_tiny):
+    return Engine(load_model(hf_tiny(False, 2)[0], dtype=jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def heads(engine):
+    return random_heads(engine.model, num_heads=3)
+
+
+@pytest.fixture(scope="module")
+def ar_tokens(engine):
+    return engine.generate(PROMPTS, GenerationConfig(max_new_tokens=24, drafter="none")).tokens
+
+
+def _forward(model, rows):
+    """Logits and hidden states of each row alone (plain causal forward)."""
+    out = []
+    for r in rows:
+        ids = jnp.asarray([r], jnp.int32)
+        pos = jnp.arange(len(r), dtype=jnp.int32)[None]
+        logits, _, hidden = model(ids, pos, model.init_cache(1, 64), return_hidden=True)
+        out.append((np.asarray(logits[0]), np.asarray(hidden[0])))
+    return out
+
+
+# ----------------------------------------------------------------------------- heads
+def test_hidden_is_the_lm_head_input_and_heads_shapes(engine):
+    model = engine.model
+    (logits, hidden), = _forward(model, [PROMPTS[2]])
+    assert hidden.shape == (len(PROMPTS[2]), model.config.hidden_size)
+    np.testing.assert_allclose(np.asarray(model.lm_logits(jnp.asarray(hidden))), logits, atol=1e-5)
+    heads = DraftHeads(4, model.config.hidden_size, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray([PROMPTS[2], PROMPTS[2][::-1]], jnp.int32)
+    h = jnp.stack([jnp.asarray(hidden)] * 2)
+    out = heads.unroll(model, h, tokens)
+    assert len(out) == 4 and all(o.shape == (2, 9, model.config.vocab_size) for o in out)
+    # W_out starts at zero: an untrained head predicts what the target predicts next.
+    for o in out:
+        np.testing.assert_allclose(np.asarray(o[0]), logits, atol=1e-5)
+    feat = heads.blocks[0](h[:, :3], model.embed(tokens[:, :3]))
+    assert feat.shape == (2, 3, model.config.hidden_size) and feat.dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- the tree
+def test_choose_tree_is_the_best_paths_by_estimate():
+    rng = np.random.default_rng(0)
+    acc = rng.uniform(0.01, 0.6, size=(3, 4))
+    got = choose_tree(acc, 20)
+    every = [p for d in range(1, 4) for p in itertools.product(range(4), repeat=d)]
+    est = {p: float(np.prod([acc[d, r] for d, r in enumerate(p)])) for p in every}
+    want = sorted(every, key=lambda p: -est[p])[:20]
+    assert [p for p, _ in got] == want
+    assert np.allclose([e for _, e in got], [est[p] for p in want])
+    shape = TreeShape.from_ranked([p for p, _ in got], 8, max_depth=2)  # any leading part is a tree
+    assert shape.paths == tuple(sorted([p for p in want if len(p) <= 2][:8], key=len))
+    index = {p: i for i, p in enumerate(shape.paths)}
+    assert shape.parent.tolist() == [index.get(p[:-1], -1) for p in shape.paths]
+    leaves = {tuple(shape.paths[i] for i in row if i >= 0)[-1] for row in shape.leaf_paths()}
+    assert leaves == {p for p in shape.paths if not any(q[:-1] == p for q in shape.paths)}
+    with pytest.raises(ValueError, match="parent"):
+        TreeShape(((0,), (1, 0)))
+
+
+def _ref_grow(heads, model, shape, hidden, last):
+    """Plain Python: every node on its own, from its parent's feature and token."""
+    feat, tok, out = {(): hidden}, {(): last}, []
+    for path in shape.paths:
+        parent = path[:-1]
+        f = heads.blocks[len(path) - 1](feat[parent][None], model.embed(jnp.asarray([tok[parent]])))[0]
+        logits = np.asarray(head_logits(model, f))
+        tok[path] = int(np.argsort(-logits, kind="stable")[path[-1]])
+        feat[path] = f
+        out.append(tok[path])
+    return out
+
+
+def test_grow_tree_matches_plain_python(engine, heads):
+    model = engine.model
+    module = heads.module()
+    shape = TreeShape.from_ranked(heads.meta["tree"]["paths"], 14)
+    hidden = jax.random.normal(jax.random.key(3), (2, model.config.hidden_size))
+    last = jnp.asarray([7, 50], jnp.int32)
+    got = np.asarray(jax.jit(lambda h, t: grow_tree(module, model, shape, h, t))(hidden, last))
+    for b in range(2):
+        assert got[b].tolist() == _ref_grow(module, model, shape, hidden[b], int(last[b]))
+
+
+def _token_paths(tree, b):
+    """Set of root-to-node token sequences of row b of a TreeDraft."""
+    toks, par, out = np.asarray(tree.tokens[b]), np.asarray(tree.parent[b]), set()
+    for i in range(int(tree.n_nodes[b])):
+        seq, j = [], i
+        while j >= 0:
+            seq.append(int(toks[j]))
+            j = int(par[j])
+        out.add(tuple(seq[::-1]))
+    return out
+
+
+def test_ngram_candidates_join_the_heads_tree(engine, heads):
+    model = engine.model
+    drafter = make_drafter("s4c", heads=heads, num_draft=3, num_candidates=1, tree_nodes=8)
+    history = jnp.asarray([PROMPTS[0] + [0] * 7, PROMPTS[2] + [0] * 11], jnp.int32)
+    lengths = jnp.asarray([13, 9], jnp.int32)
+    hidden = jax.random.normal(jax.random.key(4), (2, model.config.hidden_size))
+    bound = drafter.bind(hidden, heads.params)
+    tree, _ = bound.draft_tree(model, history, lengths, None)
+    alone = grow_tree(heads.module(), model, drafter.tree, hidden, jnp.asarray([7, 88]))
+    shape = drafter.tree
+    assert tree.num_nodes == drafter.num_nodes == 8 + 3
+    for b in range(2):
+        heads_paths = {tuple(int(alone[b, shape.paths.index(p[:d + 1])]) for d in range(len(p))) for p in shape.paths}
+        ngram = {(8,), (8, 9), (8, 9, 5)} if b == 0 else set()  # REPETITIVE: "5 6 7" -> 8 9 5; row 1: none
+        assert _token_paths(tree, b) == heads_paths | ngram
+
+
+# ----------------------------------------------------------------------------- the carried hidden state
+def test_carried_hidden_state_is_that_of_position_lengths_minus_2(engine, heads):
+    """After steps of the S4C program, then of the n-gram chain and AR programs over the same
+    state, ``hidden`` equals a plain forward's hidden state at lengths - 2 (ragged rows)."""
+    model = engine.model
+    graphdef, params = nnx.split(model)
+    s4c = make_drafter("s4c", heads=heads, num_draft=3, num_candidates=0)
+    rows = [SamplingParams()] * 3
+    init, step, _ = make_program(graphdef, s4c, GreedySampler(), "float")
+    _, step_chain, _ = make_program(graphdef, make_drafter("ngram", num_draft=3), GreedySampler(), "float")
+    _, step_ar, _ = make_program(graphdef, make_drafter("none"), GreedySampler(), "float")
+    prompt = np.zeros((3, 17), np.int32)
+    lens = [13, 9, 17]
+    for i, p in enumerate([PROMPTS[0], PROMPTS[2], PROMPTS[3]]):
+        prompt[i, :len(p)] = p
+    state = jax.jit(init, static_argnums=3)(program_params(params, s4c), jnp.asarray(prompt),
+                                            jnp.asarray(lens, jnp.int32), 64, row_keys(rows, 0))
+    args = (jnp.full((3,), 40, jnp.int32), jnp.full((3, 1), -1, jnp.int32), RowSampling.of(rows))
+
+    def check(state):
+        history, lengths = np.asarray(state.history), np.asarray(state.lengths)
+        for b in range(3):
+            (_, hidden), = _forward(model, [history[b, :lengths[b] - 1].tolist()])
+            np.testing.assert_allclose(np.asarray(state.hidden[b]), hidden[-1], atol=2e-5)
+
+    check(state)
+    for fn, p in ((step, program_params(params, s4c)), (step_chain, params), (step_ar, params)):
+        jitted = jax.jit(fn)
+        for _ in range(3):
+            state = jitted(p, state, *args)
+        check(state)
+
+
+# ----------------------------------------------------------------------------- lossless in the loop
+@pytest.mark.parametrize("c", [0, 1])
+def test_greedy_s4c_equals_autoregressive(engine, heads, ar_tokens, c):
+    cfg = GenerationConfig(max_new_tokens=24, drafter="s4c", heads=heads, num_draft=3, num_candidates=c)
+    res = engine.generate(PROMPTS, cfg)  # one ragged batch
+    assert res.tokens == ar_tokens
+    for s in res.stats:
+        assert sum(s.emitted_hist) == s.verify_steps and len(s.emitted_hist) == 3 + 2
+        assert sum(n * m for n, m in enumerate(s.emitted_hist)) == s.new_tokens
+    if c == 1:
+        for prompt, expected in zip(PROMPTS[:2], ar_tokens[:2]):  # batch 1
+            assert engine.generate([prompt], cfg).tokens[0] == expected
+        full = GenerationConfig(max_new_tokens=40, drafter="s4c", heads=heads, num_draft=3, max_len=30)
+        ar = engine.generate(PROMPTS[:2], GenerationConfig(max_new_tokens=40, drafter="none", max_len=30))
+        assert engine.generate(PROMPTS[:2], full).tokens == ar.tokens  # nodes past a full cache
+
+
+def test_greedy_s4c_equals_autoregressive_w8a16(hf_tiny):
+    engine = Engine(load_model(hf_tiny(False, 2)[0], int8=True))
+    heads = random_heads(engine.model, num_heads=3)
+    ar = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=20, drafter="none", verifier="w8a16"))
+    cfg = GenerationConfig(max_new_tokens=20, drafter="s4c", heads=heads, num_draft=3, verifier="w8a16")
+    assert engine.generate(PROMPTS, cfg).tokens == ar.tokens
+    assert engine.generate([PROMPTS[1]], cfg).tokens[0] == ar.tokens[1]
+
+
+def test_s4c_sampling_matches_verifier_distribution(engine, heads):
+    """First sampled token over 2000 rows vs the verifier (as test_tree_engine's n-gram test).
+
+    The heads' root children are head 1's top tokens; the prompt is chosen so that they
+    hold about half the verifier's mass, so acceptance and rejection (then the residual) both
+    happen. A draft is accepted at the root exactly when the first token is one of them.
+    """
+    model = engine.model
+    sampling = dict(temperature=1.0, top_k=8)
+    drafter = make_drafter("s4c", heads=heads, num_draft=3, num_candidates=0, tree_nodes=6)
+    a, rest = 50, [40, 3, 77, 21, 9, 60, 2, 15, 88]
+    candidates = [[a, d] + rest + [a] for d in range(96)]
+    probs = _next_token_probs(model, candidates, **sampling)
+    hidden = jnp.stack([_forward(model, [c[:-1]])[0][1][-1] for c in candidates])
+    roots = [i for i, path in enumerate(drafter.tree.paths) if len(path) == 1]
+    children = np.asarray(grow_tree(heads.module(), model, drafter.tree, hidden,
+                                    jnp.full((96,), a, jnp.int32)))[:, roots]
+    mass = np.take_along_axis(probs, children, axis=1).sum(axis=1)
+    d = int(np.argmin(np.abs(mass - 0.5)))
+    assert 0.15 < mass[d] < 0.85
+    cfg = GenerationConfig(max_new_tokens=2, drafter=drafter, seed=3, **sampling)
+    check_first_token(engine, candidates[d], probs[d], cfg, root_mass=mass[d])
+
+
+def test_serving_slots_with_s4c_equal_autoregressive(engine, heads, ar_tokens):
+    """Slots: prefill pieces supply the hidden state of P-2, admit stores it, chunks keep it."""
+    from quasar_jax.serving.slots import SlotEngine, prefill_pieces
+
+    slots = SlotEngine(engine.model, make_drafter("s4c", heads=heads, num_draft=3), "float", slots=2,
+                       max_len=64, chunk_steps=4, prefill_buckets=(4, 8))
+    outs = {}
+    for slot, i in enumerate((0, 3)):  # prompts of 13 and 17 tokens: P-2 in the last 4- or 8-piece
+        prompt = PROMPTS[i]
+        staged = slots.new_staging()
+        for start, size in prefill_pieces(len(prompt) - 1, slots.buckets):
+            staged = slots.prefill(staged, prompt, start, size)
+        slots.admit(staged, slot, prompt, 24, (), SamplingParams(), slots.key_for(SamplingParams(), 0))
+        outs[slot] = []
+    while True:
+        res = slots.chunk()
+        for slot in outs:
+            outs[slot] += res.tokens[slot, :res.appended[slot]].tolist()
+        if res.done.all():
+            break
+    assert outs == {0: ar_tokens[0], 1: ar_tokens[3]}
+
+
+# ----------------------------------------------------------------------------- errors
+def test_s4c_configuration_errors(engine, heads, tiny_model_dir):
+    with pytest.raises(ValueError, match="drafter 's4c' needs trained heads"):
+        GenerationConfig(drafter="s4c")
+    with pytest.raises(ValueError, match=r"num_draft must be an integer in \[1, 3\]"):
+        GenerationConfig(drafter="s4c", heads=heads, num_draft=4)
+    with pytest.raises(ValueError, match="tree_nodes must be an integer in"):
+        GenerationConfig(drafter="s4c", heads=heads, num_draft=3, tree_nodes=999)
+    with pytest.raises(ValueError, match="num_candidates must be an integer >= 1"):
+        GenerationConfig(num_candidates=0)  # only s4c takes 0 n-gram candidates
+    drafter = make_drafter("s4c", heads=heads, num_draft=2, tree_nodes=5)
+    assert isinstance(drafter, S4CDrafter) and drafter.tree.max_depth <= 2 and drafter.num_nodes == 5 + 2
+    other = Engine(load_model(tiny_model_dir))  # another vocabulary
+    with pytest.raises(InputError, match="do not match the model: they were trained for vocab_size 96"):
+        other.generate([[1, 2, 3]], GenerationConfig(drafter="s4c", heads=heads, num_draft=3))
