@@ -128,7 +128,8 @@ def run(args, given: set[str]) -> int:
     model_dir = resolve_model_dir(args.model)
     platform = jax.default_backend()
     verifier = resolve_verifier(args, given, default_verifier(model_dir, args.drafter, platform).value, platform)
-    heads = resolve_heads(args.heads, model_dir) if args.drafter == "s4c" else None
+    heads = (resolve_heads(args.heads, model_dir, num_draft=args.num_draft, tree_nodes=args.tree_nodes)
+             if args.drafter == "s4c" else None)
     config = GenerationConfig(**generation_kwargs(args, drafter=args.drafter, verifier=verifier, heads=heads,
                                                   allow_long_context=args.allow_long_context))
     tokenizer = load_tokenizer(model_dir)

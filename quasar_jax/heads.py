@@ -201,16 +201,28 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def resolve_heads(heads: str | os.PathLike | None, model_dir: str | os.PathLike) -> "LoadedHeads":
+def resolve_heads(heads: str | os.PathLike | None, model_dir: str | os.PathLike, *, num_draft: int | None = None,
+                  tree_nodes: int | None = None) -> "LoadedHeads":
     """``--heads`` of a command line: the given heads directory, else the heads saved beside the
-    model (``<model dir>/s4c_heads``: for the demo model, the shipped heads); one-line errors."""
+    model (``<model dir>/s4c_heads``: for the demo model, the shipped heads); one-line errors, also
+    for a ``--num-draft`` / ``--tree-nodes`` the heads cannot serve."""
     if heads is not None:
-        return _load_dir(Path(heads).expanduser())
-    path = Path(model_dir) / DEFAULT_DIRNAME
-    if not (path / META).is_file():
-        raise InputError(f"--drafter s4c: no heads beside the model ({path}); give --heads DIR, or train them: "
-                         f"python -m quasar_jax.train_heads --model {model_dir} --out {path}")
-    return _load_dir(path)
+        where, loaded = heads, _load_dir(Path(heads).expanduser())
+    else:
+        where = path = Path(model_dir) / DEFAULT_DIRNAME
+        if not (path / META).is_file():
+            raise InputError(f"--drafter s4c: no heads beside the model ({path}); give --heads DIR, or train them: "
+                             f"python -m quasar_jax.train_heads --model {model_dir} --out {path}")
+        loaded = _load_dir(path)
+    h = loaded.num_heads
+    if num_draft is not None and num_draft > h:
+        raise InputError(f"--num-draft {num_draft}: the heads at {where} are {h} (the deepest tree level)")
+    depth = min(num_draft or h, h)
+    usable = sum(1 for p in loaded.meta["tree"]["paths"] if len(p) <= depth)
+    if tree_nodes is not None and tree_nodes > usable:
+        raise InputError(f"--tree-nodes {tree_nodes}: the tree of the heads at {where} has {usable} nodes "
+                         f"of depth <= {depth}")
+    return loaded
 
 
 def _load_dir(path: Path) -> LoadedHeads:

@@ -64,7 +64,8 @@ def run(args, given: set[str]) -> int:
     verifier = args.verifier
     if verifier == "auto":
         verifier = default_verifier(model_dir, args.drafter, jax.default_backend()).value
-    heads = resolve_heads(args.heads, model_dir) if args.drafter == "s4c" else None
+    heads = (resolve_heads(args.heads, model_dir, num_draft=args.num_draft, tree_nodes=args.tree_nodes)
+             if args.drafter == "s4c" else None)
     drafter = make_drafter(args.drafter, num_draft=args.num_draft, ngram_min=args.ngram_min,
                            ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer, heads=heads,
                            num_candidates=args.num_candidates, tree_nodes=args.tree_nodes)

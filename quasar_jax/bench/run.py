@@ -124,7 +124,7 @@ def run_benchmark(args, progress: bool = True) -> dict:
     hf_model = load_hf_model(model_dir, args.seed) if any(SPECS[m].kind == "hf" for m in modes) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
 
-    heads = (resolve_heads(getattr(args, "heads", None), model_dir)
+    heads = (resolve_heads(getattr(args, "heads", None), model_dir, num_draft=args.num_draft)
              if any(SPECS[m].drafter == "s4c" for m in modes) else None)
     runners, plans = {}, {}
     for m in modes:
