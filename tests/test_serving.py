@@ -123,10 +123,23 @@ def test_seeded_sampling_reproducible_and_stop_strings(served):
     ({"model": "demo", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "demo", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "demo", "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": "demo", "prompt": "x", "n": 2}, "n"),
-    ({"model": "demo", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "demo", "prompt": "x", "n": 0}, "n"),
+    ({"model": "demo", "prompt": "x", "n": 2, "best_of": 3}, "best_of"),
+    ({"model": "demo", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "demo", "prompt": "x", "tools": []}, "tools"),
-    ({"model": "demo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "demo", "prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+    ({"model": "demo", "prompt": "x", "stop": ["s"] * 17}, "stop"),
+    ({"model": "demo", "prompt": "x", "suffix": "y"}, "suffix"),
+    ({"model": "demo", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "demo", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "demo", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "demo", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": "demo", "prompt": "x", "stop_token_ids": [1, 2, 3, 4, 5]}, "stop_token_ids"),
+    ({"model": "demo", "prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"model": "demo", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"model": "demo", "prompt": ["x", 5]}, "prompt"),
+    ({"model": "demo", "prompt": "x", "n": 100, "best_of": None, "echo": True, "max_tokens": 0,
+      "logprobs": 1, "seed": 2**64}, "seed"),
     ({"model": "demo", "prompt": "x " * (MAX_LEN + 10)}, "prompt"),
     ({"model": "demo", "prompt": ""}, "prompt"),
     ({"model": "demo", "prompt": [1, 2, 10**9]}, "prompt"),
@@ -146,6 +159,13 @@ def test_bad_chat_and_model_requests(served):
                  {"model": "demo", "messages": "hi"}):
         r = _post(url, body, "/v1/chat/completions")
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
+    msgs = [{"role": "user", "content": "x"}]
+    for body, param in [({"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": msgs, "echo": True}, "echo"),
+                        ({"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content")]:
+        r = _post(url, body, "/v1/chat/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = _post(url, {"model": "gpt-9", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
