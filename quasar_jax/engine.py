@@ -191,6 +191,8 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         rows = dataclasses.replace(rows, temperature=jnp.where(state.done, 0.0, rows.temperature))
 
         def process(logits, tree):  # the logits stage before acceptance (one lax.cond when unused)
+            if not spec.processing:
+                return logits
             return stage.process_verify(logits, tree, rows, stop=stop, new_tokens=state.new_tokens,
                                         counts=state.counts, prompt_ids=state.prompt_ids, active=~state.done,
                                         penalties=spec.penalties)
@@ -357,7 +359,8 @@ class Engine:
 
         ``sampling`` optionally gives row ``i`` its own ``SamplingParams`` (``None`` entries use
         the config's), penalties, logit bias, min_tokens and logprobs included (the result's
-        ``logprobs[i]`` then holds row i's; a batch that uses none of them compiles without them). ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
+        ``logprobs[i]`` then holds row i's; a batch that uses none of them compiles without them).
+        ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
         loop iteration with the tokens each row appended; it may return a ``[B]`` bool array of rows
         to stop there (finish reason ``stop``: how stop strings are honoured).
         """
@@ -376,7 +379,7 @@ class Engine:
         bad = next((t for r in rows for t, _ in r.logit_bias if t >= vocab), None)
         if bad is not None:
             raise ValueError(f"logit_bias token id {bad} is not in [0, {vocab})")
-        spec = LogitsSpec(penalties=any(r.penalized for r in rows),
+        spec = LogitsSpec(processing=any(r.processed for r in rows), penalties=any(r.penalized for r in rows),
                           max_logprobs=MAX_LOGPROBS if any(r.logprobs is not None for r in rows) else None)
         wanted = [r.logprobs for r in rows]
         prompts, lens, rows = sharding.pad_rows(self.mesh, prompts, lens, rows)  # B % data == 0

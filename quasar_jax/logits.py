@@ -44,15 +44,20 @@ MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 class LogitsSpec:
     """What a compiled loop carries for the logits stage (static, part of the program's key).
 
-    ``penalties``: keep the per-row token counts and prompt mask ``[B, V]`` that penalties need
-    (else they are ``[B, 0]`` and rows with penalties are refused by the caller).
+    ``processing``: compile the processing stage (min_tokens, logit bias; behind its ``lax.cond``).
+    ``penalties``: also keep the per-row token counts and prompt mask ``[B, V]`` that penalties
+    need (implies ``processing``; else they are ``[B, 0]``).
     ``max_logprobs``: keep logprob buffers ``[B, S]`` and ``[B, S, max_logprobs]`` (None: none).
+    ``LogitsSpec()`` is the loop without a logits stage; rows that need a missing part are refused
+    by the caller (``SamplingParams.processed`` / ``penalized``).
     """
 
+    processing: bool = False
     penalties: bool = False
     max_logprobs: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "processing", bool(self.processing or self.penalties))
         n = self.max_logprobs
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
             raise ValueError(f"max_logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {n!r}")

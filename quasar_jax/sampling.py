@@ -125,6 +125,11 @@ class SamplingParams:
         """Whether a penalty is on (the loop then needs token counts)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
+    @property
+    def processed(self) -> bool:
+        """Whether the loop's logits stage has work for this row (penalties, bias, min_tokens)."""
+        return self.penalized or self.min_tokens > 0 or bool(self.logit_bias)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

@@ -213,8 +213,9 @@ def test_logit_bias_id_outside_the_vocabulary(engine):
 
 def test_min_p_drops_the_unlikely_tail():
     x = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    np.testing.assert_allclose(process_logits(x, temperature=1.0, min_p=0.2), [[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]], atol=1e-6)
+    kept = [[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]]  # 0.05 < 0.2 * 0.5
+    np.testing.assert_allclose(process_logits(x, temperature=1.0, min_p=0.2), kept, atol=1e-6)
     rows = process_logits(x, temperature=jnp.ones((1,)), top_k=jnp.zeros((1,), jnp.int32),
                           top_p=jnp.ones((1,)), min_p=jnp.full((1,), 0.2))
-    np.testing.assert_allclose(rows, [[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]], atol=1e-6)
+    np.testing.assert_allclose(rows, kept, atol=1e-6)
     assert jax.numpy.allclose(process_logits(x, temperature=1.0, min_p=0.0), jnp.exp(x))

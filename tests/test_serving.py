@@ -1,6 +1,7 @@
 """The OpenAI-compatible server against a live uvicorn on localhost (demo model, float32).
 
-One server per module (4 slots, small cache); requests are few and short.
+One server per test process (conftest's ``demo_server``: 4 slots, small cache), shared with
+test_serving_api.py; requests are few and short.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-SLOTS, MAX_LEN = 4, 192
+from conftest import DEMO_MAX_LEN as MAX_LEN
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):",
            "for i in range(10):", "x = [", "    return self._", "# Copyright 2001 Python Software Foundation\n",
            "def __repr__(self):\n        return", "with open(filename) as f:"]
@@ -23,23 +24,8 @@ MAX_TOKENS = [24, 40, 17, 30, 9, 33, 21, 28]
 
 
 @pytest.fixture(scope="module")
-def served():
-    import quasar_jax as qj
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
-    from quasar_jax.serving.server import ServeConfig, ServerThread, build
-
-    model, tok = qj.load("demo", dtype="float32")
-    stop_ids = stop_ids_of(tok, resolve_model_dir("demo"))
-    cfg = ServeConfig(drafter=make_drafter("ngram", num_draft=3), slots=SLOTS, max_len=MAX_LEN, chunk_steps=4,
-                      prefill_chunk=16, max_queue=16)
-    app, api, scheduler = build(model, tok, cfg, model_name="demo", stop_ids=stop_ids)
-    server = ServerThread(app).start()
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    yield dict(model=model, tok=tok, url=server.url, client=client, api=api, scheduler=scheduler,
-               stop_ids=stop_ids, cfg=cfg)
-    server.stop()
+def served(demo_server):
+    return demo_server
 
 
 def _post(url, body, path="/v1/completions"):

@@ -119,6 +119,10 @@ class Api:
         if not all(stop):
             raise ApiError(400, "'stop' strings must be non-empty", "stop", "invalid_value")
         sampling = self._sampling(r, n_logprobs)
+        try:
+            self.scheduler.engine.check(sampling)  # a slot engine built without penalties / logprobs
+        except ValueError as err:
+            raise ApiError(400, str(err), None, "unsupported_parameter") from None
         stop_ids = self._stop_ids(r)
         seed = secrets.randbits(63)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -197,7 +201,8 @@ class Api:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions",
                            "messages", "invalid_value")
         try:
-            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=r.add_generation_prompt,
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False,
+                                                      add_generation_prompt=r.add_generation_prompt,
                                                       **(r.chat_template_kwargs or {}))
         except Exception as err:  # a template error is the request's (bad kwargs, roles out of order)
             raise ApiError(400, f"the chat template failed: {err}", "messages", "invalid_value") from None

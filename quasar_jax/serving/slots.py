@@ -46,7 +46,7 @@ from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
 from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
-SERVING_SPEC = LogitsSpec(penalties=True, max_logprobs=MAX_LOGPROBS)  # what a server's loop carries
+SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
 
 
 @jax.tree_util.register_dataclass
@@ -248,8 +248,8 @@ class SlotEngine:
 
     def check(self, sampling: SamplingParams) -> None:
         """``ValueError`` when this engine's programs cannot serve ``sampling``."""
-        if sampling.penalized and not self.spec.penalties:
-            raise ValueError("this slot engine was built without penalties")
+        if (sampling.penalized and not self.spec.penalties) or (sampling.processed and not self.spec.processing):
+            raise ValueError("this slot engine was built without penalties, logit bias and min_tokens")
         if sampling.logprobs is not None and (self.spec.max_logprobs or 0) < sampling.logprobs:
             raise ValueError(f"this slot engine returns at most {self.spec.max_logprobs or 0} logprobs")
 
