@@ -177,8 +177,8 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
         cache = cache.replace(lengths=state.lengths - 1)
         logits, cache = model(verify_tokens, positions, cache, mode=verifier)  # [B, K+1, V]
-        scored = process(logits, chain_tree(draft, n_draft))
-        tokens, n_emit = sampler.accept(draft, n_draft, scored, rows, step_keys)
+        tokens, n_emit = process(logits, chain_tree(draft, n_draft),
+                                 lambda scored: sampler.accept(draft, n_draft, scored, rows, step_keys))
         return tokens, n_emit, cache, logits, jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), tokens.shape)
 
     def body(model, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
@@ -190,12 +190,12 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         # Finished rows are frozen: sampling them is wasted work, so they count as greedy.
         rows = dataclasses.replace(rows, temperature=jnp.where(state.done, 0.0, rows.temperature))
 
-        def process(logits, tree):  # the logits stage before acceptance (one lax.cond when unused)
+        def process(logits, tree, accept):  # acceptance after the logits stage (a lax.cond)
             if not spec.processing:
-                return logits
-            return stage.process_verify(logits, tree, rows, stop=stop, new_tokens=state.new_tokens,
-                                        counts=state.counts, prompt_ids=state.prompt_ids, active=~state.done,
-                                        penalties=spec.penalties)
+                return accept(logits)
+            return stage.accept_processed(logits, tree, accept, rows, stop=stop, new_tokens=state.new_tokens,
+                                          counts=state.counts, prompt_ids=state.prompt_ids, active=~state.done,
+                                          penalties=spec.penalties)
 
         if is_tree_drafter(drafter):  # static: tree drafts, one masked verify forward
             tokens, n_emit, cache, raw, emit_rows = verify_tree(

@@ -135,11 +135,14 @@ def process(logits: jax.Array, rows, *, stop: jax.Array, out_index: jax.Array,
     return x - rows.presence_penalty[:, None, None] * seen.astype(jnp.float32)
 
 
-def process_verify(logits: jax.Array, tree: TreeDraft, rows, *, stop: jax.Array, new_tokens: jax.Array,
-                   counts: jax.Array, prompt_ids: jax.Array, active: jax.Array, penalties: bool) -> jax.Array:
-    """``process`` of one verify step's logits ``[B, N+1, V]`` for ``tree``, skipped (one
-    ``lax.cond``) unless an active row uses it. ``counts [B, V]``: ids committed so far."""
-    def run():
+def accept_processed(logits: jax.Array, tree: TreeDraft, accept, rows, *, stop: jax.Array,
+                     new_tokens: jax.Array, counts: jax.Array, prompt_ids: jax.Array, active: jax.Array,
+                     penalties: bool):
+    """``accept(process(logits))`` for one verify step's raw logits ``[B, N+1, V]`` of ``tree``;
+    ``accept(logits)`` when no active row uses the stage. The ``lax.cond`` holds the acceptance
+    too, so its outputs (tokens, counts: small) are all that leaves it, never a copy of the logits.
+    ``counts [B, V]``: ids committed so far."""
+    def processed():
         seen, depth = tree_rows(tree)
         row_counts = None
         if penalties:  # committed counts + the drafted tokens on each row's path
@@ -148,10 +151,10 @@ def process_verify(logits: jax.Array, tree: TreeDraft, rows, *, stop: jax.Array,
             drafted = jnp.zeros((b, n + 1, counts.shape[1]), jnp.int32).at[
                 jnp.arange(b)[:, None, None], jnp.arange(n + 1)[None, :, None], tree.tokens[:, None, :]].add(on_path)
             row_counts = counts[:, None, :] + drafted
-        return process(logits, rows, stop=stop, out_index=new_tokens[:, None] + depth, counts=row_counts,
-                       prompt_ids=prompt_ids if penalties else None)
+        return accept(process(logits, rows, stop=stop, out_index=new_tokens[:, None] + depth, counts=row_counts,
+                              prompt_ids=prompt_ids if penalties else None))
 
-    return jax.lax.cond(uses_processing(rows, active), run, lambda: logits.astype(jnp.float32))
+    return jax.lax.cond(uses_processing(rows, active), processed, lambda: accept(logits))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, n: int) -> Logprobs:
@@ -165,14 +168,17 @@ def record_logprobs(buffers: Logprobs, logits: jax.Array, emit_rows: jax.Array, 
                     write_at: jax.Array, wanted: jax.Array) -> Logprobs:
     """Write the logprobs of the emitted ``tokens [B, K+1]`` into the history-aligned ``buffers``
     (``[B, S]``, ``[B, S, N]``) at ``write_at [B, K+1]`` (S = dropped). Token j's logits are row
-    ``emit_rows[b, j]`` of the raw verify ``logits [B, T, V]``. One ``lax.cond`` on ``wanted``."""
-    def run():
-        rows_logits = jnp.take_along_axis(logits, emit_rows[:, :, None], axis=1)  # [B, K+1, V]
-        new = token_logprobs(rows_logits, tokens, buffers.top_ids.shape[-1])
-        b = jnp.arange(tokens.shape[0])[:, None]
-        return jax.tree.map(lambda buf, x: buf.at[b, write_at].set(x, mode="drop"), buffers, new)
+    ``emit_rows[b, j]`` of the raw verify ``logits [B, T, V]``. The softmax and top-N sit behind
+    one ``lax.cond`` on ``wanted`` (zeros are written otherwise: a small in-place scatter)."""
+    n = buffers.top_ids.shape[-1]
 
-    return jax.lax.cond(wanted, run, lambda: buffers)
+    def run():
+        return token_logprobs(jnp.take_along_axis(logits, emit_rows[:, :, None], axis=1), tokens, n)
+
+    b, k1 = tokens.shape
+    new = jax.lax.cond(wanted, run, lambda: empty_logprobs(b, k1, n))
+    rows = jnp.arange(b)[:, None]
+    return jax.tree.map(lambda buf, x: buf.at[rows, write_at].set(x, mode="drop"), buffers, new)
 
 
 def empty_logprobs(b: int, s: int, n: int | None) -> Logprobs:

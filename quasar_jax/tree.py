@@ -186,8 +186,9 @@ def verify_tree(model, drafter, sampler, verifier, history, lengths, cache, room
     ``history [B, S]``, ``lengths [B]``, ``room [B]`` (most tokens a row may still accept) ->
     ``tokens [B, K+1]``, ``n_emit [B]``, cache (lengths not yet updated), the raw verify logits
     ``[B, N+1, V]`` and ``emit_rows [B, K+1]``: the logits row behind each emitted token (the
-    root's for the first, then the parent node's). ``process(logits, tree)``, when given, turns the
-    raw logits into those acceptance sees (``quasar_jax.logits``: penalties, bias, min_tokens).
+    root's for the first, then the parent node's). ``process(logits, tree, accept)``, when given,
+    returns ``accept``'s outputs for the processed logits (``quasar_jax.logits``: penalties, bias,
+    min_tokens).
     """
     s = history.shape[1]
     tree, cache = drafter.draft_tree(model, history, lengths, cache)
@@ -197,8 +198,10 @@ def verify_tree(model, drafter, sampler, verifier, history, lengths, cache, room
     valid = (node < tree.n_nodes[:, None]) & (depth <= room[:, None]) & (lengths[:, None] + node < s)
     cache = cache.replace(lengths=lengths - 1)
     logits, cache = model(tokens_in, positions, cache, mode=verifier, chunk_mask=chunk_mask)  # [B, N+1, V]
-    scored = logits if process is None else process(logits, tree)
-    tokens, n_emit, path = sampler.accept_tree(tree, valid, scored, rows, keys)
+    def accept(scored):
+        return sampler.accept_tree(tree, valid, scored, rows, keys)
+
+    tokens, n_emit, path = accept(logits) if process is None else process(logits, tree, accept)
     level = jnp.arange(tree.max_depth, dtype=jnp.int32)[None, :]  # [1, K]
     dst = jnp.where(level < n_emit[:, None] - 1, lengths[:, None] + level, s)  # s = dropped
     emit_rows = jnp.pad(path + 1, ((0, 0), (1, 0)))  # [B, K+1] (past the path: 0, unused)

@@ -2,9 +2,11 @@
 
 Three parts, one process (run it under the exclusive CPU lock):
 
-1. **Serving throughput** (demo model, float32, n-gram K = --num-draft, --slots slots): the same
-   offline load (every request at once over HTTP, streaming, greedy, ``ignore_eos`` so every
-   configuration generates the same number of tokens) against
+1. **Serving throughput** (demo model, float32, n-gram K = --num-draft, --slots slots), measured
+   twice: on the device (``SlotEngine.chunk`` calls only, every slot holding one of the prompts,
+   no stop ids, so every configuration generates the same tokens count) and over HTTP (every
+   request at once, streaming, greedy, ``ignore_eos``: client, event loop, detokenization and
+   JSON included), each against
    * ``before``: a server whose loop has no logits stage (``LogitsSpec()``: the program before it),
    * ``plain``: the shipped server (``SERVING_SPEC``: penalties and 20 logprobs compiled in) with
      plain requests,
@@ -53,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--num-draft", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--num-prompts", type=int, default=8, help="prompts for parts 2 and 3")
     p.add_argument("--machine", required=True)
     p.add_argument("--out", default="runs/api.json")
@@ -71,6 +73,37 @@ def prompts_of(args, tokenizer, n: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- 1. throughput
+def _device_run(engine, ids: list[list[int]], max_tokens: int, extra: dict) -> dict:
+    """Fill every slot with one prompt, run chunks until all are done; time the chunks only."""
+    from quasar_jax.sampling import SamplingParams
+    from quasar_jax.serving.slots import prefill_pieces
+
+    engine.reset()
+    sampling = SamplingParams(**extra)
+    for slot in range(engine.b):
+        prompt = ids[slot % len(ids)]
+        cache = engine.new_staging()
+        for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
+            cache = engine.prefill(cache, prompt, start, size)
+        engine.admit(cache, slot, prompt, max_tokens, (), sampling, engine.key_for(sampling, 0))
+    wall, tokens = 0.0, 0
+    while True:
+        t0 = time.perf_counter()
+        res = engine.chunk(logprobs=sampling.logprobs is not None)
+        wall += time.perf_counter() - t0
+        tokens += int(res.appended.sum())
+        if res.done.all():
+            return {"tokens": tokens, "tau": tokens / max(int(res.steps.sum()), 1), "wall_s": wall,
+                    "tokens_per_s": tokens / wall}
+
+
+def _summary(runs: dict) -> dict:
+    median = {n: statistics.median(x["tokens_per_s"] for x in rs) for n, rs in runs.items()}
+    return {"runs": runs, "median_tokens_per_s": median, "ratio_to_before": {n: median[n] / median["before"]
+                                                                              for n in median},
+            "median_tau": {n: statistics.median(x["tau"] for x in rs) for n, rs in runs.items()}}
+
+
 async def _load(url: str, prompts: list[str], max_tokens: int, extra: dict) -> tuple[int, int, float]:
     async def one(client, prompt):
         body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -99,12 +132,24 @@ def throughput(args, model, tokenizer, stop_ids) -> dict:
     from quasar_jax.serving.slots import SERVING_SPEC, SlotEngine
 
     prompts = prompts_of(args, tokenizer, args.num_requests)
-    servers, compile_s = {}, {}
+    engines, compile_s = {}, {}
     for name, spec in (("before", LogitsSpec()), ("shipped", SERVING_SPEC)):
         t0 = time.perf_counter()
-        engine = SlotEngine(model, make_drafter("ngram", num_draft=args.num_draft), "float", slots=args.slots,
-                            max_len=args.max_len, chunk_steps=8, prefill_buckets=(32, 64, 128), spec=spec)
+        engines[name] = SlotEngine(model, make_drafter("ngram", num_draft=args.num_draft), "float",
+                                   slots=args.slots, max_len=args.max_len, chunk_steps=8,
+                                   prefill_buckets=(32, 64, 128), spec=spec)
         compile_s[name] = time.perf_counter() - t0
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    device = {name: [] for name in CONFIGS}
+    for name, extra in CONFIGS.items():  # warm-up
+        _device_run(engines["before" if name == "before" else "shipped"], ids, 4, extra)
+    for r in range(args.repeats):
+        for name, extra in CONFIGS.items():
+            device[name].append(_device_run(engines["before" if name == "before" else "shipped"], ids,
+                                            args.max_tokens, extra))
+            print(json.dumps({"device round": r, "config": name, **device[name][-1]}), flush=True)
+    servers = {}
+    for name, engine in engines.items():
         scheduler = Scheduler(engine, max_queue=max(64, len(prompts))).start()
         servers[name] = ServerThread(create_app(Api(scheduler, tokenizer, model_name="m", stop_ids=stop_ids),
                                                 on_shutdown=scheduler.stop)).start()
@@ -122,10 +167,9 @@ def throughput(args, model, tokenizer, stop_ids) -> dict:
     finally:
         for s in servers.values():
             s.stop()
-    median = {n: statistics.median(x["tokens_per_s"] for x in rs) for n, rs in runs.items()}
-    return {"requests": len(prompts), "max_tokens": args.max_tokens, "slots": args.slots, "num_draft": args.num_draft,
-            "compile_s": compile_s, "configs": {n: extra for n, extra in CONFIGS.items()}, "runs": runs,
-            "median_tokens_per_s": median, "ratio_to_before": {n: median[n] / median["before"] for n in median}}
+    return {"requests": len(prompts), "max_tokens": args.max_tokens, "slots": args.slots,
+            "num_draft": args.num_draft, "compile_s": compile_s, "configs": CONFIGS,
+            "device": _summary(device), "http": _summary(runs)}
 
 
 # ----------------------------------------------------------------------------- 2. logprobs
@@ -204,11 +248,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
-    t = report["throughput"]
-    print("| config | median tok/s | vs before | tau |\n| --- | ---: | ---: | ---: |")
+    d, h = report["throughput"]["device"], report["throughput"]["http"]
+    print("| config | device tok/s | vs before | HTTP tok/s | vs before | tau |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for n in CONFIGS:
-        print(f"| {n} | {t['median_tokens_per_s'][n]:.1f} | {t['ratio_to_before'][n]:.3f} | "
-              f"{statistics.median(x['tau'] for x in t['runs'][n]):.2f} |")
+        print(f"| {n} | {d['median_tokens_per_s'][n]:.1f} | {d['ratio_to_before'][n]:.3f} | "
+              f"{h['median_tokens_per_s'][n]:.1f} | {h['ratio_to_before'][n]:.3f} | {h['median_tau'][n]:.2f} |")
     print(json.dumps({k: report[k] for k in ("logprobs_vs_transformers", "greedy_penalties_vs_autoregressive")}))
     return 0
 

@@ -213,10 +213,14 @@ def test_usage_stats_tokens_as_ids_and_truncation(srv):
                   extra_body={"truncate_prompt_tokens": len(tok(PROMPT)["input_ids"])})
     assert cut.usage.prompt_tokens == len(tok(PROMPT)["input_ids"])
     assert cut.choices[0].text == _greedy(client, prompt=PROMPT, max_tokens=8).choices[0].text
-    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                       temperature=0, user="me", extra_body={"chat_template_kwargs": {},
-                                                                             "add_generation_prompt": True})
-    assert r.usage.completion_tokens <= 4
+    msgs = [{"role": "user", "content": "hi", "name": "ann"}]
+    r = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4, temperature=0, user="me",
+                                       extra_body={"chat_template_kwargs": {}, "add_generation_prompt": True})
+    bare = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4, temperature=0,
+                                          extra_body={"add_generation_prompt": False})
+    assert r.usage.completion_tokens <= 4 and bare.usage.prompt_tokens < r.usage.prompt_tokens
+    raw = _greedy(client, prompt=PROMPT, max_tokens=2, extra_body={"add_special_tokens": False})
+    assert raw.usage.prompt_tokens == len(tok(PROMPT, add_special_tokens=False)["input_ids"])
 
 
 def test_vllm_benchmark_request_bodies(srv):
