@@ -151,6 +151,8 @@ def test_n_choices_and_batched_prompts(srv):
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     alone = [_greedy(client, prompt=p, max_tokens=8).choices[0].text for p in prompts]
     assert [c.text for c in batch.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    more = _greedy(client, prompt=prompts[0], n=6, max_tokens=8)  # more choices than slots: they queue
+    assert [c.text for c in more.choices] == [alone[0]] * 6 and more.usage.completion_tokens == 6 * 8
 
 
 def test_penalties_bias_and_sampling_fields(srv):

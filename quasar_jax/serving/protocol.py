@@ -116,14 +116,25 @@ _WHAT = {"prompt": "a string, a list of strings, a list of token ids or a list o
 _TYPE_ERRORS = ("type", "parsing", "model_attributes_type", "union_tag_invalid", "is_instance_of")
 
 
+_DICTS = ("logit_bias", "chat_template_kwargs")  # fields whose keys are data, not names
+
+
+def _is_tag(part) -> bool:
+    """A union member's tag in an error location (``str``, ``list[int]``), not a field name."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _param(loc: tuple) -> str | None:
-    """``("messages", 0, "content", "str")`` -> ``messages[0].content`` (union member tags dropped)."""
+    """``("messages", 0, "content", "str")`` -> ``messages[0].content`` (union member tags and
+    dict keys dropped)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.isidentifier() and part not in ("str", "int", "float", "bool"):
+        elif not _is_tag(part):
             out += ("." if out else "") + part
+        if part in _DICTS:
+            break
     return out or None
 
 
@@ -140,8 +151,8 @@ def api_error(err: ValidationError) -> ApiError:
         return ApiError(400, f"'{param}' is required", param, "missing_required_parameter")
     field = param.rsplit(".", 1)[-1].split("[")[0]
     typed = kind.endswith(_TYPE_ERRORS) or kind in _TYPE_ERRORS
-    if typed and (field in _WHAT or len(e["loc"]) > 1 and not isinstance(e["loc"][1], int)):
-        return ApiError(400, f"'{param}' must be {_WHAT.get(field, 'of another type')}", param, "invalid_type")
+    if typed and field in _WHAT:  # a union: pydantic's message names only one of its members
+        return ApiError(400, f"'{param}' must be {_WHAT[field]}", param, "invalid_type")
     got = e.get("input")
     shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 80 else type(got).__name__
     return ApiError(400, f"'{param}': {e['msg']} (got {shown})", param, "invalid_type" if typed else "invalid_value")
