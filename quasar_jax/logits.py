@@ -140,7 +140,7 @@ def accept_processed(logits: jax.Array, tree: TreeDraft, accept, rows, *, stop: 
                      penalties: bool):
     """``accept(process(logits))`` for one verify step's raw logits ``[B, N+1, V]`` of ``tree``;
     ``accept(logits)`` when no active row uses the stage. The ``lax.cond`` holds the acceptance
-    too, so its outputs (tokens, counts: small) are all that leaves it, never a copy of the logits.
+    too, so only its small outputs (tokens, n_emit) leave it, never a copy of the logits.
     ``counts [B, V]``: ids committed so far."""
     def processed():
         seen, depth = tree_rows(tree)

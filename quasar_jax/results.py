@@ -53,21 +53,22 @@ class BatchStats:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenLogprobs:
-    """One row's generated tokens' log-probabilities under the verifier's raw logits."""
+class TokenLogprob:
+    """One token's log-probability under the verifier's raw logits, and the most likely ids'."""
 
-    logprobs: list[float]  # [T]: log p of each generated token
-    top: list[list[tuple[int, float]]]  # [T][N]: the N most likely (id, log p), most likely first
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log p), most likely first
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    """Generated ids per row (prompt excluded) and statistics; ``logprobs[i]`` for rows that asked."""
+    """Generated ids per row (prompt excluded) and statistics; ``logprobs[i]``: one
+    ``TokenLogprob`` per generated token of row i, for rows that asked (else None)."""
 
     tokens: list[list[int]]
     stats: list[RowStats]
     batch_stats: BatchStats
-    logprobs: list[TokenLogprobs | None] | None = None
+    logprobs: list[list[TokenLogprob] | None] | None = None
 
 
 def result_of(final, lens: list[int], wall: float, compile_s: float, s: int,
@@ -90,8 +91,8 @@ def result_of(final, lens: list[int], wall: float, compile_s: float, s: int,
     rows_lp = None
     if logprobs is not None and any(n is not None for n in logprobs):
         lp, ids, top = (np.asarray(x) for x in (final.logprobs.token, final.logprobs.top_ids, final.logprobs.top))
-        rows_lp = [None if n is None else TokenLogprobs(
-            lp[i, lens[i]:lengths[i]].tolist(),
-            [list(zip(ids[i, j, :n].tolist(), top[i, j, :n].tolist())) for j in range(lens[i], lengths[i])])
-            for i, n in enumerate(logprobs)]
+        rows_lp = [None if n is None else [TokenLogprob(float(lp[i, j]), list(zip(ids[i, j, :n].tolist(),
+                                                                                   top[i, j, :n].tolist())))
+                                           for j in range(lens[i], lengths[i])]
+                   for i, n in enumerate(logprobs)]
     return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch, logprobs=rows_lp)

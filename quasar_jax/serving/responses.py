@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 
-from quasar_jax.serving.scheduler import TokenLogprob
+from quasar_jax.results import TokenLogprob
 from quasar_jax.text_stream import TextStream
 
 FLOOR = -9999.0

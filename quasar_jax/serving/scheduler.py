@@ -35,7 +35,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from quasar_jax.results import FINISH_CODES
+from quasar_jax.results import FINISH_CODES, TokenLogprob
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
@@ -49,14 +49,6 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The scheduler no longer accepts requests."""
-
-
-@dataclasses.dataclass
-class TokenLogprob:
-    """One token's log-probability under the verifier's raw logits, and the most likely ids'."""
-
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclasses.dataclass
