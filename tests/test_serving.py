@@ -209,6 +209,9 @@ def test_no_compilation_after_first_request(served):
                 dict(prompt="while True:\n    pass\n" * 3, max_tokens=11, temperature=0, stop=["\n"]),
                 dict(prompt="print(", max_tokens=7, top_p=0.5, extra_body={"top_k": 3}),
                 dict(prompt=[1, 2, 3], max_tokens=3),
+                dict(prompt="x = 1", max_tokens=3, logprobs=2, echo=True, n=2, seed=5, presence_penalty=0.5,
+                     logit_bias={"7": 2.0}, extra_body={"min_tokens": 1, "repetition_penalty": 1.2, "min_p": 0.1}),
+                dict(prompt=["y", "z = ("], max_tokens=0, echo=True, logprobs=1),
             ]))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
