@@ -5,7 +5,8 @@ Used by ``scripts/train_demo_model.py`` (which trained the demo model) and by
 same training split). Left out: ``site-packages``, every ``test``/``tests`` tree, ``idlelib``,
 ``lib2to3``, the generated codec tables in ``encodings``, the doc-string dump ``pydoc_data`` and
 ``__pycache__``. A file is validation when ``zlib.crc32(relative_posix_path) % val_mod == 0``
-(default 25), a rule that does not depend on which other files exist.
+(default 25), a rule that does not depend on which other files exist. ``text_prompts`` cuts
+seeded token windows out of texts (the heads' training prompts).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import sysconfig
 import zlib
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                  "encodings", "pydoc_data", "__pycache__"}
@@ -51,3 +55,20 @@ def read_texts(paths: list[Path]) -> list[str]:
         if text.strip():
             texts.append(text)
     return texts
+
+
+def text_prompts(texts: Sequence[str], tokenizer, num: int, prompt_tokens: int, seed: int,
+                 eos_id: int | None) -> list[list[int]]:
+    """``num`` windows of ``prompt_tokens`` tokens at seeded random offsets of the texts joined
+    (each followed by ``eos_id`` when given); fewer tokens than one window: the whole stream."""
+    stream = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False):
+        stream.extend(enc.ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    if not stream:
+        raise ValueError("the text gives no tokens")
+    if len(stream) <= prompt_tokens:
+        return [stream] * num
+    starts = np.random.default_rng(seed).integers(0, len(stream) - prompt_tokens, size=num)
+    return [stream[s:s + prompt_tokens] for s in starts]

@@ -29,7 +29,7 @@ Optional capabilities (read with ``getattr``, so existing drafters need none of 
 * ``uses_hidden = True``: the drafter reads the target's final hidden state of position
   ``lengths - 2`` (``LoopState.hidden [B, D]``, which the loop then carries and updates);
 * ``params``: a pytree of arrays the compiled program takes as a run-time input (see
-  ``engine.program_params``) instead of embedding them as constants;
+  ``features.program_params``) instead of embedding them as constants;
 * ``bind(hidden, params)``: the drafter of one loop step, given that step's hidden state and params;
 * ``check_model(model)``: a one-line ``ValueError`` when the drafter does not fit the model.
 """

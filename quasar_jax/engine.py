@@ -11,9 +11,12 @@ One loop iteration (all rows at once, static shapes, no host round trip):
            lookup, QSpec's W8A8 path, none)
 2. verify  forward ``[last, draft_0..draft_{K-1}]`` at positions ``lengths-1 .. lengths-1+K``
            (each row at its own offset) -> logits ``[B, K+1, V]``; K/V of all K+1 are written
-3. accept  the ``Sampler`` (``quasar_jax.sampling``): greedy prefix match, or exact speculative
-           sampling with each row's own settings -> ``tokens [B, K+1], n_emit [B]``
-4. commit  truncate at the token budget / stop ids, append, ``lengths += n_emit``. Rejected K/V
+3. accept  the logits stage (``quasar_jax.logits``: min_tokens, logit bias, penalties counting
+           the tokens before each draft position), then the ``Sampler`` (``quasar_jax.sampling``):
+           greedy prefix match, or exact speculative sampling with each row's own settings ->
+           ``tokens [B, K+1], n_emit [B]``
+4. commit  truncate at the token budget / stop ids, append, ``lengths += n_emit``; token counts
+           and (when asked) the emitted tokens' logprobs of the raw logits. Rejected K/V
            stay in the cache past ``lengths - 1``: they are hidden by the mask and overwritten by
            the next verify pass (rollback is free); the bonus token's K/V is written next step.
 
@@ -23,15 +26,14 @@ A tree drafter (``num_candidates > 1``) replaces steps 1-3 by ``quasar_jax.tree.
 trie nodes verified in one forward under a tree mask, the accepted path's K/V then moved to
 contiguous slots; step 4 is shared (docs/tree.md).
 The prompt's last token is not prefilled: it is the first token the loop verifies, so drafts are
-used from the first step on. A drafter that reads the target's hidden state (``uses_hidden``: S4C's
-heads) makes the state carry ``hidden [B, D]``, the final hidden state of position ``lengths - 2``:
-the prefill supplies it, and every verify forward (chain or tree) gathers it at the accepted path's
-end (feature reuse: drafting needs no extra target forward).
+used from the first step on. For a drafter that reads the target's hidden state (S4C) the state
+carries it, refreshed by every verify forward (feature reuse: ``quasar_jax.features``).
 
 The compiled program depends on (drafter, sampler kind, verifier mode, batch, prompt bucket, cache
-length S, number of stop ids); ``Engine`` compiles each once (ahead of time, so compile time is
+length S, number of stop ids, ``LogitsSpec``); ``Engine`` compiles each once (ahead of time, so compile time is
 measured separately from run time) and reuses it. Everything per row is device data: token
-budgets, stop ids, temperature / top-k / top-p and PRNG keys, so new values never recompile.
+budgets, stop ids, temperature / top-k / top-p / min-p, penalties, logit bias, min_tokens, logprob
+counts and PRNG keys, so new values never recompile.
 """
 
 from __future__ import annotations
@@ -46,16 +48,19 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import round_up
-from quasar_jax import compile_cache, sharding
+from quasar_jax import compile_cache, features, sharding
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, is_tree_drafter, make_drafter
+from quasar_jax.features import program_params
+from quasar_jax import logits as stage
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
 from quasar_jax.model import Qwen3
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
 from quasar_jax.results import CACHE_FULL, LENGTH, STOP, GenerationResult, result_of
 from quasar_jax.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
                                  row_keys, sampler_for)
-from quasar_jax.tree import verify_tree
+from quasar_jax.tree import chain_tree, verify_tree
 
 PROMPT_BUCKET = 32  # default prompt padding multiple (coarser: fewer programs, more padded prefill)
 CACHE_BUCKET = 128  # default cache lengths are rounded up to a multiple of this
@@ -144,29 +149,23 @@ class LoopState:
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
     keys: jax.Array  # [B] PRNG keys, one stream per row
     iteration: jax.Array  # [] int32
-    # [B, D] final hidden state of position lengths-2 (its logits gave the last token); None when
-    # no drafter of this state reads it (static: the pytree structure)
+    # The logits stage (LogitsSpec): [B, 0] / [B, 0, 0] when the program has no penalties / logprobs.
+    counts: jax.Array  # [B, V] int32: generated tokens per id (frequency / presence penalties)
+    prompt_ids: jax.Array  # [B, V] bool: ids in the prompt (repetition penalty)
+    logprobs: Logprobs  # [B, S], [B, S, NL]: raw-logits logprobs of history[b, s] (generated positions)
+    # [B, D] hidden state of position lengths-2, for drafters that read it (quasar_jax.features); else None
     hidden: jax.Array | None = None
-
-
-def program_params(params, drafter: Drafter, mesh=None):
-    """What ``make_program``'s functions take as ``params``: the model's params, paired with the
-    drafter's own (``drafter.params``, e.g. S4C's heads; replicated on ``mesh``) when it has any."""
-    extra = getattr(drafter, "params", None)
-    if extra is None:
-        return params
-    if mesh is not None:
-        extra = jax.device_put(extra, sharding.batch_sharding(mesh, 0))  # replicated
-    return params, extra
 
 
 # ----------------------------------------------------------------------------- the device program
 def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMode,
-                 stream: Callable | None = None):
-    """The device functions of one (drafter, sampler, verifier), to be jitted by the caller.
+                 stream: Callable | None = None, *, spec: LogitsSpec = LogitsSpec()):
+    """The device functions of one (drafter, sampler, verifier, logits spec), to be jitted by the
+    caller.
 
     Returns ``(init, step, run)``. Per-row inputs: ``max_new [B]`` token budgets, ``stop [B, NS]``
-    stop ids (-1 = none), ``rows`` the ``RowSampling`` arrays, ``keys [B]`` PRNG keys.
+    stop ids (-1 = none), ``rows`` the ``RowSampling`` arrays, ``keys [B]`` PRNG keys. ``spec``
+    says whether the state carries token counts (penalties) and logprob buffers.
 
     * ``init(params, prompt [B, P], prompt_lens [B], S, keys)`` prefills and gives the first
       ``LoopState``;
@@ -174,20 +173,18 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
     * ``run(params, prompt, prompt_lens, S, max_new, stop, rows, keys)`` is ``init`` followed by
       the ``while_loop`` of ``step`` until every row is done (what ``Engine`` compiles).
 
-    ``params`` is ``program_params(model_params, drafter)``. A state that carries ``hidden`` (made
-    by ``init`` for a drafter with ``uses_hidden``) has it updated by every step, whatever the
-    drafter, so programs of different drafters may share one state.
+    ``params`` is ``features.program_params(model_params, drafter)``; a state carrying ``hidden``
+    has it refreshed by every step, whatever the drafter, so programs may share one state.
     """
     k = drafter.num_draft
-    carry_hidden = bool(getattr(drafter, "uses_hidden", False))
-    has_params = getattr(drafter, "params", None) is not None
+    carry_hidden = features.uses_hidden(drafter)
 
     def merged(params):
         """(model, the drafter's params or None) from the program's ``params``."""
-        model_params, extra = params if has_params else (params, None)
+        model_params, extra = features.split_params(params, drafter)
         return nnx.merge(graphdef, model_params), extra
 
-    def chain_step(model, drafter, state: LoopState, room, rows: RowSampling, step_keys):
+    def chain_step(model, drafter, state: LoopState, room, rows: RowSampling, step_keys, process):
         draft, n_draft, cache = drafter.draft(model, state.history, state.lengths, state.cache)
         n_draft = jnp.clip(jnp.minimum(n_draft, room), 0, k)
         last = jnp.take_along_axis(state.history, state.lengths[:, None] - 1, axis=1)  # [B, 1]
@@ -195,11 +192,11 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
         cache = cache.replace(lengths=state.lengths - 1)
         logits, cache, *hidden = model(verify_tokens, positions, cache, mode=verifier,
-                                       return_hidden=state.hidden is not None)  # [B, K+1, V]
-        tokens, n_emit = sampler.accept(draft, n_draft, logits, rows, step_keys)
-        if hidden:  # the bonus token's predecessor: verify position n_emit - 1 -> [B, D]
-            return tokens, n_emit, cache, jnp.take_along_axis(hidden[0], (n_emit - 1)[:, None, None], axis=1)[:, 0]
-        return tokens, n_emit, cache, None
+                                       return_hidden=state.hidden is not None)  # [B, K+1, V] (, [B, K+1, D])
+        tokens, n_emit = process(logits, chain_tree(draft, n_draft),
+                                 lambda scored: sampler.accept(draft, n_draft, scored, rows, step_keys))
+        emit_rows = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), tokens.shape)
+        return (tokens, n_emit, cache, logits, emit_rows, *hidden)
 
     def body(model, extra, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
         b, s = state.history.shape
@@ -209,14 +206,24 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
         # Finished rows are frozen: sampling them is wasted work, so they count as greedy.
         rows = dataclasses.replace(rows, temperature=jnp.where(state.done, 0.0, rows.temperature))
-        bound = drafter.bind(state.hidden, extra) if callable(getattr(drafter, "bind", None)) else drafter
+
+        def process(logits, tree, accept):  # acceptance after the logits stage (a lax.cond)
+            if not spec.processing:
+                return accept(logits)
+            return stage.accept_processed(logits, tree, accept, rows, stop=stop, new_tokens=state.new_tokens,
+                                          counts=state.counts, prompt_ids=state.prompt_ids, active=~state.done,
+                                          penalties=spec.penalties)
+
+        bound = features.bind(drafter, state.hidden, extra)
         if is_tree_drafter(bound):  # static: tree drafts, one masked verify forward
-            tokens, n_emit, cache, *hidden = verify_tree(
+            tokens, n_emit, cache, raw, emit_rows, *verify_hidden = verify_tree(
                 model, bound, sampler, verifier, state.history, state.lengths, state.cache, room, rows,
-                step_keys, return_hidden=state.hidden is not None)
-            hidden = hidden[0] if hidden else None
+                step_keys, process=process, return_hidden=state.hidden is not None)
         else:
-            tokens, n_emit, cache, hidden = chain_step(model, bound, state, room, rows, step_keys)
+            tokens, n_emit, cache, raw, emit_rows, *verify_hidden = chain_step(model, bound, state, room, rows,
+                                                                               step_keys, process)
+        hidden = (features.reused_hidden(state.hidden, state.done, verify_hidden[0], emit_rows, n_emit)
+                  if verify_hidden else None)  # feature reuse (before the stop-id cut: a row cut there is done)
 
         # Stop ids: emit up to and including the first one.
         j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]
@@ -237,12 +244,17 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         reason = jnp.where(hit_stop, STOP, jnp.where(new_tokens >= max_new, LENGTH,
                                                       jnp.where(lengths >= s, CACHE_FULL, 0)))
         finish = jnp.where(state.done, state.finish, reason).astype(jnp.int32)
+        counts = stage.count_tokens(state.counts, tokens, n_emit) if spec.penalties else state.counts
+        logprobs = state.logprobs
+        if spec.max_logprobs is not None:
+            logprobs = stage.record_logprobs(logprobs, raw, emit_rows, tokens, write_at,
+                                             jnp.any((rows.logprobs >= 0) & ~state.done))
         return LoopState(
             history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1),
             done=finish > 0, finish=finish, new_tokens=new_tokens, steps=state.steps + active,
             emitted_hist=state.emitted_hist.at[jnp.arange(b), n_emit].add(active),
-            keys=keys, iteration=state.iteration + 1,
-            hidden=None if hidden is None else jnp.where(state.done[:, None], state.hidden, hidden))
+            keys=keys, iteration=state.iteration + 1, counts=counts, prompt_ids=state.prompt_ids,
+            logprobs=logprobs, hidden=hidden)
 
     def init(params, prompt, prompt_lens, max_len_static: int, keys) -> LoopState:
         """Prefill every prompt token but each row's last one; the loop's state before step 1."""
@@ -254,17 +266,18 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         if p > 1:
             positions = jnp.broadcast_to(jnp.arange(p - 1, dtype=jnp.int32), (b, p - 1))
             _, cache, *out = model(prompt[:, :-1], positions, cache, mode=verifier, return_hidden=carry_hidden)
-            if carry_hidden:  # position P-2 (a 1-token prompt has none: zeros, the drafts are then poor)
-                at = jnp.maximum(prompt_lens - 2, 0)[:, None, None]
-                hidden = jnp.where((prompt_lens >= 2)[:, None], jnp.take_along_axis(out[0], at, axis=1)[:, 0], 0)
+            if carry_hidden:
+                hidden = features.prefill_hidden(out[0], prompt_lens)
         history = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompt)
         full = prompt_lens >= s
+        v = model.config.vocab_size if spec.penalties else 0
         return LoopState(
             history=history, lengths=prompt_lens, cache=cache.replace(lengths=prompt_lens - 1),
             done=full, finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32),
             new_tokens=jnp.zeros((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32),
             emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32),
-            hidden=hidden)
+            counts=jnp.zeros((b, v), jnp.int32), prompt_ids=stage.prompt_mask(history, prompt_lens, v),
+            logprobs=stage.empty_logprobs(b, s, spec.max_logprobs), hidden=hidden)
 
     def step(params, state: LoopState, max_new, stop, rows) -> LoopState:
         """One draft-verify-accept-commit iteration (the loop body)."""
@@ -324,25 +337,23 @@ class Engine:
         return stop
 
     def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
-                 s: int, n_stop: int, stream: bool):
-        key = (drafter, sampler, verifier, b, p, s, n_stop, stream)
+                 s: int, n_stop: int, stream: bool, spec: LogitsSpec = LogitsSpec()):
+        key = (drafter, sampler, verifier, b, p, s, n_stop, stream, spec)
         if key in self._compiled:
             return self._compiled[key], 0.0
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
-                                 self._stream if stream else None)
+                                 self._stream if stream else None, spec=spec)
         i32 = jnp.int32
         inputs = (jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32),
                   jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
                   RowSampling.abstract(b), jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
-        out_shardings = None
+        out_shardings, params = None, program_params(self.params, drafter, self.mesh)
         if self.mesh is not None:  # rows on "data"; the params carry their own shardings
             inputs, out_shardings = sharding.program_shardings(
-                lambda *a: run(program_params(self.params, drafter), *a[:2], s, *a[2:]), inputs, self.mesh,
-                self.model.config)
+                lambda *a: run(params, *a[:2], s, *a[2:]), inputs, self.mesh, self.model.config)
         jitted = jax.jit(run, static_argnums=(3,), out_shardings=out_shardings)
         t0 = time.perf_counter()
-        compiled = jitted.lower(program_params(self.params, drafter, self.mesh), *inputs[:2], s,
-                                *inputs[2:]).compile()
+        compiled = jitted.lower(params, *inputs[:2], s, *inputs[2:]).compile()
         compile_s = time.perf_counter() - t0
         self._compiled[key] = compiled
         return compiled, compile_s
@@ -371,7 +382,9 @@ class Engine:
         """Generate for a batch of token-id prompts (ragged lengths allowed).
 
         ``sampling`` optionally gives row ``i`` its own ``SamplingParams`` (``None`` entries use
-        the config's). ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
+        the config's), penalties, logit bias, min_tokens and logprobs included (the result's
+        ``logprobs[i]`` then holds row i's; a batch that uses none of them compiles without them).
+        ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
         loop iteration with the tokens each row appended; it may return a ``[B]`` bool array of rows
         to stop there (finish reason ``stop``: how stop strings are honoured).
         """
@@ -386,6 +399,13 @@ class Engine:
             rows = [cfg.sampling if r is None else r for r in sampling]
             if not all(isinstance(r, SamplingParams) for r in rows):
                 raise ValueError("sampling entries must be SamplingParams or None")
+        vocab = self.model.config.vocab_size
+        bad = next((t for r in rows for t, _ in r.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is not in [0, {vocab})")
+        spec = LogitsSpec(processing=any(r.processed for r in rows), penalties=any(r.penalized for r in rows),
+                          max_logprobs=MAX_LOGPROBS if any(r.logprobs is not None for r in rows) else None)
+        wanted = [r.logprobs for r in rows]
         prompts, lens, rows = sharding.pad_rows(self.mesh, prompts, lens, rows)  # B % data == 0
         longest = max(lens)
         s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
@@ -408,7 +428,7 @@ class Engine:
         if callable(getattr(drafter, "check_model", None)):
             drafter.check_model(self.model)  # e.g. S4C heads trained for another model
         program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
-                                           stop.shape[1], stream is not None)
+                                           stop.shape[1], stream is not None, spec)
         inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
                   row_keys(rows, cfg.seed))
         inputs = sharding.put_inputs(inputs, self.mesh, self.model.config)
@@ -419,8 +439,9 @@ class Engine:
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
-        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None, hidden=None), b)  # pad rows dropped
-        return result_of(host, lens[:b], wall, compile_s, s, drafter.num_draft)
+        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None, counts=None, prompt_ids=None,
+                                                      hidden=None), b)  # pad rows dropped
+        return result_of(host, lens[:b], wall, compile_s, s, drafter.num_draft, wanted[:b])
 
 
 def generate(model: Qwen3, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

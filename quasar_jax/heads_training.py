@@ -69,23 +69,6 @@ class HeadsData:
             return cls(f["tokens"], f["prompt_lens"], f["lengths"])
 
 
-def text_prompts(texts: Sequence[str], tokenizer, num: int, prompt_tokens: int, seed: int,
-                 eos_id: int | None) -> list[list[int]]:
-    """``num`` windows of ``prompt_tokens`` tokens at seeded random offsets of the texts joined
-    (each followed by ``eos_id`` when given); fewer tokens than one window: the whole stream."""
-    stream = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False):
-        stream.extend(enc.ids)
-        if eos_id is not None:
-            stream.append(eos_id)
-    if not stream:
-        raise ValueError("the text gives no tokens")
-    if len(stream) <= prompt_tokens:
-        return [stream] * num
-    starts = np.random.default_rng(seed).integers(0, len(stream) - prompt_tokens, size=num)
-    return [stream[s:s + prompt_tokens] for s in starts]
-
-
 def generate_data(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
                   stop_ids: tuple[int, ...], on_batch: Callable[[int], None] | None = None) -> HeadsData:
     """The target's greedy continuations of ``prompts`` (``Engine``, n-gram drafts: same output)."""

@@ -23,8 +23,11 @@ from pathlib import Path
 
 from quasar_jax.cli import (DTYPES, OneLineParser, explicit_flags, float_in, int_at_least, non_negative_int,
                             positive_int, run_cli)
+from quasar_jax import corpus
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
+from quasar_jax.outputs import check_output_dir, staged_dir, write_text_atomic
+from quasar_jax.prompts import Prompt, check_prompt, encode, read_prompt_file, read_text_file, stop_ids_of
 
 PROG = "python -m quasar_jax.train_heads"
 RUN_FILE = "run.json"  # the settings of the run in DIR (resume checks them)
@@ -102,10 +105,6 @@ def text_files(paths: list[str]) -> list[Path]:
 
 def prompts_of(args, tokenizer, eos_id) -> tuple[list[list[int]], str]:
     """Prompt ids and a description of where they came from."""
-    from quasar_jax import corpus
-    from quasar_jax.heads_training import text_prompts
-    from quasar_jax.prompts import Prompt, check_prompt, encode, read_prompt_file, read_text_file
-
     if args.prompt or args.prompt_file:
         ps = ([Prompt(check_prompt(t, f"--prompt {i + 1}")) for i, t in enumerate(args.prompt)] if args.prompt
               else read_prompt_file(args.prompt_file))
@@ -124,7 +123,7 @@ def prompts_of(args, tokenizer, eos_id) -> tuple[list[list[int]], str]:
                              "give --text, --prompt or --prompt-file") from None
         texts = corpus.read_texts(train)
         where = f"the demo model's training split of {root} ({len(train)} files)"
-    ids = text_prompts(texts, tokenizer, args.num_prompts, args.prompt_tokens, args.seed, eos_id)
+    ids = corpus.text_prompts(texts, tokenizer, args.num_prompts, args.prompt_tokens, args.seed, eos_id)
     return ids, f"{len(ids)} windows of {args.prompt_tokens} tokens of {where}"
 
 
@@ -134,8 +133,6 @@ def run_settings(args) -> dict:
 
 def prepare_out(args) -> tuple[Path, bool]:
     """The output directory, and whether it holds an interrupted run to resume."""
-    from quasar_jax.outputs import check_output_dir
-
     out = check_output_dir(args.out, owned=OWNED)
     if (out / "heads.json").exists():
         raise InputError(f"--out {args.out} already holds trained heads; choose a new or empty directory")
@@ -167,8 +164,6 @@ def run(args, given: set[str]) -> int:
                                            batch_rows, generate_data, optimizer, place, plot_curve, put_batch,
                                            train_step, tree_meta)
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-    from quasar_jax.outputs import staged_dir, write_text_atomic
-    from quasar_jax.prompts import stop_ids_of
 
     check_args(args, given)
     mesh = sharding.start(args)

@@ -24,7 +24,8 @@ from flax import nnx
 
 from pallas_kernels import round_up
 from quasar_jax.bench.report import machine_info
-from quasar_jax.engine import GenerationConfig, make_program, program_params
+from quasar_jax.engine import GenerationConfig, make_program
+from quasar_jax.features import program_params
 from quasar_jax.loading import load
 from quasar_jax.prompts import encode, load_questions
 from quasar_jax.sampling import RowSampling, row_keys, sampler_for

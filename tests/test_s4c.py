@@ -14,7 +14,8 @@ from flax import nnx
 
 from conftest import random_heads
 from quasar_jax.drafters import make_drafter
-from quasar_jax.engine import Engine, GenerationConfig, make_program, program_params
+from quasar_jax.engine import Engine, GenerationConfig, make_program
+from quasar_jax.features import program_params
 from quasar_jax.errors import InputError
 from quasar_jax.heads import DraftHeads, head_logits
 from quasar_jax.loading import load_model

@@ -5,16 +5,21 @@ per-row input of ``make_program``'s ``step`` (token budget, stop ids, sampling s
 arrays. A free slot is a done row (``step`` freezes done rows). Four programs, each compiled once
 ahead of time when ``SlotEngine`` is built, so requests coming and going never compile:
 
-* ``prefill(params, cache1, tokens [1, C], start)``: K/V of one prompt piece of ``C`` tokens
-  (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a one-row staging cache
-  at slots ``start .. start+C-1``. Pad tokens past the prompt write slots that are masked and
-  overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded prefill.
-* ``admit(slots, cache1, slot, history_row [S], prompt_len, max_new, stop_row, temperature,
-  top_k, top_p, key)``: copies the staging row into row ``slot`` of the ``[L, B, S, G, E]``
-  cache (``lax.dynamic_update_slice``) and resets that row's loop fields and inputs.
+* ``prefill(params, staged, tokens [1, C], start, next_tokens [1, C], want, at)``: K/V of one prompt
+  piece of ``C`` tokens (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a
+  one-row staging cache at slots ``start .. start+C-1``. Pad tokens past the prompt write slots
+  that are masked and overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded
+  prefill. When ``want`` (a device bool: one program either way) it also returns the logprobs of
+  ``next_tokens`` (the prompt shifted by one: echo) and their top alternatives.
+* ``admit(slots, cache1, slot, history_row [S], prompt_len, max_new, stop_row, row, key)``:
+  copies the staging row into row ``slot`` of the ``[L, B, S, G, E]`` cache
+  (``lax.dynamic_update_slice``) and resets that row's loop fields and inputs; ``row`` is the
+  request's ``RowSampling`` (one row: sampling, penalties, logit bias, min_tokens, logprobs).
 * ``chunk(params, slots)``: a ``lax.while_loop`` of ``step`` until ``N`` steps have run, or a row
-  that was running at entry is done, or a newly admitted row has its first tokens, or no row runs. Returns the new state, the tokens each row
-  appended (``[B, N*(K+1)]``, from its length at entry) and ``n_emit`` per step (``[N, B]``).
+  that was running at entry is done, or a newly admitted row has its first tokens, or no row runs.
+  Returns the new state, the tokens each row appended (``[B, N*(K+1)]``, from its length at
+  entry), their logprobs and top alternatives (``quasar_jax.logits.Logprobs``, fetched to the host
+  only when a request asked) and ``n_emit`` per step (``[N, B]``).
 * ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
   host, cancelled (disconnected) requests.
 
@@ -35,13 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from quasar_jax import logits as stage
 from quasar_jax.drafters import Drafter
-from quasar_jax.engine import LoopState, make_program, program_params
+from quasar_jax.engine import LoopState, make_program
+from quasar_jax.features import program_params, uses_hidden
+from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
 from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
 from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
+
+SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
 
 
 @jax.tree_util.register_dataclass
@@ -77,6 +87,7 @@ class ChunkResult:
     new_tokens: np.ndarray  # [B]
     steps: np.ndarray  # [B] verify steps while active
     iterations: int  # loop iterations run by this chunk
+    logprobs: Logprobs | None = None  # [B, N*(K+1)] (, NL) of ``tokens``, when asked for
 
 
 def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -98,7 +109,8 @@ class SlotEngine:
     """
 
     def __init__(self, model, drafter: Drafter, verifier: QuantMode | str, *, slots: int, max_len: int,
-                 num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128)):
+                 num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128),
+                 spec: LogitsSpec = SERVING_SPEC):
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
             raise ValueError(f"verifier '{verifier}' does not match the model's weights "
@@ -109,8 +121,8 @@ class SlotEngine:
             raise ValueError(f"prefill_buckets must be increasing positive sizes, got {prefill_buckets!r}")
         if callable(getattr(drafter, "check_model", None)):
             drafter.check_model(model)  # e.g. S4C heads trained for another model
-        self.model, self.drafter, self.verifier = model, drafter, verifier
-        self.hidden = bool(getattr(drafter, "uses_hidden", False))
+        self.model, self.drafter, self.verifier, self.spec = model, drafter, verifier, spec
+        self.hidden = uses_hidden(drafter)
         self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
         self.k = drafter.num_draft
         self.buckets = tuple(min(c, max_len) for c in prefill_buckets)
@@ -122,30 +134,34 @@ class SlotEngine:
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
         cfg, dtype, carry = self.model.config, self.model.dtype, self.hidden
-        _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier)
+        spec = self.spec
+        _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier, spec=spec)
         m = n * (k + 1)
+        n_top = spec.max_logprobs or 0
 
         def empty(params) -> SlotState:
             del params
-            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, hidden=carry), max_new=jnp.ones((b,), jnp.int32),
-                             stop=jnp.full((b, self.ns), -1, jnp.int32),
+            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, spec, hidden=carry),
+                             max_new=jnp.ones((b,), jnp.int32), stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
 
-        def prefill(params, staged: Staging, tokens, start, at):
+        def prefill(params, staged: Staging, tokens, start, next_tokens, want, at):
             """``at``: the piece index of prompt position P-2 (its hidden state is kept)."""
             model = nnx.merge(graphdef, params)
             c = tokens.shape[1]
             positions = (start + jnp.arange(c, dtype=jnp.int32))[None, :]
-            _, cache1, *out = model(tokens, positions, staged.cache.replace(lengths=jnp.reshape(start, (1,))),
-                                    mode=verifier, return_hidden=carry)
+            logits, cache1, *out = model(tokens, positions, staged.cache.replace(lengths=jnp.reshape(start, (1,))),
+                                         mode=verifier, return_hidden=carry)
             hidden = staged.hidden
             if carry:  # [1, D]
                 row = jax.lax.dynamic_slice_in_dim(out[0][0], jnp.clip(at, 0, c - 1), 1)
                 hidden = jnp.where((at >= 0) & (at < c), row, hidden)
-            return Staging(cache1, hidden)
+            empty_lp = stage.empty_logprobs(1, c, n_top)
+            lp = jax.lax.cond(want, lambda: stage.token_logprobs(logits, next_tokens, n_top), lambda: empty_lp)
+            return Staging(cache1, hidden), lp
 
         def admit(st: SlotState, staged: Staging, slot, history_row, prompt_len, max_new, stop_row,
-                  temperature, top_k, top_p, key) -> SlotState:
+                  row: RowSampling, key) -> SlotState:
             lp, cache1 = st.loop, staged.cache
             zero = jnp.zeros((), jnp.int32)
             at = (zero, slot, zero, zero, zero)
@@ -159,9 +175,12 @@ class SlotEngine:
                 finish=lp.finish.at[slot].set(jnp.where(full, CACHE_FULL, 0)),
                 new_tokens=lp.new_tokens.at[slot].set(0), steps=lp.steps.at[slot].set(0),
                 emitted_hist=lp.emitted_hist.at[slot].set(0), keys=lp.keys.at[slot].set(key),
-                iteration=lp.iteration, hidden=None if lp.hidden is None else lp.hidden.at[slot].set(staged.hidden[0]))
-            rows = RowSampling(temperature=st.rows.temperature.at[slot].set(temperature),
-                               top_k=st.rows.top_k.at[slot].set(top_k), top_p=st.rows.top_p.at[slot].set(top_p))
+                iteration=lp.iteration, counts=lp.counts.at[slot].set(0),
+                prompt_ids=lp.prompt_ids.at[slot].set(
+                    stage.prompt_mask(history_row[None], prompt_len[None], lp.prompt_ids.shape[1])[0]),
+                logprobs=lp.logprobs,  # stale logprobs are overwritten before they are read
+                hidden=None if lp.hidden is None else lp.hidden.at[slot].set(staged.hidden[0]))
+            rows = jax.tree.map(lambda all_rows, one: all_rows.at[slot].set(one[0]), st.rows, row)
             return SlotState(loop=loop, max_new=st.max_new.at[slot].set(max_new),
                              stop=st.stop.at[slot].set(stop_row), rows=rows)
 
@@ -184,9 +203,14 @@ class SlotEngine:
                                                              jnp.zeros((n, b), jnp.int32)))
             idx = jnp.clip(start_len[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :], 0, s - 1)
             tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
+            if spec.max_logprobs is None:
+                logprobs = stage.empty_logprobs(b, m, 0)
+            else:  # the same positions of the logprob buffers
+                logprobs = jax.tree.map(lambda buf: jnp.take_along_axis(
+                    buf, idx.reshape(idx.shape + (1,) * (buf.ndim - 2)), axis=1), loop.logprobs)
             out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
                    loop.steps, loop.iteration - start_it)
-            return dataclasses.replace(st, loop=loop), out
+            return dataclasses.replace(st, loop=loop), out, logprobs
 
         def finish(st: SlotState, mask) -> SlotState:
             lp = st.loop
@@ -194,7 +218,7 @@ class SlotEngine:
                                        finish=jnp.where(mask & ~lp.done, STOP, lp.finish).astype(jnp.int32))
             return dataclasses.replace(st, loop=loop)
 
-        i32, f32 = jnp.int32, jnp.float32
+        i32 = jnp.int32
         sds = jax.ShapeDtypeStruct
         abstract_state = jax.eval_shape(empty, None)
         def new_staging() -> Staging:
@@ -207,15 +231,16 @@ class SlotEngine:
         self._empty = jax.jit(empty)
         self._cache1 = jax.jit(new_staging)
         self._prefill = {c: jax.jit(prefill, donate_argnums=(1,)).lower(
-            self.params, staging1, sds((1, c), i32), scalar, scalar).compile() for c in sorted(set(self.buckets))}
+            self.params, staging1, sds((1, c), i32), scalar, sds((1, c), i32), sds((), jnp.bool_), scalar).compile()
+            for c in sorted(set(self.buckets))}
         self._admit = jax.jit(admit, donate_argnums=(0,)).lower(
             abstract_state, staging1, scalar, sds((s,), i32), scalar, scalar, sds((self.ns,), i32),
-            sds((), f32), scalar, sds((), f32), key1).compile()
+            RowSampling.abstract(1), key1).compile()
         self._chunk = jax.jit(chunk, donate_argnums=(1,)).lower(self.program_params, abstract_state).compile()
         self._finish = jax.jit(finish, donate_argnums=(0,)).lower(abstract_state, sds((b,), jnp.bool_)).compile()
         self.state = self._empty(None)
         self.new_staging()  # compile the small helpers now, not at the first request
-        self.key_for(SamplingParams(), 0)
+        self.key_for(SamplingParams(), 0, index=1)
 
     @property
     def num_programs(self) -> int:
@@ -229,29 +254,53 @@ class SlotEngine:
     def new_staging(self) -> Staging:
         return self._cache1()
 
+    def _run_prefill(self, cache1: Staging, prompt: list[int], start: int, size: int, want: bool):
+        piece = np.zeros((2, size), np.int32)  # the piece and the tokens each position predicts
+        for row, at in enumerate((start, start + 1)):
+            part = prompt[at:at + size]
+            piece[row, :len(part)] = part
+        return self._prefill[size](self.params, cache1, jnp.asarray(piece[:1]), jnp.int32(start),
+                                   jnp.asarray(piece[1:]), jnp.asarray(want), jnp.int32(len(prompt) - 2 - start))
+
     def prefill(self, cache1: Staging, prompt: list[int], start: int, size: int) -> Staging:
         """Prefill ``prompt[start:start+size]`` (padded) into the staging area."""
-        piece = np.zeros((1, size), np.int32)
-        part = prompt[start:start + size]
-        piece[0, :len(part)] = part
-        return self._prefill[size](self.params, cache1, jnp.asarray(piece), jnp.int32(start),
-                                   jnp.int32(len(prompt) - 2 - start))
+        return self._run_prefill(cache1, prompt, start, size, False)[0]
+
+    def prefill_logprobs(self, cache1: Staging, prompt: list[int], start: int,
+                         size: int) -> tuple[Staging, Logprobs]:
+        """``prefill``, plus the host logprobs ``[size]`` (and top ``[size, NL]``) of
+        ``prompt[start+1 : start+size+1]`` under the raw logits of the positions before them."""
+        if self.spec.max_logprobs is None:
+            raise ValueError("this slot engine was built without logprobs")
+        cache1, lp = self._run_prefill(cache1, prompt, start, size, True)
+        return cache1, jax.tree.map(lambda x: x[0], jax.device_get(lp))
+
+    def check(self, sampling: SamplingParams) -> None:
+        """``ValueError`` when this engine's programs cannot serve ``sampling``."""
+        if (sampling.penalized and not self.spec.penalties) or (sampling.processed and not self.spec.processing):
+            raise ValueError("this slot engine was built without penalties, logit bias and min_tokens")
+        if sampling.logprobs is not None and (self.spec.max_logprobs or 0) < sampling.logprobs:
+            raise ValueError(f"this slot engine returns at most {self.spec.max_logprobs or 0} logprobs")
 
     def admit(self, cache1: Staging, slot: int, prompt: list[int], max_new: int, stop_ids: tuple[int, ...],
               sampling: SamplingParams, key) -> None:
+        self.check(sampling)
+        if len(stop_ids) > self.ns:
+            raise ValueError(f"{len(stop_ids)} stop ids; this slot engine holds {self.ns}")
         history = np.zeros((self.s,), np.int32)
         history[:len(prompt)] = prompt
         stop = np.full((self.ns,), -1, np.int32)
         stop[:len(stop_ids)] = stop_ids
         self.state = self._admit(self.state, cache1, jnp.int32(slot), jnp.asarray(history),
                                  jnp.int32(len(prompt)), jnp.int32(max_new), jnp.asarray(stop),
-                                 jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                                 jnp.float32(sampling.top_p), key)
+                                 RowSampling.of([sampling]), key)
 
-    def chunk(self) -> ChunkResult:
-        self.state, out = self._chunk(self.program_params, self.state)
+    def chunk(self, logprobs: bool = False) -> ChunkResult:
+        """One chunk; ``logprobs``: also fetch the appended tokens' logprobs (when a request asked)."""
+        self.state, out, lp = self._chunk(self.program_params, self.state)
         tokens, appended, emits, done, finish, new_tokens, steps, iters = jax.device_get(out)
-        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters))
+        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters),
+                           jax.device_get(lp) if logprobs else None)
 
     def finish(self, slots: list[int]) -> None:
         mask = np.zeros((self.b,), bool)
@@ -259,17 +308,22 @@ class SlotEngine:
         self.state = self._finish(self.state, jnp.asarray(mask))
 
     @staticmethod
-    def key_for(sampling: SamplingParams, seed: int):
-        """The PRNG key of one request: from its own seed alone when it has one."""
-        return row_keys([sampling], seed)[0]
+    def key_for(sampling: SamplingParams, seed: int, index: int = 0):
+        """The PRNG key of one request's choice ``index``: from the request's own seed alone when it
+        has one; choices after the first fold their index in (different, reproducible)."""
+        key = row_keys([sampling], seed)[0]
+        return key if index == 0 else jax.random.fold_in(key, index)
 
 
-def _empty_loop(cfg, dtype, b: int, s: int, k: int, *, hidden: bool = False) -> LoopState:
+def _empty_loop(cfg, dtype, b: int, s: int, k: int, spec: LogitsSpec, *, hidden: bool = False) -> LoopState:
     """A ``LoopState`` with every row done (every slot free); ``hidden``: it carries ``[B, D]``."""
     zeros = jnp.zeros((b,), jnp.int32)
+    v = cfg.vocab_size if spec.penalties else 0
     return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
                      cache=KVCache.init(cfg, b, s, dtype), done=jnp.ones((b,), bool),
                      finish=jnp.full((b,), LENGTH, jnp.int32), new_tokens=zeros, steps=zeros,
                      emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
                      keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32),
+                     counts=jnp.zeros((b, v), jnp.int32), prompt_ids=jnp.zeros((b, v), bool),
+                     logprobs=stage.empty_logprobs(b, s, spec.max_logprobs),
                      hidden=jnp.zeros((b, cfg.hidden_size), dtype) if hidden else None)
