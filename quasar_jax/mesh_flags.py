@@ -107,7 +107,7 @@ def add_mesh_flags(parser: argparse.ArgumentParser) -> None:
                         "most (a smaller mesh runs on the first D x M) (default: one device)")
     g.add_argument("--plan", action="store_true",
                    help="print the per-device memory plan (params + KV cache) for the model, "
-                        "--mesh, --batch-size and --max-len, then exit (loads no weights)")
+                        "--mesh, --batch-size (serve: --slots) and --max-len, then exit (loads no weights)")
     g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help="multi-host: process 0's address (or $JAX_COORDINATOR_ADDRESS; automatic on "
                         "TPU pods)")

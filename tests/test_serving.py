@@ -91,7 +91,19 @@ def test_chat_stream_and_usage(served):
 
 
 def test_seeded_sampling_reproducible_and_stop_strings(served):
-    client = served["client"]
+    """With a fixed draft length a seed reproduces its text (``--speculation auto`` keeps the
+    distribution exact but its timing-driven choice of K changes the random draws)."""
+    from quasar_jax.serving.speculation import FixedPolicy
+
+    client, scheduler = served["client"], served["scheduler"]
+    auto, scheduler.policy = scheduler.policy, FixedPolicy(len(scheduler.engine.ks) - 1)
+    try:
+        _seeded_and_stop_strings(client)
+    finally:
+        scheduler.policy = auto
+
+
+def _seeded_and_stop_strings(client):
     kw = dict(model="demo", prompt="class Stack:", max_tokens=30, temperature=0.9, top_p=0.95, seed=1234,
               extra_body={"top_k": 50})
     a = client.completions.create(**kw).choices[0].text

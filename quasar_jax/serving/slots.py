@@ -2,41 +2,55 @@
 
 The slot state is ``SlotState``: the generation loop's ``LoopState`` for ``B`` rows plus every
 per-row input of ``make_program``'s ``step`` (token budget, stop ids, sampling settings) as device
-arrays. A free slot is a done row (``step`` freezes done rows). Four programs, each compiled once
+arrays. A free slot is a done row (``step`` freezes done rows). The programs, each compiled once
 ahead of time when ``SlotEngine`` is built, so requests coming and going never compile:
 
 * ``prefill(params, cache1, tokens [1, C], start)``: K/V of one prompt piece of ``C`` tokens
   (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a one-row staging cache
   at slots ``start .. start+C-1``. Pad tokens past the prompt write slots that are masked and
   overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded prefill.
-* ``admit(slots, cache1, slot, history_row [S], prompt_len, max_new, stop_row, temperature,
-  top_k, top_p, key)``: copies the staging row into row ``slot`` of the ``[L, B, S, G, E]``
-  cache (``lax.dynamic_update_slice``) and resets that row's loop fields and inputs.
-* ``chunk(params, slots)``: a ``lax.while_loop`` of ``step`` until ``N`` steps have run, or a row
-  that was running at entry is done, or a newly admitted row has its first tokens, or no row runs. Returns the new state, the tokens each row
-  appended (``[B, N*(K+1)]``, from its length at entry) and ``n_emit`` per step (``[N, B]``).
+* ``admit(slots, cache1, slot, history_row [S], prompt_len, row, key)``: copies the staging row
+  into row ``slot`` of the ``[L, B, S, G, E]`` cache, resets that row's loop fields (from a fresh
+  one-row state) and sets its per-row inputs from ``row``: ONE pytree holding, for every per-row
+  field of ``SlotState`` (``SlotState.inputs``), that row's value (``SlotEngine.row_inputs``).
+* ``chunk_p(params, slots)``, one per drafter of ``drafters`` (e.g. K = 0, 2, 5: the
+  speculation options, ``quasar_jax.serving.speculation``), all over the SAME slot state
+  (``emitted_hist`` sized for the largest K): a ``lax.while_loop`` of that drafter's ``step``
+  until ``N`` steps have run, or a row that was running at entry is done, or a newly admitted row
+  has its first tokens, or no row runs. Returns the new state, the tokens each row appended
+  (``[B, N*(K+1)]``, from its length at entry) and ``n_emit`` per step (``[N, B]``).
 * ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
   host, cancelled (disconnected) requests.
 
-``slot`` and every per-row value are device data; only (B, S, N, K, prefill bucket, number of
-stop ids, drafter, verifier) are static.
+On a mesh (``mesh="data=2,model=4"``) the params are placed once by ``quasar_jax.sharding``'s
+rules, the slot state once (cache ``[L, B, S, G, E]`` with B on ``data`` and G on ``model``;
+every other per-row array on ``data``), and each program is compiled with explicit input and
+output shardings; the small outputs the host reads are replicated. Host arguments become global
+arrays (``sharding.put_global``), so the same calls work on every process of a multi-host group
+(``quasar_jax.serving.lockstep``).
+
+``slot`` and every per-row value are device data; only (B, S, N, the Ks, prefill bucket, number
+of stop ids, drafters, verifier, mesh) are static.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from quasar_jax import sharding
 from quasar_jax.drafters import Drafter
 from quasar_jax.engine import LoopState, make_program
-from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.kv_cache import KVCache
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
+from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
 
@@ -50,6 +64,10 @@ class SlotState:
     stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
     rows: RowSampling  # [B] sampling settings
 
+    def inputs(self) -> dict:
+        """The per-row inputs of ``step`` (every field but ``loop``; each leaf ``[B, ...]``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loop"}
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkResult:
@@ -59,10 +77,15 @@ class ChunkResult:
     appended: np.ndarray  # [B] tokens appended in this chunk
     emits: np.ndarray  # [N, B] tokens appended by each verify step (0 for steps not run / frozen)
     done: np.ndarray  # [B] bool
-    finish: np.ndarray  # [B] int32 FinishReason code (see engine.FINISH_CODES)
+    finish: np.ndarray  # [B] int32 FinishReason code (see results.FINISH_CODES)
     new_tokens: np.ndarray  # [B]
     steps: np.ndarray  # [B] verify steps while active
     iterations: int  # loop iterations run by this chunk
+
+    @property
+    def row_steps(self) -> int:
+        """Verify steps summed over the rows that emitted (tau = appended.sum() / row_steps)."""
+        return int(np.sum(self.emits > 0))
 
 
 def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -77,14 +100,23 @@ def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     return pieces
 
 
-class SlotEngine:
-    """The slots of one (model, drafter, verifier) and their compiled programs.
+def _set_row(full, slot, one):
+    """Row ``slot`` of every ``[B, ...]`` leaf of ``full`` := the leaf of ``one`` (scalars kept)."""
+    return jax.tree.map(lambda a, v: a.at[slot].set(v) if a.ndim else a, full, one)
 
-    Not thread-safe: one host thread (the scheduler) drives it.
+
+class SlotEngine:
+    """The slots of one (model, drafters, verifier, mesh) and their compiled programs.
+
+    ``drafters``: one drafter, or several (one chunk program each, chosen per call by index:
+    ``chunk(program)``). Not thread-safe: one host thread (the scheduler) drives it.
     """
 
-    def __init__(self, model, drafter: Drafter, verifier: QuantMode | str, *, slots: int, max_len: int,
-                 num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128)):
+    heartbeat_s = None  # no peers to keep in step (see lockstep.Leader)
+
+    def __init__(self, model, drafters: Drafter | Sequence[Drafter], verifier: QuantMode | str, *, slots: int,
+                 max_len: int, num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128),
+                 mesh=None):
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
             raise ValueError(f"verifier '{verifier}' does not match the model's weights "
@@ -93,25 +125,43 @@ class SlotEngine:
             raise ValueError("slots >= 1, max_len >= 2, chunk_steps >= 1 and num_stop >= 1 are required")
         if not prefill_buckets or list(prefill_buckets) != sorted(set(prefill_buckets)) or prefill_buckets[0] < 1:
             raise ValueError(f"prefill_buckets must be increasing positive sizes, got {prefill_buckets!r}")
-        self.model, self.drafter, self.verifier = model, drafter, verifier
+        self.drafters = tuple(drafters) if isinstance(drafters, (tuple, list)) else (drafters,)
+        if not self.drafters:
+            raise ValueError("at least one drafter is required")
+        self.mesh = sharding.make_mesh(mesh)
+        if self.mesh is not None:
+            data = int(self.mesh.shape["data"])
+            if slots % data:
+                raise ValueError(f"slots {slots} must be a multiple of the mesh's data axis {data}")
+            sharding.place_model(model, self.mesh)  # a no-op for params loaded onto the mesh
+        self.model, self.verifier = model, verifier
         self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
-        self.k = drafter.num_draft
-        self.buckets = tuple(min(c, max_len) for c in prefill_buckets)
+        self.ks = tuple(d.num_draft for d in self.drafters)  # K of each chunk program
+        self.k = max(self.ks)  # emitted_hist is sized for the largest
+        self.buckets = tuple(sorted({min(c, max_len) for c in prefill_buckets}))
         self.graphdef, self.params = nnx.split(model)
+        self._staged: list[int] = []  # the prompt being admitted (begin / extend)
+        self._staging: KVCache | None = None  # its one-row cache
         self._build()
+
+    @property
+    def drafter(self) -> Drafter:
+        """The drafter of the largest K (the one given when there is one)."""
+        return self.drafters[self.ks.index(self.k)]
 
     # ------------------------------------------------------------------ programs
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
         cfg, dtype = self.model.config, self.model.dtype
-        _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier)
-        m = n * (k + 1)
+        steps = [make_program(graphdef, d, RowSampler(), verifier)[1] for d in self.drafters]
 
-        def empty(params) -> SlotState:
-            del params
+        def empty() -> SlotState:
             return SlotState(loop=_empty_loop(cfg, dtype, b, s, k), max_new=jnp.ones((b,), jnp.int32),
                              stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
+
+        def staging() -> KVCache:
+            return KVCache.init(cfg, 1, s, dtype)
 
         def prefill(params, cache1: KVCache, tokens, start):
             model = nnx.merge(graphdef, params)
@@ -120,49 +170,46 @@ class SlotEngine:
             _, cache1 = model(tokens, positions, cache1.replace(lengths=jnp.reshape(start, (1,))), mode=verifier)
             return cache1
 
-        def admit(st: SlotState, cache1: KVCache, slot, history_row, prompt_len, max_new, stop_row,
-                  temperature, top_k, top_p, key) -> SlotState:
-            lp = st.loop
-            zero = jnp.zeros((), jnp.int32)
-            at = (zero, slot, zero, zero, zero)
-            cache = lp.cache.replace(k=jax.lax.dynamic_update_slice(lp.cache.k, cache1.k, at),
-                                     v=jax.lax.dynamic_update_slice(lp.cache.v, cache1.v, at))
-            lengths = lp.lengths.at[slot].set(prompt_len)
+        def admit(st: SlotState, cache1: KVCache, slot, history_row, prompt_len, row: dict, key_data) -> SlotState:
             full = prompt_len >= s
-            loop = LoopState(
-                history=lp.history.at[slot].set(history_row), lengths=lengths,
-                cache=cache.replace(lengths=lengths - 1), done=lp.done.at[slot].set(full),
-                finish=lp.finish.at[slot].set(jnp.where(full, CACHE_FULL, 0)),
-                new_tokens=lp.new_tokens.at[slot].set(0), steps=lp.steps.at[slot].set(0),
-                emitted_hist=lp.emitted_hist.at[slot].set(0), keys=lp.keys.at[slot].set(key),
-                iteration=lp.iteration)
-            rows = RowSampling(temperature=st.rows.temperature.at[slot].set(temperature),
-                               top_k=st.rows.top_k.at[slot].set(top_k), top_p=st.rows.top_p.at[slot].set(top_p))
-            return SlotState(loop=loop, max_new=st.max_new.at[slot].set(max_new),
-                             stop=st.stop.at[slot].set(stop_row), rows=rows)
+            fresh = dataclasses.replace(  # a one-row state: counters zero, its own key
+                _empty_loop(cfg, dtype, 1, s, k), history=history_row[None], lengths=prompt_len[None],
+                done=full[None], finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32)[None],
+                keys=jax.random.wrap_key_data(key_data)[None], cache=None)
+            fresh = jax.tree.map(lambda x: x[0] if x.ndim else x, fresh)
+            loop = _set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
+            cache = st.loop.cache
+            cache = cache.replace(k=cache.k.at[:, slot].set(cache1.k[:, 0]), v=cache.v.at[:, slot].set(cache1.v[:, 0]),
+                                  lengths=loop.lengths - 1)
+            inputs = {name: _set_row(value, slot, row[name]) for name, value in st.inputs().items()}
+            return dataclasses.replace(st, loop=dataclasses.replace(loop, cache=cache), **inputs)
 
-        def chunk(params, st: SlotState):
-            start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
-            fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
+        def chunk_program(step, kp: int):
+            m = n * (kp + 1)
 
-            def cond(carry):
-                i, lp, _ = carry
-                finished = jnp.any(lp.done & ~start_done)
-                first_tokens = jnp.any(fresh & (lp.new_tokens > 0))  # return them at once (TTFT)
-                return (i < n) & jnp.any(~lp.done) & ~finished & ~first_tokens
+            def chunk(params, st: SlotState):
+                start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
+                fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
 
-            def body(carry):
-                i, lp, emits = carry
-                new = step(params, lp, st.max_new, st.stop, st.rows)
-                return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
+                def cond(carry):
+                    i, lp, _ = carry
+                    finished = jnp.any(lp.done & ~start_done)
+                    first_tokens = jnp.any(fresh & (lp.new_tokens > 0))  # return them at once (TTFT)
+                    return (i < n) & jnp.any(~lp.done) & ~finished & ~first_tokens
 
-            _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
-                                                             jnp.zeros((n, b), jnp.int32)))
-            idx = jnp.clip(start_len[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :], 0, s - 1)
-            tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
-            out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
-                   loop.steps, loop.iteration - start_it)
-            return dataclasses.replace(st, loop=loop), out
+                def body(carry):
+                    i, lp, emits = carry
+                    new = step(params, lp, st.max_new, st.stop, st.rows)
+                    return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
+
+                _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
+                                                                 jnp.zeros((n, b), jnp.int32)))
+                idx = jnp.clip(start_len[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :], 0, s - 1)
+                tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
+                out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
+                       loop.steps, loop.iteration - start_it)
+                return dataclasses.replace(st, loop=loop), out
+            return chunk
 
         def finish(st: SlotState, mask) -> SlotState:
             lp = st.loop
@@ -170,69 +217,106 @@ class SlotEngine:
                                        finish=jnp.where(mask & ~lp.done, STOP, lp.finish).astype(jnp.int32))
             return dataclasses.replace(st, loop=loop)
 
-        i32, f32 = jnp.int32, jnp.float32
-        sds = jax.ShapeDtypeStruct
-        abstract_state = jax.eval_shape(empty, None)
-        cache1 = jax.eval_shape(lambda: KVCache.init(cfg, 1, s, dtype))
-        key1 = jax.eval_shape(lambda: jax.random.key(0))
-        scalar = sds((), i32)
-        self._empty = jax.jit(empty)
-        self._cache1 = jax.jit(lambda: KVCache.init(cfg, 1, s, dtype))
-        self._prefill = {c: jax.jit(prefill, donate_argnums=(1,)).lower(
-            self.params, cache1, sds((1, c), i32), scalar).compile() for c in sorted(set(self.buckets))}
-        self._admit = jax.jit(admit, donate_argnums=(0,)).lower(
-            abstract_state, cache1, scalar, sds((s,), i32), scalar, scalar, sds((self.ns,), i32),
-            sds((), f32), scalar, sds((), f32), key1).compile()
-        self._chunk = jax.jit(chunk, donate_argnums=(1,)).lower(self.params, abstract_state).compile()
-        self._finish = jax.jit(finish, donate_argnums=(0,)).lower(abstract_state, sds((b,), jnp.bool_)).compile()
-        self.state = self._empty(None)
-        self.new_staging()  # compile the small helpers now, not at the first request
-        self.key_for(SamplingParams(), 0)
+        sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+        state, cache1 = jax.eval_shape(empty), jax.eval_shape(staging)
+        self.row_spec = jax.tree.map(lambda x: sds(x.shape[1:], x.dtype), state.inputs())  # one row's inputs
+        self.key_spec = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        state_sh = cache1_sh = out_sh = None
+        host = {"scalar": sds((), i32), "piece": {c: sds((1, c), i32) for c in self.buckets},
+                "history": sds((s,), i32), "row": self.row_spec, "key": self.key_spec, "mask": sds((b,), jnp.bool_)}
+        if self.mesh is not None:
+            mesh, rules = self.mesh, sharding.axis_rules(cfg, self.mesh)
+            state_sh = sharding.with_batch_shardings(state, mesh, cfg)
+            staging_5d = NamedSharding(mesh, sharding.logical_spec(sharding.CACHE_AXES, {**rules, "batch": None}))
+            cache1_sh = jax.tree.map(lambda x: staging_5d if x.ndim == 5 else sharding.replicated(mesh), cache1)
+            out_sh = sharding.replicated(mesh)
+            state, cache1 = sharding.sharded_abstract(state, state_sh), sharding.sharded_abstract(cache1, cache1_sh)
+            host = jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=out_sh), host)
+
+        def aot(fn, args, out, donate=()):
+            return jax.jit(fn, out_shardings=out, donate_argnums=donate).lower(*args).compile()
+
+        p = self.params
+        self._empty = aot(empty, (), state_sh)
+        self._new_staging = aot(staging, (), cache1_sh)
+        self._prefill = {c: aot(prefill, (p, cache1, host["piece"][c], host["scalar"]), cache1_sh, (1,))
+                         for c in self.buckets}
+        self._admit = aot(admit, (state, cache1, host["scalar"], host["history"], host["scalar"], host["row"],
+                                  host["key"]), state_sh, (0,))
+        self._chunk = [aot(chunk_program(step, d.num_draft), (p, state), (state_sh, out_sh), (1,))
+                       for step, d in zip(steps, self.drafters)]
+        self._finish = aot(finish, (state, host["mask"]), state_sh, (0,))
+        self.state = self._empty()
+        self.key_data(SamplingParams(), 0)  # compile the host-side key helpers now, not at the first request
 
     @property
     def num_programs(self) -> int:
-        return len(self._prefill) + 3
+        return len(self._prefill) + len(self._chunk) + 4
 
-    # ------------------------------------------------------------------ host API
+    def _put(self, tree):
+        """Host values -> device arguments (replicated global arrays on a mesh)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        out = sharding.replicated(self.mesh)
+        return jax.tree.map(lambda x: sharding.put_global(np.asarray(x), out), tree)
+
+    # ------------------------------------------------------------------ host API (the lockstep ops)
     def reset(self) -> None:
         """Every slot free (after a failure)."""
-        self.state = self._empty(None)
+        self.state = self._empty()
+        self._staging, self._staged = None, []
 
-    def new_staging(self) -> KVCache:
-        return self._cache1()
+    def begin(self, prompt: Sequence[int] = ()) -> None:
+        """Start staging a prompt (its tokens now, or by ``extend``) in a fresh one-row cache."""
+        self._staging, self._staged = self._new_staging(), [int(t) for t in prompt]
 
-    def prefill(self, cache1: KVCache, prompt: list[int], start: int, size: int) -> KVCache:
-        """Prefill ``prompt[start:start+size]`` (padded) into the staging cache."""
+    def extend(self, tokens: Sequence[int]) -> None:
+        """More tokens of the staged prompt."""
+        self._staged.extend(int(t) for t in tokens)
+
+    def prefill(self, start: int, size: int) -> None:
+        """Prefill ``prompt[start:start+size]`` (padded) of the staged prompt into its cache."""
         piece = np.zeros((1, size), np.int32)
-        part = prompt[start:start + size]
+        part = self._staged[start:start + size]
         piece[0, :len(part)] = part
-        return self._prefill[size](self.params, cache1, jnp.asarray(piece), jnp.int32(start))
+        self._staging = self._prefill[size](self.params, self._staging, *self._put((piece, np.int32(start))))
 
-    def admit(self, cache1: KVCache, slot: int, prompt: list[int], max_new: int, stop_ids: tuple[int, ...],
-              sampling: SamplingParams, key) -> None:
+    def admit(self, slot: int, row: dict, key_data: np.ndarray) -> None:
+        """The staged prompt into slot ``slot`` with per-row inputs ``row`` (``row_inputs``)."""
         history = np.zeros((self.s,), np.int32)
-        history[:len(prompt)] = prompt
-        stop = np.full((self.ns,), -1, np.int32)
-        stop[:len(stop_ids)] = stop_ids
-        self.state = self._admit(self.state, cache1, jnp.int32(slot), jnp.asarray(history),
-                                 jnp.int32(len(prompt)), jnp.int32(max_new), jnp.asarray(stop),
-                                 jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                                 jnp.float32(sampling.top_p), key)
+        history[:len(self._staged)] = self._staged
+        args = self._put((np.int32(slot), history, np.int32(len(self._staged)), row, key_data))
+        self.state = self._admit(self.state, self._staging, *args)  # the staging stays (until ``begin``)
 
-    def chunk(self) -> ChunkResult:
-        self.state, out = self._chunk(self.params, self.state)
-        tokens, appended, emits, done, finish, new_tokens, steps, iters = jax.device_get(out)
+    def chunk(self, program: int = 0) -> ChunkResult:
+        """Run chunk program ``program`` (index into ``drafters``)."""
+        self.state, out = self._chunk[program](self.params, self.state)
+        tokens, appended, emits, done, finish, new_tokens, steps, iters = sharding.fetch(out)
         return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters))
 
-    def finish(self, slots: list[int]) -> None:
-        mask = np.zeros((self.b,), bool)
-        mask[slots] = True
-        self.state = self._finish(self.state, jnp.asarray(mask))
+    def finish(self, mask: np.ndarray) -> None:
+        """Mark the rows of ``mask [B]`` done (finish reason stop)."""
+        self.state = self._finish(self.state, self._put(np.asarray(mask, bool)))
+
+    def flush(self) -> None:
+        """Nothing is deferred on one controller (``lockstep.Leader`` sends its batch of calls)."""
+
+    def close(self) -> None:
+        """Nothing to release on one controller."""
+
+    # ------------------------------------------------------------------ host values
+    def row_inputs(self, max_new: int, stop_ids: Sequence[int], sampling: SamplingParams) -> dict:
+        """One row's value of every per-row input (the ``row`` of ``admit``), as NumPy."""
+        stop = np.full((self.ns,), -1, np.int32)
+        stop[:len(stop_ids)] = stop_ids
+        rows = RowSampling(temperature=np.float32(sampling.temperature), top_k=np.int32(sampling.top_k),
+                           top_p=np.float32(sampling.top_p))
+        return {"max_new": np.int32(max_new), "stop": stop, "rows": rows}
 
     @staticmethod
-    def key_for(sampling: SamplingParams, seed: int):
-        """The PRNG key of one request: from its own seed alone when it has one."""
-        return row_keys([sampling], seed)[0]
+    def key_data(sampling: SamplingParams, seed: int) -> np.ndarray:
+        """The PRNG key data of one request: from its own seed alone when it has one."""
+        return np.asarray(jax.random.key_data(row_keys([sampling], seed)[0]))
 
 
 def _empty_loop(cfg, dtype, b: int, s: int, k: int) -> LoopState:
