@@ -15,7 +15,7 @@ zeros after the last. The payload is the op's argument pytree, leaf by leaf as r
 to words, in the order of its abstract spec; the specs come from the engine (``row_spec`` is the
 per-row input pytree of ``SlotState``, ``key_spec`` the PRNG key data), so a field added to the
 per-row inputs travels without a change here. A prompt travels as ``EXTEND`` ops of at most
-``PIECE`` tokens; an op that does not fit in what is left of the buffer is sent in the next
+``PIECE`` tokens (half the buffer if smaller); an op that does not fit in what is left of the buffer is sent in the next
 exchange (a prompt longer than one buffer takes several exchanges; no buffer is ever resized).
 
 The exchange is one all-reduce over processes (``Exchange``, compiled once): process 0
@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from quasar_jax.serving.slots import ChunkResult, SlotEngine
 
-PIECE = 512  # prompt tokens per EXTEND op
+PIECE = 512  # prompt tokens per EXTEND op at most (fewer in a small buffer: half of it)
 EXIT_GROUP_LOST = 3
 
 
@@ -73,8 +73,8 @@ class Codec:
 
     def __init__(self, engine: SlotEngine, words: int):
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        self.words = words
-        self.specs = {Op.BEGIN: (), Op.EXTEND: (jax.ShapeDtypeStruct((PIECE,), jnp.int32), i32),
+        self.words, self.piece = words, max(1, min(PIECE, words // 2))
+        self.specs = {Op.BEGIN: (), Op.EXTEND: (jax.ShapeDtypeStruct((self.piece,), jnp.int32), i32),
                       Op.PREFILL: (i32, i32), Op.ADMIT: (i32, engine.row_spec, engine.key_spec),
                       Op.FINISH: (jax.ShapeDtypeStruct((engine.b,), jnp.bool_),), Op.CHUNK: (i32,),
                       Op.RESET: (), Op.SHUTDOWN: ()}
@@ -276,10 +276,10 @@ class Leader(_Member):
         self.extend(prompt)
 
     def extend(self, tokens) -> None:
-        tokens = np.asarray(tokens, np.int32)
-        for i in range(0, len(tokens), PIECE):
-            piece = np.zeros((PIECE,), np.int32)
-            part = tokens[i:i + PIECE]
+        tokens, size = np.asarray(tokens, np.int32), self.codec.piece
+        for i in range(0, len(tokens), size):
+            piece = np.zeros((size,), np.int32)
+            part = tokens[i:i + size]
             piece[:len(part)] = part
             self._add(Op.EXTEND, (piece, np.int32(len(part))))
 
