@@ -193,7 +193,7 @@ class _Member:
             with self.watchdog.guard("the exchange", timeout):
                 out, statuses = self.exchange(buffer, (self.chunks, self.last))
         except Exception as err:
-            raise GroupLost(f"the exchange failed ({_first_line(err)})") from None
+            raise GroupLost(f"lost contact with the other processes: the exchange failed ({_first_line(err)})") from None
         for pid, (chunks, dig) in enumerate(statuses):
             if (chunks, dig) != tuple(statuses[0]):
                 raise GroupLost(f"process {pid} diverged at chunk {max(chunks, statuses[0][0])}: its tokens "
@@ -211,7 +211,7 @@ class _Member:
         except GroupLost:
             raise
         except Exception as err:  # a collective broke under a device program
-            raise GroupLost(f"a device program failed ({_first_line(err)})") from None
+            raise GroupLost(f"a device program failed, a peer is likely gone ({_first_line(err)})") from None
         return result
 
     def _run(self, op: Op, args):
