@@ -43,9 +43,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {  # name -> (drafter, verifier, speculation: off | fixed (K = --num-draft) | auto)
-    "ar": ("none", "float", "off"), "sd": ("ngram", "float", "fixed"), "sd-auto": ("ngram", "float", "auto"),
-    "quasar-ar": ("none", "w8a16", "off"), "quasar": ("ngram", "w8a16", "fixed"),
-    "quasar-auto": ("ngram", "w8a16", "auto"), "quasar-w8a8": ("ngram", "w8a8", "fixed"),
+    "ar": ("none", "float", "off"), "sd": ("ngram", "float", "fixed"), "sd-k2": ("ngram", "float", 2),
+    "sd-auto": ("ngram", "float", "auto"), "quasar-ar": ("none", "w8a16", "off"), "quasar": ("ngram", "w8a16", "fixed"),
+    "quasar-k2": ("ngram", "w8a16", 2), "quasar-auto": ("ngram", "w8a16", "auto"), "quasar-w8a8": ("ngram", "w8a8", "fixed"),
     "qspec": ("qspec", "w8a16", "fixed"),
 }
 FAMILIES = {"float": ("ar", "sd", "sd-auto"), "w8a16": ("quasar-ar", "quasar", "quasar-auto")}  # AR, K, auto
@@ -71,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--num-draft", type=int, default=5)
     p.add_argument("--chunk-steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each load (the tables show the median)")
+    p.add_argument("--pad-heads", type=int, default=None,
+                   help="serve the model with its query heads zero-padded to this many per layer (the same "
+                        "function, e.g. the demo model's 6 heads as 8, so that model=4 divides them)")
     p.add_argument("--machine", default=f"{platform.machine()} CPU, {os.cpu_count()} cores")
     p.add_argument("--out", default="runs/serving")
     args = p.parse_args(argv)
@@ -193,6 +197,33 @@ def static_batching(model, tokenizer, reqs, args, drafter, verifier, stop_ids) -
             "latency_s": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)}}
 
 
+def pad_query_heads(model, heads: int):
+    """The same function with ``heads`` query heads: each kv group's R query heads get zero
+    ``q_proj`` columns and zero ``o_proj`` rows appended (a zero-output head: its attention output
+    is multiplied by zero rows). Float models only (quantise afterwards)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from quasar_jax.model import Qwen3
+
+    cfg = model.config
+    h, g, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if heads % g or heads < h:
+        raise ValueError(f"--pad-heads {heads}: a multiple of the {g} kv heads, at least {h}")
+    r, r2 = h // g, heads // g
+    padded = Qwen3(dataclasses.replace(cfg, num_attention_heads=heads), dtype=model.dtype, rngs=nnx.Rngs(0))
+    same = nnx.state(model, lambda path, _: not {"q_proj", "o_proj"} & set(path))  # every other param
+    nnx.update(padded, same)
+    for old, new in zip(model.layers, padded.layers):
+        q = old.self_attn.q_proj.kernel[...].reshape(cfg.hidden_size, g, r, e)  # [D, G, R, E]
+        o = old.self_attn.o_proj.kernel[...].reshape(g, r, e, cfg.hidden_size)  # [G, R, E, D]
+        new.self_attn.q_proj.kernel = nnx.Param(jnp.pad(q, ((0, 0), (0, 0), (0, r2 - r), (0, 0))).reshape(cfg.hidden_size, -1))
+        new.self_attn.o_proj.kernel = nnx.Param(jnp.pad(o, ((0, 0), (0, r2 - r), (0, 0), (0, 0))).reshape(-1, cfg.hidden_size))
+    return padded
+
+
 # ----------------------------------------------------------------------------- driver
 def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dict:
     import jax.numpy as jnp
@@ -206,7 +237,13 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
     drafter = make_drafter(drafter_name, num_draft=args.num_draft)
     speculation = {"off": 0, "fixed": args.num_draft}.get(speculation, speculation)
     mesh_obj = sharding.make_mesh(mesh)
-    model = load_model(model_dir, dtype=jnp.float32, int8=verifier != "float", mesh=mesh_obj)
+    if args.pad_heads:
+        from quasar_jax.quant import quantize_model
+
+        model = pad_query_heads(load_model(model_dir, dtype=jnp.float32), args.pad_heads)
+        model = quantize_model(model) if verifier != "float" else model  # placed on the mesh by the server
+    else:
+        model = load_model(model_dir, dtype=jnp.float32, int8=verifier != "float", mesh=mesh_obj)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, max_queue=max(64, len(reqs)), speculation=speculation,
                       mesh=mesh_obj)
@@ -224,15 +261,17 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
         loads += [("rate", r, len(reqs)) for r in args.rates]
         if args.offline:
             loads.append(("offline", len(reqs), len(reqs)))
-        for kind, value, n in loads:
-            before, load0 = scrape(server.url), os.getloadavg()
-            results, wall = asyncio.run(run_load(
-                server.url, "m", reqs[:n], concurrency=value if kind != "rate" else None,
-                rate=value if kind == "rate" else None, seed=args.seed))
-            row = {"load": kind, "value": value, **summarize(results, wall, before, scrape(server.url), args.slots),
-                   "loadavg_before": load0, "loadavg_after": os.getloadavg()}
-            print(json.dumps({"mesh": out["mesh"], "mode": mode, **row}), flush=True)
-            out["runs"].append(row)
+        for repeat in range(args.repeats):
+            for kind, value, n in loads:
+                before, load0 = scrape(server.url), os.getloadavg()
+                results, wall = asyncio.run(run_load(
+                    server.url, "m", reqs[:n], concurrency=value if kind != "rate" else None,
+                    rate=value if kind == "rate" else None, seed=args.seed))
+                row = {"load": kind, "value": value, "repeat": repeat,
+                       **summarize(results, wall, before, scrape(server.url), args.slots),
+                       "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+                print(json.dumps({"mesh": out["mesh"], "mode": mode, **row}), flush=True)
+                out["runs"].append(row)
     finally:
         server.stop()
         scheduler.stop()
@@ -241,6 +280,19 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
                **static_batching(model, tokenizer, reqs, args, drafter_name, verifier, stop_ids)}
         print(json.dumps({"mode": mode, **row}), flush=True)
         out["runs"].append(row)
+    return out
+
+
+def median_runs(runs: list[dict]) -> list[dict]:
+    """One row per load: the repeat with the median tokens/s, with the spread of all repeats."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["load"], r["value"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        rows = sorted(rows, key=lambda r: r["tokens_per_s"])
+        out.append({**rows[(len(rows) - 1) // 2], "spread": [rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]],
+                    "repeats": len(rows)})
     return out
 
 
@@ -256,7 +308,7 @@ def _load_name(r: dict) -> str:
 def comparison_rows(report: dict) -> list[dict]:
     """Per mesh, verifier family and concurrency: auto against AR and fixed K."""
     rows = []
-    by = {(m["mesh"], m["mode"]): {r["value"]: r for r in m["runs"] if r["load"] == "concurrency"}
+    by = {(m["mesh"], m["mode"]): {r["value"]: r for r in median_runs(m["runs"]) if r["load"] == "concurrency"}
           for m in report["modes"]}
     for mesh in dict.fromkeys(m["mesh"] for m in report["modes"]):
         for family, (ar, k, auto) in FAMILIES.items():
@@ -266,8 +318,10 @@ def comparison_rows(report: dict) -> list[dict]:
                 if c not in by[(mesh, ar)] or c not in by[(mesh, k)]:
                     continue
                 a, f, x = (by[(mesh, name)][c]["tokens_per_s"] for name in (ar, k, auto))
+                spread = {name: by[(mesh, name)][c]["spread"] for name in (ar, k, auto)}
                 rows.append({"mesh": mesh, "verifier": family, "concurrency": c, "ar": a, "fixed_k": f, "auto": x,
-                             "auto_vs_best": x / max(a, f), "auto_chunks_by_k": by[(mesh, auto)][c]["chunks_by_k"]})
+                             "auto_vs_best": x / max(a, f), "spread": spread,
+                             "auto_chunks_by_k": by[(mesh, auto)][c]["chunks_by_k"]})
     return rows
 
 
@@ -278,17 +332,19 @@ def write_outputs(report: dict, out: Path) -> None:
     lines = [f"Machine: {report['machine']}; model {report['model']}, float32 weights (int8 for w8a16); "
              f"{report['slots']} slots, cache {report['max_len']}, K = {report['num_draft']}, "
              f"N = {report['chunk_steps']}; budgets {report['budgets']} tokens; greedy.", "",
-             "| mesh | mode | load | tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | tau | occupancy | chunks by K |",
+             "| mesh | mode | load | tok/s (min-max) | TTFT p50/p99 ms | TPOT p50/p99 ms | tau | occupancy | chunks by K |",
              "| --- | --- | --- | ---: | --- | --- | ---: | ---: | --- |"]
     for m in report["modes"]:
-        for r in m["runs"]:
+        for r in median_runs(m["runs"]):
             ttft, tpot = r.get("ttft_s", {}), r.get("tpot_s", {})
             chunks = " ".join(f"{k}:{v}" for k, v in sorted(r.get("chunks_by_k", {}).items(), key=lambda x: int(x[0])))
-            lines.append(f"| {m['mesh']} | {m['mode']} | {_load_name(r)} | {r['tokens_per_s']:.1f} | "
+            spread = f" ({r['spread'][0]:.0f}-{r['spread'][1]:.0f})" if r["repeats"] > 1 else ""
+            lines.append(f"| {m['mesh']} | {m['mode']} | {_load_name(r)} | {r['tokens_per_s']:.1f}{spread} | "
                          f"{_ms(ttft, 'p50')}/{_ms(ttft, 'p99')} | {_ms(tpot, 'p50')}/{_ms(tpot, 'p99')} | "
                          f"{r.get('tau', float('nan')):.2f} | {r.get('slot_occupancy', float('nan')):.2f} | {chunks} |")
     if report["comparison"]:
-        lines += ["", "auto against the better of AR and fixed K (same verifier, same requests, tokens/s):", "",
+        lines += ["", "auto against the better of AR and fixed K (same verifier, same requests, tokens/s, median of "
+                  f"{report.get('repeats', 1)} runs):", "",
                   "| mesh | verifier | concurrency | AR | fixed K | auto | auto / best | auto's chunks by K |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for c in report["comparison"]:
@@ -308,7 +364,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(meshes), figsize=(4.2 * len(meshes), 3.8), squeeze=False)
     for ax, mesh in zip(axes[0], meshes):
         for m in report["modes"]:
-            pts = sorted((r["value"], r["tokens_per_s"]) for r in m["runs"] if r["load"] == "concurrency")
+            pts = sorted((r["value"], r["tokens_per_s"]) for r in median_runs(m["runs"]) if r["load"] == "concurrency")
             if m["mesh"] == mesh and pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m["mode"],
                         linestyle="--" if m["mode"].endswith("auto") else "-")
@@ -343,6 +399,7 @@ def main(argv=None) -> int:
               "num_requests": len(reqs), "requests_per_level": args.requests, "budgets": [args.min_tokens, args.max_tokens],
               "slots": args.slots, "max_len": args.max_len, "num_draft": args.num_draft,
               "chunk_steps": args.chunk_steps, "questions": [Path(q).name for q in args.questions],
+              "pad_heads": args.pad_heads, "repeats": args.repeats,
               "loadavg_start": os.getloadavg(), "modes": []}
     for mesh in args.mesh:
         for mode in args.modes:

@@ -8,35 +8,30 @@ Runs only where 8 devices exist; ``tests/test_sharding.py`` launches it in a sub
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_hf_checkpoint
 from slot_driver import CyclingPolicy, run_requests
-from test_sharding_mesh import _gathered, _loop_text
+from test_sharding_mesh import _gathered, _loop_text, ckpt  # noqa: F401  (the checkpoint fixture)
+from quasar_jax import sharding
 from quasar_jax.drafters import NGramDrafter
 from quasar_jax.engine import Engine, GenerationConfig
 from quasar_jax.loading import load_model
+from quasar_jax.mesh_flags import MeshSpec
 from quasar_jax.serving.scheduler import Request, Scheduler
 from quasar_jax.serving.slots import SlotEngine
 from quasar_jax.serving.speculation import AdaptivePolicy, draft_options, make_policy
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices (run via test_sharding.py)")
 
-SHAPE = dict(kv_heads=4, num_attention_heads=8, vocab_size=128, hidden_size=48, intermediate_size=96)
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11, 12],
            [40, 3, 77, 21, 9, 60, 2, 15, 88], [1, 2, 1, 2, 1, 2, 1, 2, 1], [50], [7, 7, 7, 7, 7, 7]]
 BUDGETS = [18, 11, 15, 20, 9, 13]
 S = 96  # cache slots (not the vocabulary's 128, so a cache-shaped gather is told apart)
 MESH = "data=2,model=4"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve_mesh_ckpt")
-    make_hf_checkpoint(d, **SHAPE)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,10 @@ def test_sharded_int8_servers_equal_one_device(ckpt, reference, verifier):
     assert _serve(engine) == reference[verifier]
 
 
-def test_a_smaller_mesh_runs_on_the_first_devices(ckpt, reference):
+def test_a_smaller_mesh_runs_on_the_first_devices(ckpt, reference, capsys):
+    mesh = sharding.start(argparse.Namespace(mesh=MeshSpec(1, 2)), "prog")  # what serve / decode / bench call
+    assert list(mesh.devices.flat) == jax.devices()[:2]
+    assert capsys.readouterr().err == "prog: mesh data=1,model=2 runs on the first 2 of the 8 devices\n"
     model = load_model(ckpt, mesh="model=2")
     engine = SlotEngine(model, NGramDrafter(3), "float", slots=2, max_len=S, chunk_steps=3, prefill_buckets=(8,),
                         mesh="model=2")

@@ -19,9 +19,11 @@ The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``b
     rate(p) = busy * E[tokens per row-step | p] / t(p, busy)          (tokens per second)
 
 * ``E`` for a chain of K drafts with per-token acceptance alpha is (1 - alpha^(K+1)) / (1 - alpha)
-  (1 for K = 0); alpha is an exponential moving average, each speculative chunk's observed
+  (1 for K = 0); alpha is an exponential moving average of each speculative chunk's observed
   tau = tokens / row-steps inverted through that formula (so drafts that are sometimes missing,
-  as n-gram lookup's, lower the effective alpha). A tree program uses its own observed tau.
+  as n-gram lookup's, lower the effective alpha), weighted by the chunk's evidence:
+  ``w = min(0.5, 1 - 0.7^(row_steps / 16))`` (one row's 8-step chunk moves alpha by 16%, a busy
+  chunk by half). A tree program uses its own observed tau, averaged the same way.
 * ``t(p, busy)``: seconds per loop iteration, calibrated at start-up (``calibrate``: each program
   timed with 1 and with all rows busy, linear in between) and corrected online by the ratio of
   observed to predicted time (a moving average per program).
@@ -29,7 +31,8 @@ The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``b
 Rule: run the best rate; switch from the current program only when another's predicted rate is
 higher by ``margin`` (10%) for ``patience`` (3) chunks in a row (hysteresis, no thrashing at a
 threshold). While K = 0 runs, alpha is not observed: every ``probe_every`` chunks (8, doubling to
-128 while the probes keep confirming K = 0) one chunk runs the largest K to measure it.
+128 while the probes keep confirming K = 0) one chunk runs the smallest K > 0 (the cheapest
+probe) to measure it.
 """
 
 from __future__ import annotations
@@ -148,11 +151,11 @@ class AdaptivePolicy:
     # ------------------------------------------------------------------ the rule
     def choose(self, busy: int) -> int:
         busy = max(busy, 1)
-        largest = self.ks.index(max(self.ks))
-        if self.ks[self.current] == 0 and self.since_alpha >= self.probe_interval and largest != self.current:
+        chains = [p for p, k in enumerate(self.ks) if k > 0 and not self.trees[p]]
+        if self.ks[self.current] == 0 and self.since_alpha >= self.probe_interval and chains:
             self.since_alpha = 0
             self.probe_interval = min(2 * self.probe_interval, self.probe_max)
-            return largest  # a probe: measures alpha, does not move `current`
+            return min(chains, key=lambda p: self.ks[p])  # a probe: measures alpha, does not move `current`
         rates = [self.rate(p, busy) for p in range(len(self.ks))]
         best = int(np.argmax(rates))
         if best != self.current and rates[best] > (1 + self.margin) * rates[self.current]:
@@ -175,7 +178,7 @@ class AdaptivePolicy:
             self.correction[program] = (1 - w) * self.correction[program] + w * ratio
         k = self.ks[program]
         if k > 0 and row_steps > 0:
-            tau = tokens / row_steps
+            tau, w = tokens / row_steps, min(0.5, 1 - 0.7 ** (row_steps / 16))  # weight by the evidence
             if self.trees[program]:
                 prev = self.tree_tau[program]
                 self.tree_tau[program] = tau if prev is None else (1 - w) * prev + w * tau
