@@ -356,21 +356,29 @@ def write_outputs(report: dict, out: Path) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Per mesh: tokens/s against concurrency, relative to plain AR of the same verifier when it ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meshes = list(dict.fromkeys(m["mesh"] for m in report["modes"]))
+    ar_of = {mode: fam[0] for fam in list(FAMILIES.values()) + [("ar", "sd-k2"), ("quasar-ar", "quasar-k2")]
+             for mode in fam}
+    curves = {(m["mesh"], m["mode"]): dict(sorted((r["value"], r["tokens_per_s"]) for r in median_runs(m["runs"])
+                                                  if r["load"] == "concurrency")) for m in report["modes"]}
+    relative = all((mesh, ar_of.get(mode)) in curves for mesh, mode in curves)
+    meshes = list(dict.fromkeys(mesh for mesh, _ in curves))
     fig, axes = plt.subplots(1, len(meshes), figsize=(4.2 * len(meshes), 3.8), squeeze=False)
     for ax, mesh in zip(axes[0], meshes):
-        for m in report["modes"]:
-            pts = sorted((r["value"], r["tokens_per_s"]) for r in median_runs(m["runs"]) if r["load"] == "concurrency")
-            if m["mesh"] == mesh and pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m["mode"],
-                        linestyle="--" if m["mode"].endswith("auto") else "-")
+        for (m_mesh, mode), pts in curves.items():
+            if m_mesh != mesh or not pts:
+                continue
+            base = curves[(mesh, ar_of[mode])] if relative else {c: 1.0 for c in pts}
+            xs = [c for c in pts if c in base]
+            ax.plot(xs, [pts[c] / base[c] for c in xs], marker="o", label=mode,
+                    linestyle="--" if mode.endswith("auto") else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
-        ax.set_ylabel("completion tokens/s")
+        ax.set_ylabel("tokens/s relative to AR (same verifier)" if relative else "completion tokens/s")
         ax.set_title(f"mesh {mesh}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

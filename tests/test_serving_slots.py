@@ -182,11 +182,12 @@ def test_policy_does_not_thrash_near_the_threshold():
     assert policy.switches == 0
 
 
-def test_policy_learns_step_time_online():
-    policy = _policy(step_ar=1.0, step_spec=1.0)
+def test_policy_follows_the_machine_but_keeps_the_calibrated_ratios():
+    policy = _policy(step_ar=1.0, step_spec=2.0)
     for _ in range(30):
-        _observe_tau(policy, 1, 2.0, step_s=3.0)  # really 3x slower than calibrated
-    assert 2.5 < policy.step_time(1, 4) < 3.1
+        _observe_tau(policy, 1, 2.0, step_s=6.0)  # the machine got 3x slower
+    assert 5.5 < policy.step_time(1, 4) < 6.1
+    assert policy.step_time(1, 4) / policy.step_time(0, 4) == pytest.approx(2.0)
 
 
 def test_make_policy_fixed_for_one_program():
