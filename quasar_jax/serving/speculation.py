@@ -27,9 +27,10 @@ The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``b
 * ``t(p, busy)``: seconds per loop iteration, calibrated at start-up (``calibrate``: each program
   timed with 1 and with all rows busy, best of two chunks, linear in between) and scaled online by
   ONE factor common to every program, a moving average of observed / predicted time of whatever
-  runs: it follows the machine (other load, thermal) while the ratios between programs stay those
-  measured side by side at start-up. (A factor per program would drift apart: the program that
-  does not run is never re-measured, so one noisy reading could hold the choice for good.)
+  runs: ``rate`` then reads as tokens per second on the machine as it is now, and, scaling every
+  rate alike, it never moves the choice, which rests on alpha and the ratios measured side by side
+  at start-up. (A factor per program would drift apart: the program that does not run is never
+  re-measured, so one noisy reading could hold the choice for good.)
 
 Rule: run the best rate; switch from the current program only when another's predicted rate is
 higher by ``margin`` (10%) for ``patience`` (3) chunks in a row (hysteresis, no thrashing at a
