@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -223,3 +226,27 @@ def test_codec_round_trip_and_buffer_bound():
             assert np.asarray(x).dtype == np.asarray(y).dtype
     with pytest.raises(ValueError, match="cannot hold one op"):
         lockstep.Codec(engine, words=8)  # an ADMIT op needs 13 words
+
+
+def test_lockstep_ends_the_group_on_divergence_or_a_lost_peer(tree_slots):
+    leader = lockstep.Leader(tree_slots, words=4096, peer_timeout=120)
+    leader.exchange = lambda buffer, status: (buffer, np.array([[3, 0x1234], [3, 0x5678]], np.int32))
+    with pytest.raises(lockstep.GroupLost, match=r"process 1 diverged at chunk 3: its tokens \(digest 0x5678"):
+        leader.flush()
+
+    def broken(buffer, status):
+        raise RuntimeError("Gloo all-reduce failed: Connection reset by peer\nmore")
+    leader.exchange = broken
+    with pytest.raises(lockstep.GroupLost, match="lost contact with the other processes.*Connection reset by peer"):
+        leader.flush()
+
+
+def test_watchdog_ends_a_hung_process_with_one_line():
+    probe = ("import time\nfrom quasar_jax.serving.lockstep import Watchdog\n"
+             "with Watchdog('prog').guard('the exchange', 0.5):\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == lockstep.EXIT_GROUP_LOST
+    assert proc.stderr.strip().splitlines() == [
+        "prog: process 0: no answer from the other processes for too long in the exchange: a peer is gone or "
+        "hangs; ending the group"]
