@@ -229,7 +229,7 @@ def test_codec_round_trip_and_buffer_bound():
 
 
 def test_lockstep_ends_the_group_on_divergence_or_a_lost_peer(tree_slots):
-    leader = lockstep.Leader(tree_slots, words=4096, peer_timeout=120)
+    leader = lockstep.Leader(tree_slots, words=4096, peer_timeout=120, heartbeat_s=0.0)
     leader.exchange = lambda buffer, status: (buffer, np.array([[3, 0x1234], [3, 0x5678]], np.int32))
     with pytest.raises(lockstep.GroupLost, match=r"process 1 diverged at chunk 3: its tokens \(digest 0x5678"):
         leader.flush()

@@ -249,6 +249,7 @@ class Leader(_Member):
         self.heartbeat_s = heartbeat_s
         self._pending: list[np.ndarray] = []
         self._used = 0
+        self._last = time.monotonic()  # of the last exchange
 
     def __getattr__(self, name):  # b, s, k, ks, buckets, drafters, model, row_inputs, key_data ...
         if name == "engine":
@@ -263,7 +264,11 @@ class Leader(_Member):
         self._used += len(words)
 
     def flush(self) -> ChunkResult | None:
-        """Send the recorded ops (none: a heartbeat) to every process, then run them here."""
+        """Send the recorded ops to every process, then run them here. With none recorded, an
+        empty exchange (a heartbeat) only when the last one is ``heartbeat_s`` old."""
+        if not self._pending and time.monotonic() - self._last < self.heartbeat_s:
+            return None
+        self._last = time.monotonic()
         buffer = np.zeros((self.codec.words,), np.int32)
         if self._pending:
             body = np.concatenate(self._pending)
