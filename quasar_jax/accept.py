@@ -1,7 +1,7 @@
 """Logits processing and acceptance rules for speculative decoding (jittable, static shapes).
 
 * :func:`process_logits` turns verifier logits into the sampling distribution
-  (temperature -> top-k -> top-p -> renormalise).
+  (temperature -> min-p -> top-k -> top-p -> renormalise).
 * :func:`greedy_accept` is the temperature-0 rule: accept the longest draft prefix that equals the
   verifier's argmax, then emit the verifier's argmax at the first mismatch (the "bonus" token).
 * :func:`speculative_sample` is exact speculative (rejection) sampling for a deterministic,
@@ -28,13 +28,15 @@ import jax.numpy as jnp
 
 
 def process_logits(
-    logits: jax.Array, *, temperature, top_k=0, top_p=1.0
+    logits: jax.Array, *, temperature, top_k=0, top_p=1.0, min_p=0.0
 ) -> jax.Array:
     """Probabilities of the sampling distribution.
 
     Args:
       logits: [..., V] float32.
       temperature: > 0; logits are divided by it.
+      min_p: in [0, 1]; drop tokens whose probability is below min_p times the largest one
+        (0 = off), after temperature and before top-k (vLLM's order).
       top_k: keep the top_k largest logits (0 or >= V = off). Ties with the k-th value are kept.
       top_p: in (0, 1]; keep the smallest set of most likely tokens (after top-k) whose cumulative
         probability is >= top_p (1.0 = off). The argmax is always kept; ties with the smallest
@@ -47,10 +49,12 @@ def process_logits(
     Returns:
       [..., V] float32 probabilities (zeros outside the kept support), summing to 1.
     """
-    if all(isinstance(v, numbers.Number) for v in (temperature, top_k, top_p)):
+    if all(isinstance(v, numbers.Number) for v in (temperature, top_k, top_p, min_p)):
+        if not 0.0 <= min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
         return _process_logits_static(logits, float(_checked(temperature, top_k, top_p)),
-                                      int(top_k), float(top_p))
-    return _process_logits_rows(logits, temperature, top_k, top_p)
+                                      int(top_k), float(top_p), float(min_p))
+    return _process_logits_rows(logits, temperature, top_k, top_p, min_p)
 
 
 def _checked(temperature, top_k, top_p):
@@ -74,9 +78,18 @@ def _nucleus(probs: jax.Array, sorted_p: jax.Array, top_p) -> jax.Array:
     return kept / jnp.sum(kept, axis=-1, keepdims=True)
 
 
-def _process_logits_static(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def _min_p(x: jax.Array, min_p) -> jax.Array:
+    """Drop logits whose probability is below ``min_p`` times the largest (p_i < min_p * p_max,
+    i.e. x_i < x_max + log(min_p)); ``min_p`` 0 keeps everything."""
+    cut = jnp.max(x, axis=-1, keepdims=True) + jnp.log(jnp.asarray(min_p, jnp.float32))
+    return jnp.where(x < cut, -jnp.inf, x)
+
+
+def _process_logits_static(logits, temperature: float, top_k: int, top_p: float, min_p: float) -> jax.Array:
     x = jnp.asarray(logits, dtype=jnp.float32) / jnp.float32(temperature)  # [..., V]
     v = x.shape[-1]
+    if min_p > 0:
+        x = _min_p(x, min_p)
     if 0 < top_k < v:
         kth = jax.lax.top_k(x, top_k)[0][..., -1:]  # [..., 1] k-th largest value
         x = jnp.where(x >= kth, x, -jnp.inf)
@@ -86,14 +99,14 @@ def _process_logits_static(logits, temperature: float, top_k: int, top_p: float)
     return probs
 
 
-def _process_logits_rows(logits, temperature, top_k, top_p) -> jax.Array:
+def _process_logits_rows(logits, temperature, top_k, top_p, min_p) -> jax.Array:
     """Per-row parameters: one descending sort serves top-k (any k) and top-p."""
     x = jnp.asarray(logits, dtype=jnp.float32)  # [..., V]
     v = x.shape[-1]
     t = jnp.asarray(temperature, jnp.float32)[..., None]  # [..., 1]
     k = jnp.asarray(top_k, jnp.int32)[..., None]  # [..., 1]
     p = jnp.asarray(top_p, jnp.float32)[..., None]  # [..., 1]
-    x = x / t
+    x = _min_p(x / t, jnp.asarray(min_p, jnp.float32)[..., None])  # log(0) = -inf: nothing dropped
     sorted_x = -jnp.sort(-x, axis=-1)  # [..., V] descending
     use_k = (k > 0) & (k < v)
     kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(jnp.clip(k - 1, 0, v - 1), sorted_x.shape[:-1] + (1,)),

@@ -11,9 +11,12 @@ One loop iteration (all rows at once, static shapes, no host round trip):
            lookup, QSpec's W8A8 path, none)
 2. verify  forward ``[last, draft_0..draft_{K-1}]`` at positions ``lengths-1 .. lengths-1+K``
            (each row at its own offset) -> logits ``[B, K+1, V]``; K/V of all K+1 are written
-3. accept  the ``Sampler`` (``quasar_jax.sampling``): greedy prefix match, or exact speculative
-           sampling with each row's own settings -> ``tokens [B, K+1], n_emit [B]``
-4. commit  truncate at the token budget / stop ids, append, ``lengths += n_emit``. Rejected K/V
+3. accept  the logits stage (``quasar_jax.logits``: min_tokens, logit bias, penalties counting
+           the tokens before each draft position), then the ``Sampler`` (``quasar_jax.sampling``):
+           greedy prefix match, or exact speculative sampling with each row's own settings ->
+           ``tokens [B, K+1], n_emit [B]``
+4. commit  truncate at the token budget / stop ids, append, ``lengths += n_emit``; token counts
+           and (when asked) the emitted tokens' logprobs of the raw logits. Rejected K/V
            stay in the cache past ``lengths - 1``: they are hidden by the mask and overwritten by
            the next verify pass (rollback is free); the bonus token's K/V is written next step.
 
@@ -26,9 +29,10 @@ The prompt's last token is not prefilled: it is the first token the loop verifie
 used from the first step on.
 
 The compiled program depends on (drafter, sampler kind, verifier mode, batch, prompt bucket, cache
-length S, number of stop ids); ``Engine`` compiles each once (ahead of time, so compile time is
+length S, number of stop ids, ``LogitsSpec``); ``Engine`` compiles each once (ahead of time, so compile time is
 measured separately from run time) and reuses it. Everything per row is device data: token
-budgets, stop ids, temperature / top-k / top-p and PRNG keys, so new values never recompile.
+budgets, stop ids, temperature / top-k / top-p / min-p, penalties, logit bias, min_tokens, logprob
+counts and PRNG keys, so new values never recompile.
 """
 
 from __future__ import annotations
@@ -45,14 +49,16 @@ from flax import nnx
 from pallas_kernels import round_up
 from quasar_jax import compile_cache, sharding
 from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, is_tree_drafter, make_drafter
+from quasar_jax import logits as stage
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
 from quasar_jax.model import Qwen3
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
 from quasar_jax.results import CACHE_FULL, LENGTH, STOP, GenerationResult, result_of
 from quasar_jax.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
                                  row_keys, sampler_for)
-from quasar_jax.tree import verify_tree
+from quasar_jax.tree import chain_tree, verify_tree
 
 PROMPT_BUCKET = 32  # default prompt padding multiple (coarser: fewer programs, more padded prefill)
 CACHE_BUCKET = 128  # default cache lengths are rounded up to a multiple of this
@@ -139,15 +145,21 @@ class LoopState:
     emitted_hist: jax.Array  # [B, K+2] int32: count of steps that emitted n tokens (n = 0..K+1)
     keys: jax.Array  # [B] PRNG keys, one stream per row
     iteration: jax.Array  # [] int32
+    # The logits stage (LogitsSpec): [B, 0] / [B, 0, 0] when the program has no penalties / logprobs.
+    counts: jax.Array  # [B, V] int32: generated tokens per id (frequency / presence penalties)
+    prompt_ids: jax.Array  # [B, V] bool: ids in the prompt (repetition penalty)
+    logprobs: Logprobs  # [B, S], [B, S, NL]: raw-logits logprobs of history[b, s] (generated positions)
 
 
 # ----------------------------------------------------------------------------- the device program
 def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMode,
-                 stream: Callable | None = None):
-    """The device functions of one (drafter, sampler, verifier), to be jitted by the caller.
+                 stream: Callable | None = None, *, spec: LogitsSpec = LogitsSpec()):
+    """The device functions of one (drafter, sampler, verifier, logits spec), to be jitted by the
+    caller.
 
     Returns ``(init, step, run)``. Per-row inputs: ``max_new [B]`` token budgets, ``stop [B, NS]``
-    stop ids (-1 = none), ``rows`` the ``RowSampling`` arrays, ``keys [B]`` PRNG keys.
+    stop ids (-1 = none), ``rows`` the ``RowSampling`` arrays, ``keys [B]`` PRNG keys. ``spec``
+    says whether the state carries token counts (penalties) and logprob buffers.
 
     * ``init(params, prompt [B, P], prompt_lens [B], S, keys)`` prefills and gives the first
       ``LoopState``;
@@ -157,7 +169,7 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
     """
     k = drafter.num_draft
 
-    def chain_step(model, state: LoopState, room, rows: RowSampling, step_keys):
+    def chain_step(model, state: LoopState, room, rows: RowSampling, step_keys, process):
         draft, n_draft, cache = drafter.draft(model, state.history, state.lengths, state.cache)
         n_draft = jnp.clip(jnp.minimum(n_draft, room), 0, k)
         last = jnp.take_along_axis(state.history, state.lengths[:, None] - 1, axis=1)  # [B, 1]
@@ -165,8 +177,9 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
         cache = cache.replace(lengths=state.lengths - 1)
         logits, cache = model(verify_tokens, positions, cache, mode=verifier)  # [B, K+1, V]
-        tokens, n_emit = sampler.accept(draft, n_draft, logits, rows, step_keys)
-        return tokens, n_emit, cache
+        tokens, n_emit = process(logits, chain_tree(draft, n_draft),
+                                 lambda scored: sampler.accept(draft, n_draft, scored, rows, step_keys))
+        return tokens, n_emit, cache, logits, jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), tokens.shape)
 
     def body(model, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
         b, s = state.history.shape
@@ -176,11 +189,20 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         room = jnp.minimum(s - state.lengths, max_new - state.new_tokens) - 1  # [B]
         # Finished rows are frozen: sampling them is wasted work, so they count as greedy.
         rows = dataclasses.replace(rows, temperature=jnp.where(state.done, 0.0, rows.temperature))
+
+        def process(logits, tree, accept):  # acceptance after the logits stage (a lax.cond)
+            if not spec.processing:
+                return accept(logits)
+            return stage.accept_processed(logits, tree, accept, rows, stop=stop, new_tokens=state.new_tokens,
+                                          counts=state.counts, prompt_ids=state.prompt_ids, active=~state.done,
+                                          penalties=spec.penalties)
+
         if is_tree_drafter(drafter):  # static: tree drafts, one masked verify forward
-            tokens, n_emit, cache = verify_tree(model, drafter, sampler, verifier, state.history,
-                                                state.lengths, state.cache, room, rows, step_keys)
+            tokens, n_emit, cache, raw, emit_rows = verify_tree(
+                model, drafter, sampler, verifier, state.history, state.lengths, state.cache, room, rows,
+                step_keys, process=process)
         else:
-            tokens, n_emit, cache = chain_step(model, state, room, rows, step_keys)
+            tokens, n_emit, cache, raw, emit_rows = chain_step(model, state, room, rows, step_keys, process)
 
         # Stop ids: emit up to and including the first one.
         j = jnp.arange(k + 1, dtype=jnp.int32)[None, :]  # [1, K+1]
@@ -201,11 +223,17 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         reason = jnp.where(hit_stop, STOP, jnp.where(new_tokens >= max_new, LENGTH,
                                                       jnp.where(lengths >= s, CACHE_FULL, 0)))
         finish = jnp.where(state.done, state.finish, reason).astype(jnp.int32)
+        counts = stage.count_tokens(state.counts, tokens, n_emit) if spec.penalties else state.counts
+        logprobs = state.logprobs
+        if spec.max_logprobs is not None:
+            logprobs = stage.record_logprobs(logprobs, raw, emit_rows, tokens, write_at,
+                                             jnp.any((rows.logprobs >= 0) & ~state.done))
         return LoopState(
             history=history, lengths=lengths, cache=cache.replace(lengths=lengths - 1),
             done=finish > 0, finish=finish, new_tokens=new_tokens, steps=state.steps + active,
             emitted_hist=state.emitted_hist.at[jnp.arange(b), n_emit].add(active),
-            keys=keys, iteration=state.iteration + 1)
+            keys=keys, iteration=state.iteration + 1, counts=counts, prompt_ids=state.prompt_ids,
+            logprobs=logprobs)
 
     def init(params, prompt, prompt_lens, max_len_static: int, keys) -> LoopState:
         """Prefill every prompt token but each row's last one; the loop's state before step 1."""
@@ -218,11 +246,14 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
             _, cache = model(prompt[:, :-1], positions, cache, mode=verifier)
         history = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompt)
         full = prompt_lens >= s
+        v = model.config.vocab_size if spec.penalties else 0
         return LoopState(
             history=history, lengths=prompt_lens, cache=cache.replace(lengths=prompt_lens - 1),
             done=full, finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32),
             new_tokens=jnp.zeros((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32),
-            emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32))
+            emitted_hist=jnp.zeros((b, k + 2), jnp.int32), keys=keys, iteration=jnp.zeros((), jnp.int32),
+            counts=jnp.zeros((b, v), jnp.int32), prompt_ids=stage.prompt_mask(history, prompt_lens, v),
+            logprobs=stage.empty_logprobs(b, s, spec.max_logprobs))
 
     def step(params, state: LoopState, max_new, stop, rows) -> LoopState:
         """One draft-verify-accept-commit iteration (the loop body)."""
@@ -282,12 +313,12 @@ class Engine:
         return stop
 
     def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
-                 s: int, n_stop: int, stream: bool):
-        key = (drafter, sampler, verifier, b, p, s, n_stop, stream)
+                 s: int, n_stop: int, stream: bool, spec: LogitsSpec = LogitsSpec()):
+        key = (drafter, sampler, verifier, b, p, s, n_stop, stream, spec)
         if key in self._compiled:
             return self._compiled[key], 0.0
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
-                                 self._stream if stream else None)
+                                 self._stream if stream else None, spec=spec)
         i32 = jnp.int32
         inputs = (jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32),
                   jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
@@ -327,7 +358,9 @@ class Engine:
         """Generate for a batch of token-id prompts (ragged lengths allowed).
 
         ``sampling`` optionally gives row ``i`` its own ``SamplingParams`` (``None`` entries use
-        the config's). ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
+        the config's), penalties, logit bias, min_tokens and logprobs included (the result's
+        ``logprobs[i]`` then holds row i's; a batch that uses none of them compiles without them).
+        ``stream(tokens [B, K+1], n_emit [B])`` is called (NumPy arrays) after every
         loop iteration with the tokens each row appended; it may return a ``[B]`` bool array of rows
         to stop there (finish reason ``stop``: how stop strings are honoured).
         """
@@ -342,6 +375,13 @@ class Engine:
             rows = [cfg.sampling if r is None else r for r in sampling]
             if not all(isinstance(r, SamplingParams) for r in rows):
                 raise ValueError("sampling entries must be SamplingParams or None")
+        vocab = self.model.config.vocab_size
+        bad = next((t for r in rows for t, _ in r.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is not in [0, {vocab})")
+        spec = LogitsSpec(processing=any(r.processed for r in rows), penalties=any(r.penalized for r in rows),
+                          max_logprobs=MAX_LOGPROBS if any(r.logprobs is not None for r in rows) else None)
+        wanted = [r.logprobs for r in rows]
         prompts, lens, rows = sharding.pad_rows(self.mesh, prompts, lens, rows)  # B % data == 0
         longest = max(lens)
         s = cfg.max_len or round_up(longest + cfg.max_new_tokens, CACHE_BUCKET)
@@ -362,7 +402,7 @@ class Engine:
         max_new = np.where(np.arange(bp) < b, cfg.max_new_tokens, 1).astype(np.int32)  # pad rows: 1
         drafter = cfg.make_drafter()
         program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
-                                           stop.shape[1], stream is not None)
+                                           stop.shape[1], stream is not None, spec)
         inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
                   row_keys(rows, cfg.seed))
         inputs = sharding.put_inputs(inputs, self.mesh, self.model.config)
@@ -373,8 +413,9 @@ class Engine:
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0
-        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None), b)  # pad rows dropped
-        return result_of(host, lens[:b], wall, compile_s, s, drafter.num_draft)
+        host = sharding.host_rows(dataclasses.replace(final, cache=None, keys=None, counts=None, prompt_ids=None),
+                                  b)  # pad rows dropped
+        return result_of(host, lens[:b], wall, compile_s, s, drafter.num_draft, wanted[:b])
 
 
 def generate(model: Qwen3, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None,

@@ -52,18 +52,29 @@ class BatchStats:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the verifier's raw logits, and the most likely ids'."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log p), most likely first
+
+
 @dataclasses.dataclass
 class GenerationResult:
-    """Generated ids per row (prompt excluded) and statistics."""
+    """Generated ids per row (prompt excluded) and statistics; ``logprobs[i]``: one
+    ``TokenLogprob`` per generated token of row i, for rows that asked (else None)."""
 
     tokens: list[list[int]]
     stats: list[RowStats]
     batch_stats: BatchStats
+    logprobs: list[list[TokenLogprob] | None] | None = None
 
 
 def result_of(final, lens: list[int], wall: float, compile_s: float, s: int,
-              k: int) -> GenerationResult:
-    """Host-side result of a finished loop (``LoopState`` fields as arrays, rows ``len(lens)``)."""
+              k: int, logprobs: list[int | None] | None = None) -> GenerationResult:
+    """Host-side result of a finished loop (``LoopState`` fields as arrays, rows ``len(lens)``);
+    ``logprobs[i]``: alternatives row i asked for (None: no logprobs)."""
     history, lengths = np.asarray(final.history), np.asarray(final.lengths)
     new, steps, hist = np.asarray(final.new_tokens), np.asarray(final.steps), np.asarray(final.emitted_hist)
     finish = np.asarray(final.finish)
@@ -77,4 +88,11 @@ def result_of(final, lens: list[int], wall: float, compile_s: float, s: int,
                        loop_iterations=int(final.iteration), mean_accepted=total_new / max(total_steps, 1),
                        wall_s=wall, tokens_per_s=total_new / wall if wall > 0 else float("inf"),
                        compile_s=compile_s, cache_len=s, num_draft=k)
-    return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch)
+    rows_lp = None
+    if logprobs is not None and any(n is not None for n in logprobs):
+        lp, ids, top = (np.asarray(x) for x in (final.logprobs.token, final.logprobs.top_ids, final.logprobs.top))
+        rows_lp = [None if n is None else [TokenLogprob(float(lp[i, j]), list(zip(ids[i, j, :n].tolist(),
+                                                                                   top[i, j, :n].tolist())))
+                                           for j in range(lens[i], lengths[i])]
+                   for i, n in enumerate(logprobs)]
+    return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch, logprobs=rows_lp)

@@ -180,11 +180,15 @@ def speculative_tree_sample(tree: TreeDraft, valid: jax.Array, probs: jax.Array,
     return _emit(tree, path, n_accept, jax.vmap(sample_tokens)(resid, keys[:, 1]))
 
 
-def verify_tree(model, drafter, sampler, verifier, history, lengths, cache, room, rows, keys):
+def verify_tree(model, drafter, sampler, verifier, history, lengths, cache, room, rows, keys, *, process=None):
     """Draft a tree, verify it in one forward, accept, and move the accepted K/V into place.
 
     ``history [B, S]``, ``lengths [B]``, ``room [B]`` (most tokens a row may still accept) ->
-    ``tokens [B, K+1]``, ``n_emit [B]``, cache (lengths not yet updated).
+    ``tokens [B, K+1]``, ``n_emit [B]``, cache (lengths not yet updated), the raw verify logits
+    ``[B, N+1, V]`` and ``emit_rows [B, K+1]``: the logits row behind each emitted token (the
+    root's for the first, then the parent node's). ``process(logits, tree, accept)``, when given,
+    returns ``accept``'s outputs for the processed logits (``quasar_jax.logits``: penalties, bias,
+    min_tokens).
     """
     s = history.shape[1]
     tree, cache = drafter.draft_tree(model, history, lengths, cache)
@@ -194,7 +198,11 @@ def verify_tree(model, drafter, sampler, verifier, history, lengths, cache, room
     valid = (node < tree.n_nodes[:, None]) & (depth <= room[:, None]) & (lengths[:, None] + node < s)
     cache = cache.replace(lengths=lengths - 1)
     logits, cache = model(tokens_in, positions, cache, mode=verifier, chunk_mask=chunk_mask)  # [B, N+1, V]
-    tokens, n_emit, path = sampler.accept_tree(tree, valid, logits, rows, keys)
+    def accept(scored):
+        return sampler.accept_tree(tree, valid, scored, rows, keys)
+
+    tokens, n_emit, path = accept(logits) if process is None else process(logits, tree, accept)
     level = jnp.arange(tree.max_depth, dtype=jnp.int32)[None, :]  # [1, K]
     dst = jnp.where(level < n_emit[:, None] - 1, lengths[:, None] + level, s)  # s = dropped
-    return tokens, n_emit, cache.move(lengths[:, None] + jnp.maximum(path, 0), dst)
+    emit_rows = jnp.pad(path + 1, ((0, 0), (1, 0)))  # [B, K+1] (past the path: 0, unused)
+    return tokens, n_emit, cache.move(lengths[:, None] + jnp.maximum(path, 0), dst), logits, emit_rows

@@ -85,3 +85,30 @@ def tiny_model_dir(tmp_path_factory):
     tok = make_tiny_tokenizer(d)
     make_hf_checkpoint(d, tie=True, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
     return d
+
+
+DEMO_SLOTS, DEMO_MAX_LEN = 4, 192
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    """One live server per test process (demo model, float32, 4 slots, K = 3): the serving tests
+    of several modules share it (and its compiled programs)."""
+    import openai
+
+    import quasar_jax as qj
+    from quasar_jax.drafters import make_drafter
+    from quasar_jax.loading import resolve_model_dir
+    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.serving.server import ServeConfig, ServerThread, build
+
+    model, tok = qj.load("demo", dtype="float32")
+    stop_ids = stop_ids_of(tok, resolve_model_dir("demo"))
+    cfg = ServeConfig(drafter=make_drafter("ngram", num_draft=3), slots=DEMO_SLOTS, max_len=DEMO_MAX_LEN,
+                      chunk_steps=4, prefill_chunk=16, max_queue=16)
+    app, api, scheduler = build(model, tok, cfg, model_name="demo", stop_ids=stop_ids)
+    server = ServerThread(app).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    yield dict(model=model, tok=tok, url=server.url, client=client, api=api, scheduler=scheduler,
+               stop_ids=stop_ids, cfg=cfg)
+    server.stop()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from quasar_jax.serving.scheduler import Finished, Request, Tokens
+from quasar_jax.serving.speculation import FixedPolicy
 
 
 class CyclingPolicy:
@@ -20,6 +22,19 @@ class CyclingPolicy:
 
     def observe(self, *args) -> None:
         pass
+
+
+@contextlib.contextmanager
+def fixed_speculation(scheduler):
+    """The largest draft length for every chunk while inside: ``--speculation auto`` keeps outputs
+    exact (greedy tokens, the distribution of sampled ones) but its timing-driven choice of K
+    changes the random draws of a seeded request and the last float bits of logprobs (a verify
+    step of another width), so tests that compare two requests bit for bit fix K."""
+    auto, scheduler.policy = scheduler.policy, FixedPolicy(len(scheduler.engine.ks) - 1)
+    try:
+        yield
+    finally:
+        scheduler.policy = auto
 
 
 def run_requests(scheduler, requests: list[Request], timeout: float = 300.0):

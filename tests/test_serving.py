@@ -1,6 +1,7 @@
 """The OpenAI-compatible server against a live uvicorn on localhost (demo model, float32).
 
-One server per module (4 slots, small cache); requests are few and short.
+One server per test process (conftest's ``demo_server``: 4 slots, small cache), shared with
+test_serving_api.py; requests are few and short.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-SLOTS, MAX_LEN = 4, 192
+from conftest import DEMO_MAX_LEN as MAX_LEN
+from slot_driver import fixed_speculation
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):",
            "for i in range(10):", "x = [", "    return self._", "# Copyright 2001 Python Software Foundation\n",
            "def __repr__(self):\n        return", "with open(filename) as f:"]
@@ -23,23 +25,8 @@ MAX_TOKENS = [24, 40, 17, 30, 9, 33, 21, 28]
 
 
 @pytest.fixture(scope="module")
-def served():
-    import quasar_jax as qj
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
-    from quasar_jax.serving.server import ServeConfig, ServerThread, build
-
-    model, tok = qj.load("demo", dtype="float32")
-    stop_ids = stop_ids_of(tok, resolve_model_dir("demo"))
-    cfg = ServeConfig(drafter=make_drafter("ngram", num_draft=3), slots=SLOTS, max_len=MAX_LEN, chunk_steps=4,
-                      prefill_chunk=16, max_queue=16)
-    app, api, scheduler = build(model, tok, cfg, model_name="demo", stop_ids=stop_ids)
-    server = ServerThread(app).start()
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    yield dict(model=model, tok=tok, url=server.url, client=client, api=api, scheduler=scheduler,
-               stop_ids=stop_ids, cfg=cfg)
-    server.stop()
+def served(demo_server):
+    return demo_server
 
 
 def _post(url, body, path="/v1/completions"):
@@ -91,16 +78,9 @@ def test_chat_stream_and_usage(served):
 
 
 def test_seeded_sampling_reproducible_and_stop_strings(served):
-    """With a fixed draft length a seed reproduces its text (``--speculation auto`` keeps the
-    distribution exact but its timing-driven choice of K changes the random draws)."""
-    from quasar_jax.serving.speculation import FixedPolicy
-
-    client, scheduler = served["client"], served["scheduler"]
-    auto, scheduler.policy = scheduler.policy, FixedPolicy(len(scheduler.engine.ks) - 1)
-    try:
-        _seeded_and_stop_strings(client)
-    finally:
-        scheduler.policy = auto
+    """With a fixed draft length a seed reproduces its text (``slot_driver.fixed_speculation``)."""
+    with fixed_speculation(served["scheduler"]):
+        _seeded_and_stop_strings(served["client"])
 
 
 def _seeded_and_stop_strings(client):
@@ -135,10 +115,23 @@ def _seeded_and_stop_strings(client):
     ({"model": "demo", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "demo", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "demo", "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": "demo", "prompt": "x", "n": 2}, "n"),
-    ({"model": "demo", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "demo", "prompt": "x", "n": 0}, "n"),
+    ({"model": "demo", "prompt": "x", "n": 2, "best_of": 3}, "best_of"),
+    ({"model": "demo", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "demo", "prompt": "x", "tools": []}, "tools"),
-    ({"model": "demo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "demo", "prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+    ({"model": "demo", "prompt": "x", "stop": ["s"] * 17}, "stop"),
+    ({"model": "demo", "prompt": "x", "suffix": "y"}, "suffix"),
+    ({"model": "demo", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "demo", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "demo", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "demo", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": "demo", "prompt": "x", "stop_token_ids": [1, 2, 3, 4, 5]}, "stop_token_ids"),
+    ({"model": "demo", "prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"model": "demo", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"model": "demo", "prompt": ["x", 5]}, "prompt"),
+    ({"model": "demo", "prompt": "x", "n": 100, "best_of": None, "echo": True, "max_tokens": 0,
+      "logprobs": 1, "seed": 2**64}, "seed"),
     ({"model": "demo", "prompt": "x " * (MAX_LEN + 10)}, "prompt"),
     ({"model": "demo", "prompt": ""}, "prompt"),
     ({"model": "demo", "prompt": [1, 2, 10**9]}, "prompt"),
@@ -158,6 +151,13 @@ def test_bad_chat_and_model_requests(served):
                  {"model": "demo", "messages": "hi"}):
         r = _post(url, body, "/v1/chat/completions")
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
+    msgs = [{"role": "user", "content": "x"}]
+    for body, param in [({"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": msgs, "echo": True}, "echo"),
+                        ({"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content")]:
+        r = _post(url, body, "/v1/chat/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = _post(url, {"model": "gpt-9", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
@@ -215,6 +215,9 @@ def test_no_compilation_after_first_request(served):
                 dict(prompt="while True:\n    pass\n" * 3, max_tokens=11, temperature=0, stop=["\n"]),
                 dict(prompt="print(", max_tokens=7, top_p=0.5, extra_body={"top_k": 3}),
                 dict(prompt=[1, 2, 3], max_tokens=3),
+                dict(prompt="x = 1", max_tokens=3, logprobs=2, echo=True, n=2, seed=5, presence_penalty=0.5,
+                     logit_bias={"7": 2.0}, extra_body={"min_tokens": 1, "repetition_penalty": 1.2, "min_p": 0.1}),
+                dict(prompt=["y", "z = ("], max_tokens=0, echo=True, logprobs=1),
             ]))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint, make_tiny_tokenizer
+from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,8 +94,8 @@ def group(model_dir, tmp_path):
         g.close()
 
 
-def _complete(url, prompt, n, **kw):
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, **kw}
+def _complete(url, prompt, max_tokens, **kw):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
     r = httpx.post(url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
@@ -114,6 +116,19 @@ def test_two_process_server_equals_one_device_and_drains(group, model_dir):
         want = engine.generate([prompt], GenerationConfig(max_new_tokens=n, drafter="none", stop_ids=stop)).tokens[0]
         assert out["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
         assert out["usage"]["completion_tokens"] == len(want)
+    # the logits stage's per-row settings reach the follower (else its digest would differ): n = 2
+    # choices from one prefill with penalties, logit bias, min_tokens and logprobs; then echo alone
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, min_tokens=3, logit_bias={5: -100.0},
+                            logprobs=2)
+    want = engine.generate([PROMPTS[1]], GenerationConfig(max_new_tokens=12, drafter="none", stop_ids=stop),
+                           sampling=[params])
+    out = _complete(g.url, PROMPTS[1], 12, n=2, logprobs=2, repetition_penalty=1.3, presence_penalty=0.4,
+                    min_tokens=3, logit_bias={"5": -100})
+    for choice in out["choices"]:
+        assert choice["text"] == tok.decode(want.tokens[0], skip_special_tokens=True)
+        assert abs(np.array(choice["logprobs"]["token_logprobs"]) - [x.logprob for x in want.logprobs[0]]).max() < 1e-4
+    echo = _complete(g.url, PROMPTS[2], 0, echo=True, logprobs=1)["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(echo) == len(PROMPTS[2]) and echo[0] is None and all(x < 0 for x in echo[1:])
     lines = []  # SIGTERM on process 0 mid-stream: the stream completes, then both processes exit 0
     body = {"prompt": PROMPTS[3], "max_tokens": 60, "temperature": 0, "stream": True}
     with httpx.stream("POST", g.url + "/v1/completions", json=body, timeout=120) as r:

@@ -70,9 +70,9 @@ def test_forced_switching_between_draft_lengths_is_lossless(tree_slots, offline)
 
 def test_lockstep_leader_on_one_process_is_lossless(tree_slots, offline):
     """The multi-host protocol end to end on one process: every call encoded, exchanged (an
-    all-reduce over one process), decoded and run; a buffer of 40 words makes prompts and ops
-    span several exchanges."""
-    leader = lockstep.Leader(tree_slots, words=40, peer_timeout=120)
+    all-reduce over one process), decoded and run; a buffer of 640 words (one admission with its
+    per-row settings, EXTEND ops of 10 tokens) makes prompts and ops span several exchanges."""
+    leader = lockstep.Leader(tree_slots, words=640, peer_timeout=120)
     assert leader.heartbeat_s == 1.0 and leader.ks == tree_slots.ks
     scheduler = Scheduler(leader, policy=CyclingPolicy(3)).start()
     try:
@@ -85,7 +85,8 @@ def test_lockstep_leader_on_one_process_is_lossless(tree_slots, offline):
 
 def test_free_slots_never_change_a_live_row(model, offline):
     """A greedy and a sampled row with free slots around them: the same tokens whatever the free
-    slots hold (settings that would flip sampling: temperature -1 or NaN, top-k < 0, top-p 0)."""
+    slots hold (settings that would flip sampling: temperature -1 or NaN, top-k < 0, top-p 0, and
+    NaN / huge penalties, logit bias, min_tokens, logprobs, token counts)."""
     engine = SlotEngine(model, NGramDrafter(3), "float", slots=4, max_len=S, chunk_steps=4, prefill_buckets=(8,))
     greedy, sampled = SamplingParams(), SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7)
 
@@ -93,11 +94,18 @@ def test_free_slots_never_change_a_live_row(model, offline):
         engine.reset()
         if poison:
             st = engine.state
-            rows = RowSampling(temperature=jnp.array([-1.0, 0.0, jnp.nan, 0.0]), top_k=jnp.array([-7, 0, 3, 0]),
-                               top_p=jnp.array([0.0, 1.0, 0.3, 1.0]))
+            bias = jnp.zeros_like(st.rows.bias_ids).at[:, :4].set(jnp.array([0, 1, 2, 3]))
+            rows = dataclasses.replace(  # the logits stage's settings too: penalties, bias, min_tokens, logprobs
+                st.rows, temperature=jnp.array([-1.0, 0.0, jnp.nan, 0.0]), top_k=jnp.array([-7, 0, 3, 0]),
+                top_p=jnp.array([0.0, 1.0, 0.3, 1.0]), min_p=jnp.array([jnp.nan, 0.0, 0.9, 0.0]),
+                presence_penalty=jnp.array([jnp.nan, 0.0, 50.0, 0.0]), repetition_penalty=jnp.array([0.0, 1.0, -2.0, 1.0]),
+                frequency_penalty=jnp.array([1e9, 0.0, -1e9, 0.0]), min_tokens=jnp.array([10**6, 0, 10**6, 0], jnp.int32),
+                bias_ids=bias, bias_values=jnp.full(bias.shape, jnp.nan), logprobs=jnp.array([20, -1, 7, -1], jnp.int32))
             loop = dataclasses.replace(st.loop, history=jax.random.randint(jax.random.key(3), (4, S), 0, 96),
                                        new_tokens=jnp.array([5, 0, 9, 0], jnp.int32),
-                                       keys=jax.random.split(jax.random.key(99), 4))
+                                       keys=jax.random.split(jax.random.key(99), 4),
+                                       counts=jnp.full_like(st.loop.counts, 7),
+                                       prompt_ids=jnp.ones_like(st.loop.prompt_ids))
             engine.state = dataclasses.replace(st, loop=loop, rows=rows, max_new=jnp.array([-3, 1, 10**6, 1]))
         for slot, (prompt, params) in ((1, (PROMPTS[0], greedy)), (3, (PROMPTS[1], sampled))):
             engine.begin(prompt)
@@ -206,15 +214,19 @@ def test_codec_round_trip_and_buffer_bound():
     engine = SlotEngine.__new__(SlotEngine)  # only the specs are needed
     engine.b = 6
     engine.row_spec = {"max_new": jax.ShapeDtypeStruct((), jnp.int32), "stop": jax.ShapeDtypeStruct((3,), jnp.int32),
-                       "rows": RowSampling(*(jax.ShapeDtypeStruct((), d) for d in (jnp.float32, jnp.int32,
-                                                                                    jnp.float32)))}
+                       "rows": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                            RowSampling.abstract(1))}
     engine.key_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
     codec = lockstep.Codec(engine, words=2048)
+    sampling = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, presence_penalty=0.5,
+                              frequency_penalty=-0.25, repetition_penalty=1.2, min_tokens=4,
+                              logit_bias={17: -100.0, 3: 2.5}, logprobs=5)
     row = {"max_new": np.int32(7), "stop": np.array([3, -1, -1], np.int32),
-           "rows": RowSampling(np.float32(0.7), np.int32(40), np.float32(0.95))}
+           "rows": jax.tree.map(lambda x: np.asarray(x)[0], RowSampling.of([sampling]))}
     ops = [(lockstep.Op.ADMIT, (np.int32(2), row, np.array([1, 2**32 - 1], np.uint32))),
-           (lockstep.Op.FINISH, (np.array([1, 0, 0, 1, 0, 1], bool),)), (lockstep.Op.CHUNK, (np.int32(2),)),
-           (lockstep.Op.RESET, ())]
+           (lockstep.Op.FINISH, (np.array([1, 0, 0, 1, 0, 1], bool),)),
+           (lockstep.Op.PREFILL, (np.int32(8), np.int32(32), np.int32(1))),
+           (lockstep.Op.CHUNK, (np.int32(2), np.int32(1))), (lockstep.Op.RESET, ())]
     buffer = np.zeros((2048,), np.int32)
     words = np.concatenate([codec.encode(op, args) for op, args in ops])
     buffer[:len(words)] = words
@@ -225,7 +237,7 @@ def test_codec_round_trip_and_buffer_bound():
             np.testing.assert_array_equal(x, y)
             assert np.asarray(x).dtype == np.asarray(y).dtype
     with pytest.raises(ValueError, match="cannot hold one op"):
-        lockstep.Codec(engine, words=8)  # an ADMIT op needs 13 words
+        lockstep.Codec(engine, words=600)  # an ADMIT op needs 618 words (600 of them the logit bias)
 
 
 def test_lockstep_ends_the_group_on_divergence_or_a_lost_peer(tree_slots):

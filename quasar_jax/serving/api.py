@@ -1,20 +1,22 @@
 """OpenAI-compatible HTTP API (FastAPI) in front of a ``Scheduler``.
 
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming as server-sent events, one
-chunk per verify step's accepted tokens, then ``data: [DONE]``; or one JSON response),
+chunk per verify step's accepted tokens and choice, then ``data: [DONE]``; or one JSON response),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-Bad requests get HTTP 400 with ``{"error": {"message", "type", "param", "code"}}``; a full queue
-429; a server that is draining 503. Bodies are checked by hand (not pydantic) so that every
-error names the offending parameter in OpenAI's format.
+Bodies are parsed by the typed models of ``quasar_jax.serving.protocol``; this module adds the
+checks that need the served model, turns a request into scheduler requests (one per prompt, each
+with ``n`` choices), follows their events and shapes the answer (``serving.responses``). Bad
+requests get HTTP 400 with ``{"error": {"message", "type", "param", "code"}}``; a full queue 429;
+a server that is draining 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-import numbers
 import secrets
 import time
 import uuid
@@ -24,278 +26,284 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quasar_jax.sampling import SamplingParams
+from quasar_jax.serving import protocol
 from quasar_jax.serving.metrics import CONTENT_TYPE_LATEST
-from quasar_jax.serving.scheduler import Failed, Finished, QueueFull, Request, Scheduler, ShuttingDown, Tokens
+from quasar_jax.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
+from quasar_jax.serving.responses import Choice, Delta, Shaper
+from quasar_jax.serving.scheduler import (Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler,
+                                          ShuttingDown, Tokens)
 from quasar_jax.text_stream import TextStream
-
-MAX_STOP_STRINGS = 4
-# Parameters accepted with their neutral value only (anything else is "unsupported": 400).
-_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
-            "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "suffix": None,
-            "user": "*", "stream_options": "*", "max_completion_tokens": "*"}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
-_ALLOWED = {"completions": _COMMON | {"prompt"} | set(_NEUTRAL) - {"top_logprobs"},
-            "chat": _COMMON | {"messages"} | set(_NEUTRAL) - {"best_of", "echo", "suffix"}}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind)
 
 
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+    return ApiError(status, message, param, code, kind).response()
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+@dataclasses.dataclass
+class Job:
+    """One HTTP request: its scheduler requests (one per prompt) and choices (prompts x n)."""
 
+    shaper: Shaper
+    requests: list[Request]
+    choices: list[Choice]
+    n: int
+    stream: bool
+    echo: bool
+    include_usage: bool
+    continuous_usage: bool
 
-def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
-        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(v)}", name, "invalid_type")
-    if not ((v > lo if lo_open else v >= lo) and v <= hi):
-        raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name,
-                       "invalid_value")
-    return float(v)
+    def usage(self) -> dict:
+        return self.shaper.usage(sum(len(r.prompt) for r in self.requests), self.choices)
 
 
 class Api:
-    """Request parsing, prompt building and response shaping for one served model."""
+    """Request checking, scheduling and response shaping for one served model."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, *, model_name: str, stop_ids: tuple[int, ...],
                  default_max_tokens: int = 16):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.stop_ids = stop_ids
         self.max_len = scheduler.engine.s
+        self.num_stop = scheduler.engine.ns
         self.vocab = scheduler.engine.model.config.vocab_size
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
         self.draining = False
 
-    # ------------------------------------------------------------------ parsing
-    def parse(self, body, kind: str) -> tuple[Request, list[str], bool, dict]:
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-        unknown = sorted(set(body) - _ALLOWED[kind])
-        if unknown:
-            raise ApiError(400, f"unsupported parameter '{unknown[0]}'", unknown[0], "unsupported_parameter")
-        for name, neutral in _NEUTRAL.items():
-            if name in body and neutral != "*" and body[name] is not None and body[name] != neutral:
-                raise ApiError(400, f"unsupported value for '{name}': only {json.dumps(neutral)} is supported",
-                               name, "unsupported_parameter")
-        model = body.get("model", self.model_name)
-        if model != self.model_name:
-            raise ApiError(404, f"the model {json.dumps(model)} does not exist; this server serves "
+    # ------------------------------------------------------------------ checking
+    def job(self, r: CompletionRequest | ChatRequest, kind: str) -> Job:
+        """The scheduler requests and choices of a parsed request (``ApiError`` when it cannot run)."""
+        chat = kind == "chat"
+        if r.model is not None and r.model != self.model_name:
+            raise ApiError(404, f"the model {json.dumps(r.model)} does not exist; this server serves "
                                 f"'{self.model_name}'", "model", "model_not_found")
-        stream = body.get("stream", False) or False
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be a boolean", "stream", "invalid_type")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-            raise ApiError(400, "'stream_options' must be an object with a boolean 'include_usage'",
-                           "stream_options", "invalid_type")
-        prompt = self._chat_prompt(body.get("messages")) if kind == "chat" else self._prompt(body.get("prompt"))
-        room = self.max_len - len(prompt)
+        if not chat and r.suffix is not None:
+            raise ApiError(400, "'suffix' is not supported", "suffix", "unsupported_parameter")
+        if r.best_of is not None and r.best_of != r.n:
+            raise ApiError(400, f"'best_of' must equal 'n' ({r.n}): every generated sequence is returned",
+                           "best_of", "unsupported_parameter")
+        prompt_param = "messages" if chat else "prompt"
+        prompts = [self._chat_prompt(r)] if chat else self._prompts(r)
+        if len(prompts) * r.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n = {r.n} choices; at most {MAX_CHOICES} per request",
+                           "n", "invalid_value")
+        if r.truncate_prompt_tokens is not None:
+            prompts = [(ids[-r.truncate_prompt_tokens:], None) for ids, _ in prompts]
+        echo = bool(not chat and r.echo)
+        if chat:
+            if r.top_logprobs is not None and not r.logprobs:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+            n_logprobs = (r.top_logprobs or 0) if r.logprobs else None
+        else:
+            n_logprobs = r.logprobs
+        name = "max_completion_tokens" if chat and r.max_completion_tokens is not None else "max_tokens"
+        asked = getattr(r, name)
+        longest = max(len(ids) for ids, _ in prompts)
+        room = self.max_len - longest
         if room < 1:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this server's cache holds "
-                                f"{self.max_len} (prompt + completion)", "messages" if kind == "chat" else "prompt",
-                           "context_length_exceeded")
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = body.get(name)
-        if max_tokens is None:
-            max_tokens = room if kind == "chat" else min(self.default_max_tokens, room)
-        elif not _is_int(max_tokens):
-            raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(max_tokens)}", name, "invalid_type")
-        elif max_tokens < 1:
-            raise ApiError(400, f"'{name}' must be >= 1, got {max_tokens}", name, "invalid_value")
-        elif max_tokens > room:
-            raise ApiError(400, f"'{name}' is {max_tokens} but the prompt ({len(prompt)} tokens) leaves "
-                                f"{room} of the cache's {self.max_len} slots", name, "context_length_exceeded")
-        temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-        top_k = body.get("top_k", 0)
-        top_k = 0 if top_k is None or top_k == -1 else top_k
-        if not _is_int(top_k) or top_k < 0:
-            raise ApiError(400, f"'top_k' must be an integer >= 0 (or -1), got {json.dumps(top_k)}", "top_k",
+            raise ApiError(400, f"the prompt has {longest} tokens; this server's cache holds {self.max_len} "
+                                "(prompt + completion)", prompt_param, "context_length_exceeded")
+        if asked is None:
+            max_tokens = room if chat else min(self.default_max_tokens, room)
+        elif asked == 0 and not echo:
+            raise ApiError(400, f"'{name}' must be >= 1 (0 only with echo), got 0", name, "invalid_value")
+        elif asked > room:
+            raise ApiError(400, f"'{name}' is {asked} but the prompt ({longest} tokens) leaves {room} of the "
+                                f"cache's {self.max_len} slots", name, "context_length_exceeded")
+        else:
+            max_tokens = asked
+        if max_tokens and r.min_tokens > max_tokens:
+            raise ApiError(400, f"'min_tokens' ({r.min_tokens}) must be <= '{name}' ({max_tokens})", "min_tokens",
                            "invalid_value")
-        seed = body.get("seed")
-        if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**63):
-            raise ApiError(400, f"'seed' must be a 64-bit integer, got {json.dumps(seed)}", "seed", "invalid_value")
-        stop = body.get("stop")
-        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) \
-                or len(stop) > MAX_STOP_STRINGS:
-            raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                                "non-empty strings", "stop", "invalid_value")
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
-        req = Request(prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-                      seed=secrets.randbits(63), stop_ids=self.stop_ids)
-        return req, stop, stream, {"include_usage": opts.get("include_usage", False)}
+        stop = [] if r.stop is None else [r.stop] if isinstance(r.stop, str) else r.stop
+        if not all(stop):
+            raise ApiError(400, "'stop' strings must be non-empty", "stop", "invalid_value")
+        sampling = self._sampling(r, n_logprobs)
+        try:
+            self.scheduler.engine.check(sampling)  # a slot engine built without penalties / logprobs
+        except ValueError as err:
+            raise ApiError(400, str(err), None, "unsupported_parameter") from None
+        stop_ids = self._stop_ids(r)
+        seed = secrets.randbits(63)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        shaper = Shaper(self.tokenizer, kind, self.model_name, rid, int(time.time()), logprobs=n_logprobs,
+                        as_ids=bool(r.return_tokens_as_token_ids))
+        requests, choices = [], []
+        for ids, text in prompts:
+            requests.append(Request(prompt=ids, max_tokens=max_tokens, sampling=sampling, seed=seed,
+                                    stop_ids=stop_ids, n=r.n,
+                                    prompt_logprobs=n_logprobs if echo and n_logprobs is not None else None))
+            for _ in range(r.n):
+                stream = TextStream(self.tokenizer, stop, include_stop=r.include_stop_str_in_output,
+                                    skip_special_tokens=r.skip_special_tokens,
+                                    spaces_between_special_tokens=r.spaces_between_special_tokens)
+                choices.append(Choice(len(choices), stream, echo_text=(self.tokenizer.decode(ids) if text is None
+                                                                       else text) if echo else "",
+                                      echo_ids=ids if echo else []))
+        opts = r.stream_options
+        return Job(shaper, requests, choices, r.n, bool(r.stream), echo, bool(opts and opts.include_usage),
+                   bool(opts and opts.continuous_usage_stats))
+
+    def _sampling(self, r, n_logprobs: int | None) -> SamplingParams:
+        bias = {}
+        for key, value in (r.logit_bias or {}).items():
+            if not (key.isdigit() and int(key) < self.vocab):
+                raise ApiError(400, f"logit_bias key {json.dumps(key)} is not a token id in [0, {self.vocab})",
+                               "logit_bias", "invalid_value")
+            bias[int(key)] = value
+        top_k = r.top_k if r.top_k is not None and r.top_k > 0 else 0
+        return SamplingParams(temperature=1.0 if r.temperature is None else r.temperature, top_k=top_k,
+                              top_p=1.0 if r.top_p is None else r.top_p, seed=r.seed,
+                              min_p=r.min_p or 0.0, presence_penalty=r.presence_penalty or 0.0,
+                              frequency_penalty=r.frequency_penalty or 0.0,
+                              repetition_penalty=r.repetition_penalty or 1.0, min_tokens=r.min_tokens,
+                              logit_bias=bias, logprobs=n_logprobs)
+
+    def _stop_ids(self, r) -> tuple[int, ...]:
+        extra = r.stop_token_ids or []
+        bad = next((t for t in extra if t >= self.vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"stop token id {bad} is not in [0, {self.vocab})", "stop_token_ids", "invalid_value")
+        ids = tuple(dict.fromkeys((() if r.ignore_eos else self.stop_ids) + tuple(extra)))
+        if len(ids) > self.num_stop:
+            room = self.num_stop - (0 if r.ignore_eos else len(self.stop_ids))
+            raise ApiError(400, f"{len(extra)} stop_token_ids; this server takes at most {room} per request",
+                           "stop_token_ids", "invalid_value")
+        return ids
 
     def _check_ids(self, ids, param: str) -> list[int]:
         if not ids:
             raise ApiError(400, "the prompt is empty", param, "invalid_value")
-        bad = next((t for t in ids if not _is_int(t) or not 0 <= t < self.vocab), None)
+        bad = next((t for t in ids if not 0 <= t < self.vocab), None)
         if bad is not None:
-            raise ApiError(400, f"token id {json.dumps(bad)} is not in [0, {self.vocab})", param, "invalid_value")
+            raise ApiError(400, f"token id {bad} is not in [0, {self.vocab})", param, "invalid_value")
         return list(ids)
 
-    def _prompt(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            return self._check_ids(self.tokenizer(prompt)["input_ids"], "prompt")
-        if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
-            return self._check_ids(prompt, "prompt")
-        if prompt is None:
-            raise ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter")
-        raise ApiError(400, "'prompt' must be a string or a list of token ids (batches of several prompts "
-                            "are not supported)", "prompt", "invalid_type")
+    def _prompts(self, r: CompletionRequest) -> list[tuple[list[int], str | None]]:
+        """``(ids, text)`` per prompt (text None for token-id prompts)."""
+        p = r.prompt
+        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        if not batch:
+            raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
+        out = []
+        for one in batch:
+            if isinstance(one, str):
+                ids = self.tokenizer(one, add_special_tokens=r.add_special_tokens)["input_ids"]
+                out.append((self._check_ids(ids, "prompt"), one))
+            else:
+                out.append((self._check_ids(one, "prompt"), None))
+        return out
 
-    def _chat_prompt(self, messages) -> list[int]:
-        if messages is None:
-            raise ApiError(400, "'messages' is required", "messages", "missing_required_parameter")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
-        turns = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                                   f"messages[{i}].content", "invalid_value")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must be an object with a role (system, user, assistant) "
-                                    "and a string content", f"messages[{i}]", "invalid_value")
-            turns.append({"role": m["role"], "content": content})
+    def _chat_prompt(self, r: ChatRequest) -> tuple[list[int], None]:
+        turns = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                  else "".join(p.text for p in m.content)} for m in r.messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions",
                            "messages", "invalid_value")
-        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return self._check_ids(self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False,
+                                                      add_generation_prompt=r.add_generation_prompt,
+                                                      **(r.chat_template_kwargs or {}))
+        except Exception as err:  # a template error is the request's (bad kwargs, roles out of order)
+            raise ApiError(400, f"the chat template failed: {err}", "messages", "invalid_value") from None
+        return self._check_ids(self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages"), None
 
     # ------------------------------------------------------------------ running
     async def generate(self, http: HttpRequest, kind: str):
         if self.draining:
             raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error")
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"invalid JSON body: {err}", None, "invalid_json") from None
-        req, stop, stream, opts = self.parse(body, kind)
+        job = self.job(protocol.parse(await http.body(), kind), kind)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req.sink = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
         try:
-            self.scheduler.submit(req)
-        except QueueFull as err:
-            raise ApiError(429, str(err), None, "queue_full", "rate_limit_exceeded") from None
-        except ShuttingDown as err:
+            for i, req in enumerate(job.requests):
+                req.sink = lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                self.scheduler.submit(req)
+        except (QueueFull, ShuttingDown) as err:
+            self._cancel(job)
+            if isinstance(err, QueueFull):
+                raise ApiError(429, str(err), None, "queue_full", "rate_limit_exceeded") from None
             raise ApiError(503, str(err), None, "shutting_down", "server_error") from None
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        text = TextStream(self.tokenizer, stop)
-        if stream:
-            return StreamingResponse(self._sse(req, events, text, kind, rid, opts), media_type="text/event-stream",
+        if job.stream:
+            return StreamingResponse(self._sse(job, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finished = False
         try:
-            pieces, finish = [], None
-            async for delta, finish in self._events(req, events, text, http):
-                pieces.append(delta)
+            async for _ in self._updates(job, events, http):
+                pass
+            finished = all(c.finish for c in job.choices)
         finally:
-            self.scheduler.cancel(req)
-        if finish is None:  # client gone
+            self._cancel(job)
+        if not finished:  # client gone
             return Response(status_code=499)
-        return JSONResponse(self._body(kind, rid, "".join(pieces), finish, req, text))
+        return JSONResponse(job.shaper.body(job.choices, job.usage()))
 
-    async def _events(self, req: Request, events: asyncio.Queue, text: TextStream, http: HttpRequest | None):
-        """``(delta, None)`` per verify step, then ``(delta, finish_reason)``; raises ApiError on failure."""
-        while True:
+    def _cancel(self, job: Job) -> None:
+        for req in job.requests:
+            self.scheduler.cancel(req)  # no-op when finished
+
+    async def _updates(self, job: Job, events: asyncio.Queue, http: HttpRequest | None):
+        """``Delta`` per event and choice until every choice is finished; ``ApiError`` on failure."""
+        if job.echo and job.shaper.n_logprobs is None:
+            for c in job.choices:
+                yield Delta(c, c.echo_text, c.echo_ids, None, first=True)
+        running = len(job.choices)
+        while running:
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                p, ev = await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if http is not None and await http.is_disconnected():
                     return
                 continue
-            if isinstance(ev, Tokens):
+            if isinstance(ev, PromptLogprobs):
+                for c in job.choices[p * job.n:(p + 1) * job.n]:
+                    c.echo_logprobs = ev.logprobs
+                    yield Delta(c, c.echo_text, c.echo_ids, ev.logprobs, first=True)
+            elif isinstance(ev, Tokens):
+                c = job.choices[p * job.n + ev.index]
+                at = 0
                 for group in ev.groups:
-                    delta = text.feed(group)
-                    text.steps += 1
-                    if text.stopped:
-                        self.scheduler.cancel(req)
-                        yield delta, "stop"
-                        return
-                    yield delta, None
+                    if c.finish:
+                        break
+                    lps = ev.logprobs[at:at + len(group)] if ev.logprobs is not None else None
+                    at += len(group)
+                    before = c.text.kept
+                    delta = c.text.feed(group)
+                    c.text.steps += 1
+                    ids = c.text.ids[before:c.text.kept]
+                    lps = None if lps is None else lps[:len(ids)]
+                    c.logprobs.extend(lps or [])
+                    if c.text.stopped:
+                        c.finish = "stop"
+                        running -= 1
+                        self.scheduler.cancel(job.requests[p], ev.index)
+                    yield Delta(c, delta, ids, lps, c.finish)
             elif isinstance(ev, Finished):
-                yield text.flush(), ("stop" if ev.reason == "stop" else "length")
-                return
+                c = job.choices[p * job.n + ev.index]
+                if not c.finish:
+                    c.finish = "stop" if ev.reason == "stop" else "length"
+                    running -= 1
+                    yield Delta(c, c.text.flush(), [], None, c.finish)
             elif isinstance(ev, Failed):
                 raise ApiError(500, ev.message, None, "internal_error", "server_error")
 
-    async def _sse(self, req, events, text, kind, rid, opts):
-        created = int(time.time())
+    async def _sse(self, job: Job, events: asyncio.Queue):
+        shaper, offsets = job.shaper, {}
         try:
-            if kind == "chat":
-                yield self._sse_chunk(rid, created, kind, {"role": "assistant", "content": ""}, None)
-            async for delta, finish in self._events(req, events, text, None):
-                if delta or finish:
-                    chunk = self._sse_chunk(rid, created, kind, delta, finish,
-                                            self._usage(req, text) if finish else None)
-                    yield chunk
-            if opts["include_usage"]:
-                yield "data: " + json.dumps({"id": rid, "object": self._object(kind, True), "created": created,
-                                             "model": self.model_name, "choices": [],
-                                             "usage": self._usage(req, text)}) + "\n\n"
+            if shaper.kind == "chat":
+                for c in job.choices:
+                    yield shaper.role_chunk(c.index)
+            async for d in self._updates(job, events, None):
+                if d.text or d.finish or (shaper.n_logprobs is not None and d.ids):
+                    yield shaper.chunk(d, offsets, job.usage() if d.finish or job.continuous_usage else None)
+            if job.include_usage:
+                yield shaper.event([], job.usage())
             yield "data: [DONE]\n\n"
         except ApiError as err:
-            yield "data: " + json.dumps({"error": {"message": err.message, "type": err.kind, "param": err.param,
-                                                   "code": err.code}}) + "\n\n"
+            yield "data: " + json.dumps(err.body()) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            self.scheduler.cancel(req)  # no-op when finished; frees the slot on a disconnect
-
-    def _object(self, kind: str, chunk: bool) -> str:
-        if kind == "chat":
-            return "chat.completion.chunk" if chunk else "chat.completion"
-        return "text_completion"
-
-    def _sse_chunk(self, rid, created, kind, delta, finish, usage=None) -> str:
-        if kind == "chat":
-            d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
-        obj = {"id": rid, "object": self._object(kind, True), "created": created, "model": self.model_name,
-               "choices": [choice]}
-        if usage is not None:
-            obj["usage"] = usage
-        return "data: " + json.dumps(obj) + "\n\n"
-
-    def _usage(self, req: Request, text: TextStream) -> dict:
-        n, steps = len(text.ids), text.steps
-        return {"prompt_tokens": len(req.prompt), "completion_tokens": n, "total_tokens": len(req.prompt) + n,
-                "verify_steps": steps, "accepted_tokens": max(0, n - steps)}
-
-    def _body(self, kind, rid, content, finish, req, text) -> dict:
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": self._object(kind, False), "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": self._usage(req, text)}
+            self._cancel(job)  # no-op when finished; frees the slots on a disconnect
 
 
 def create_app(api: Api, *, on_shutdown=None) -> FastAPI:

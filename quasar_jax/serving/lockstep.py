@@ -5,18 +5,20 @@ processes only when every process calls it, with the same arguments, in the same
 0 runs HTTP and the scheduler; its ``SlotEngine`` calls (``begin``, ``extend``, ``prefill``,
 ``admit``, ``finish``, ``chunk``, ``reset``) are wrapped by ``Leader``, which records each as an
 op (an ``Op`` code and its host arguments) instead of running it. At the end of a scheduler
-iteration (``flush``), at each ``chunk`` (whose results the scheduler needs) or when the buffer is
-full, the recorded ops go to every process in ONE fixed-size exchange, and then every process,
-process 0 included, runs the decoded ops on its ``SlotEngine``. The other processes run
-``follow``: exchange, run, repeat, until ``SHUTDOWN``.
+iteration (``flush``), at each ``chunk`` and each echo ``prefill`` (whose results the scheduler
+needs) or when the buffer is full, the recorded ops go to every process in ONE fixed-size
+exchange, and then every process, process 0 included, runs the decoded ops on its
+``SlotEngine``. The other processes run ``follow``: exchange, run, repeat, until ``SHUTDOWN``.
 
 The buffer (``Codec``): int32 words, ops one after another, each ``[code, n, n payload words]``,
 zeros after the last. The payload is the op's argument pytree, leaf by leaf as raw bytes padded
 to words, in the order of its abstract spec; the specs come from the engine (``row_spec`` is the
-per-row input pytree of ``SlotState``, ``key_spec`` the PRNG key data), so a field added to the
-per-row inputs travels without a change here. A prompt travels as ``EXTEND`` ops of at most
-``PIECE`` tokens (half the buffer if smaller); an op that does not fit in what is left of the buffer is sent in the next
-exchange (a prompt longer than one buffer takes several exchanges; no buffer is ever resized).
+per-row input pytree of ``SlotState``: budget, stop ids and the whole ``RowSampling`` with
+sampling, penalties, logit bias, min_tokens and logprobs count; ``key_spec`` the PRNG key data),
+so a field added to the per-row inputs travels without a change here. A prompt travels as
+``EXTEND`` ops of at most ``PIECE`` tokens (1/64 of the buffer if smaller); an op that does not fit
+in what is left of the buffer is sent in the next exchange (a prompt longer than one buffer takes
+several exchanges; no buffer is ever resized).
 
 The exchange is one all-reduce over processes (``Exchange``, compiled once): process 0
 contributes the buffer, and every process its status: how many chunks it has run and a digest
@@ -47,17 +49,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from quasar_jax.serving.slots import ChunkResult, SlotEngine
 
-PIECE = 512  # prompt tokens per EXTEND op at most (fewer in a small buffer: half of it)
+PIECE = 512  # prompt tokens per EXTEND op at most (fewer in a small buffer: 1/64 of it, so prompts
+# share an exchange with admissions, whose per-row settings take ~620 words with the logit bias)
 EXIT_GROUP_LOST = 3
 
 
 class Op(enum.IntEnum):
     BEGIN = 1  # () a new staged prompt
     EXTEND = 2  # (tokens [PIECE], n) more of its tokens
-    PREFILL = 3  # (start, size)
+    PREFILL = 3  # (start, size, logprobs)
     ADMIT = 4  # (slot, row pytree, key data)
     FINISH = 5  # (mask [B],)
-    CHUNK = 6  # (program,)
+    CHUNK = 6  # (program, logprobs)
     RESET = 7  # ()
     SHUTDOWN = 8  # ()
 
@@ -73,10 +76,10 @@ class Codec:
 
     def __init__(self, engine: SlotEngine, words: int):
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        self.words, self.piece = words, max(1, min(PIECE, words // 2))
+        self.words, self.piece = words, max(1, min(PIECE, words // 64))
         self.specs = {Op.BEGIN: (), Op.EXTEND: (jax.ShapeDtypeStruct((self.piece,), jnp.int32), i32),
-                      Op.PREFILL: (i32, i32), Op.ADMIT: (i32, engine.row_spec, engine.key_spec),
-                      Op.FINISH: (jax.ShapeDtypeStruct((engine.b,), jnp.bool_),), Op.CHUNK: (i32,),
+                      Op.PREFILL: (i32, i32, i32), Op.ADMIT: (i32, engine.row_spec, engine.key_spec),
+                      Op.FINISH: (jax.ShapeDtypeStruct((engine.b,), jnp.bool_),), Op.CHUNK: (i32, i32),
                       Op.RESET: (), Op.SHUTDOWN: ()}
         largest = max(len(self.encode(op, self._zeros(op))) for op in Op)
         if largest > words:
@@ -201,8 +204,9 @@ class _Member:
                                 f"({statuses[0][1]:#x} after {statuses[0][0]})")
         return out
 
-    def run(self, ops) -> ChunkResult | None:
-        """Run decoded ops on this process's engine; the last chunk's result."""
+    def run(self, ops):
+        """Run decoded ops on this process's engine; the last result (a chunk's, or an echo
+        prefill's logprobs), or None."""
         result = None
         try:
             with self.watchdog.guard("a device program", self.peer_timeout):
@@ -221,13 +225,13 @@ class _Member:
         elif op is Op.EXTEND:
             eng.extend(args[0][:int(args[1])])
         elif op is Op.PREFILL:
-            eng.prefill(int(args[0]), int(args[1]))
+            return eng.prefill(int(args[0]), int(args[1]), logprobs=bool(args[2]))
         elif op is Op.ADMIT:
             eng.admit(int(args[0]), args[1], args[2])
         elif op is Op.FINISH:
             eng.finish(args[0])
         elif op is Op.CHUNK:
-            res = eng.chunk(int(args[0]))
+            res = eng.chunk(int(args[0]), logprobs=bool(args[1]))
             self.chunks, self.last = self.chunks + 1, digest(res)
             return res
         elif op is Op.RESET:
@@ -263,9 +267,10 @@ class Leader(_Member):
         self._pending.append(words)
         self._used += len(words)
 
-    def flush(self) -> ChunkResult | None:
-        """Send the recorded ops to every process, then run them here. With none recorded, an
-        empty exchange (a heartbeat) only when the last one is ``heartbeat_s`` old."""
+    def flush(self):
+        """Send the recorded ops to every process, then run them here (-> the last result, see
+        ``run``). With none recorded, an empty exchange (a heartbeat) only when the last one is
+        ``heartbeat_s`` old."""
         if not self._pending and time.monotonic() - self._last < self.heartbeat_s:
             return None
         self._last = time.monotonic()
@@ -288,8 +293,9 @@ class Leader(_Member):
             piece[:len(part)] = part
             self._add(Op.EXTEND, (piece, np.int32(len(part))))
 
-    def prefill(self, start: int, size: int) -> None:
-        self._add(Op.PREFILL, (np.int32(start), np.int32(size)))
+    def prefill(self, start: int, size: int, logprobs: bool = False):
+        self._add(Op.PREFILL, (np.int32(start), np.int32(size), np.int32(logprobs)))
+        return self.flush() if logprobs else None  # the scheduler needs the echo's logprobs now
 
     def admit(self, slot: int, row, key_data) -> None:
         self._add(Op.ADMIT, (np.int32(slot), row, key_data))
@@ -300,8 +306,8 @@ class Leader(_Member):
     def reset(self) -> None:
         self._add(Op.RESET)
 
-    def chunk(self, program: int = 0) -> ChunkResult:
-        self._add(Op.CHUNK, (np.int32(program),))
+    def chunk(self, program: int = 0, logprobs: bool = False) -> ChunkResult:
+        self._add(Op.CHUNK, (np.int32(program), np.int32(logprobs)))
         return self.flush()
 
     def close(self) -> None:

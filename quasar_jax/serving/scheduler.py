@@ -5,15 +5,17 @@ Each iteration of the scheduler thread:
 1. cancellations (client gone, stop string found): queued requests are dropped, running ones are
    finished on device (``SlotEngine.finish``) and their slots freed;
 2. admission: while a slot is free, the next queued prompt is prefilled piece by piece into a
-   one-row staging cache and copied into the slot. While other rows are decoding, at most
-   ``prefill_budget`` prompt tokens are prefilled per iteration (a long prompt is spread over
-   several iterations, so it stalls the running rows for one piece at a time); with nothing
-   running, prefill is unbounded;
+   one-row staging cache and copied into the slot; a request for ``n`` choices is copied into
+   ``n`` slots (each choice its own PRNG key), the staging cache kept until all are admitted. While
+   other rows are decoding, at most ``prefill_budget`` prompt tokens are prefilled per iteration (a
+   long prompt is spread over several iterations, so it stalls the running rows for one piece at a
+   time); with nothing running, prefill is unbounded. A request that asks for its prompt's
+   logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
 3. one ``chunk``: up to ``chunk_steps`` verify steps on device, returning early when a row finishes;
    the speculation policy (``quasar_jax.serving.speculation``) picks the chunk program (draft
    length K) from the busy rows and the recent acceptance, and learns from what the chunk did;
-   each request gets its new tokens, one group per verify step, and a finish event when its row
-   is done.
+   each choice gets its new tokens, one group per verify step (with their logprobs when asked), and
+   a finish event when its row is done.
 
 The engine is a ``SlotEngine`` or, on process 0 of a multi-host group, a ``lockstep.Leader``
 with the same calls (it sends them to every process): ``flush`` ends each iteration, and while
@@ -22,8 +24,9 @@ An engine error marked ``fatal`` (the group is lost) fails every request and sto
 good (``on_fatal``); any other fails the running requests and the loop goes on.
 
 Requests talk to the thread through ``Request.sink`` (called on the scheduler thread with a
-``Tokens`` / ``Finished`` / ``Failed`` event; the HTTP layer hops onto its event loop) and
-``Scheduler.cancel``. The queue is bounded: ``submit`` raises ``QueueFull``.
+``PromptLogprobs`` / ``Tokens`` / ``Finished`` / ``Failed`` event, ``Tokens`` and ``Finished``
+naming their choice; the HTTP layer hops onto its event loop) and ``Scheduler.cancel`` (a whole
+request, or one choice: a stop string). The queue is bounded: ``submit`` raises ``QueueFull``.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ import time
 import traceback
 from typing import Callable
 
+import jax
 import numpy as np
 
-from quasar_jax.results import FINISH_CODES
+from quasar_jax.results import FINISH_CODES, TokenLogprob
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
@@ -57,8 +61,15 @@ class ShuttingDown(Exception):
 
 
 @dataclasses.dataclass
+class PromptLogprobs:
+    logprobs: list[TokenLogprob | None]  # one per prompt token; the first is None
+
+
+@dataclasses.dataclass
 class Tokens:
     groups: list[list[int]]  # tokens accepted by each verify step of the last chunk
+    index: int = 0  # the choice
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``groups``, when asked
 
 
 @dataclasses.dataclass
@@ -66,6 +77,7 @@ class Finished:
     reason: str  # stop | length | cache_full | cancelled
     new_tokens: int
     verify_steps: int
+    index: int = 0  # the choice
 
 
 @dataclasses.dataclass
@@ -93,12 +105,19 @@ class Request:
     generated: int = 0
     cancelled: bool = False
     finished: bool = False
+    n: int = 1  # choices (sequences) from this prompt
+    prompt_logprobs: int | None = None  # echo: alternatives per prompt token (None: no prompt logprobs)
+    ended: set = dataclasses.field(default_factory=set)  # choices whose Finished was delivered
+    interrupted: bool = False  # a choice was cancelled (the request's outcome is "cancelled")
 
 
 @dataclasses.dataclass
 class _Staging:
     req: Request
     pieces: list[tuple[int, int]]
+    echo: list | None  # prompt logprobs gathered so far (None: not asked)
+    next_choice: int = 0  # choices admitted so far
+    prefilled: bool = False  # the prompt is in the staging cache (and its logprobs delivered)
 
 
 class Scheduler:
@@ -114,8 +133,8 @@ class Scheduler:
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
-        self._cancels: collections.deque[Request] = collections.deque()
-        self._owner: dict[int, Request] = {}  # slot -> request
+        self._cancels: collections.deque[tuple[Request, int | None]] = collections.deque()
+        self._owner: dict[int, tuple[Request, int]] = {}  # slot -> (request, choice)
         self._staging: _Staging | None = None
         self._accepting = True
         self._stop = False
@@ -138,13 +157,14 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
 
-    def cancel(self, req: Request) -> None:
-        """Stop generating for ``req`` (idempotent; a finished request is left alone)."""
+    def cancel(self, req: Request, index: int | None = None) -> None:
+        """Stop generating for ``req``, or only for its choice ``index`` (idempotent; finished
+        requests and choices are left alone)."""
         with self._cond:
-            if req.finished or req.cancelled:
+            if req.finished or req.cancelled or index in req.ended:
                 return
-            req.cancelled = True
-            self._cancels.append(req)
+            req.cancelled = index is None
+            self._cancels.append((req, index))
             self._cond.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -205,30 +225,36 @@ class Scheduler:
                 log.error("scheduler iteration failed: %s", traceback.format_exc())
                 self._fail_all(f"internal error: {type(err).__name__}: {err}")
 
-    def _cancel(self, reqs: list[Request]) -> None:
+    def _cancel(self, items: list[tuple[Request, int | None]]) -> None:
         slots = []
-        for req in reqs:
-            slot = next((s for s, r in self._owner.items() if r is req), None)
-            if slot is not None:
-                slots.append(slot)
-                self._retire(slot, Finished("cancelled", req.generated, 0), "cancelled")
-            elif self._staging is not None and self._staging.req is req:
+        for req, index in items:
+            if req.finished:
+                continue
+            req.interrupted = True
+            for slot, (r, i) in list(self._owner.items()):
+                if r is req and (index is None or i == index):
+                    slots.append(slot)
+                    self._retire(slot, Finished("cancelled", 0, 0, i))
+            if index is not None:
+                continue
+            if self._staging is not None and self._staging.req is req:
                 self._staging = None
-                self._close(req, Finished("cancelled", 0, 0), "cancelled")
-            else:
-                with self._cond:
-                    if req in self._queue:
-                        self._queue.remove(req)
-                        self.metrics.queue_depth.set(len(self._queue))
-                self._close(req, Finished("cancelled", 0, 0), "cancelled")
+            with self._cond:
+                if req in self._queue:
+                    self._queue.remove(req)
+                    self.metrics.queue_depth.set(len(self._queue))
+            self._end_choices(req, "cancelled")
         if slots:
             mask = np.zeros((self.engine.b,), bool)
             mask[slots] = True
             self.engine.finish(mask)
 
-    def _next_request(self) -> Request | None:
+    def _next_request(self, slot_free: bool) -> Request | None:
+        """The next live queued request; without a free slot only one that needs none (echo alone)."""
         with self._cond:
             while self._queue:
+                if not slot_free and self._queue[0].max_tokens > 0:
+                    return None
                 req = self._queue.popleft()
                 self.metrics.queue_depth.set(len(self._queue))
                 if not req.cancelled:
@@ -238,34 +264,50 @@ class Scheduler:
     def _admit(self) -> None:
         eng = self.engine
         spent = 0
-        while len(self._owner) < eng.b:
+        while True:
             if self._staging is None:
-                req = self._next_request()
+                req = self._next_request(len(self._owner) < eng.b)
                 if req is None:
                     return
                 eng.begin(req.prompt)
-                self._staging = _Staging(req, prefill_pieces(len(req.prompt) - 1, eng.buckets))
+                self._staging = _Staging(req, prefill_pieces(len(req.prompt) - 1, eng.buckets),
+                                         None if req.prompt_logprobs is None else [None])
             st = self._staging
             while st.pieces and (not self._owner or spent < self.prefill_budget):
                 start, size = st.pieces.pop(0)
-                eng.prefill(start, size)
+                lp = eng.prefill(start, size, logprobs=st.echo is not None)
+                if st.echo is not None:
+                    st.echo.extend(_logprobs(lp, range(min(size, len(st.req.prompt) - 1 - start)),
+                                             st.req.prompt_logprobs))
                 spent += size
             if st.pieces:
                 return  # budget spent: continue next iteration, after a decode chunk
-            slot = next(s for s in range(eng.b) if s not in self._owner)
             req = st.req
-            eng.admit(slot, eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling),
-                      eng.key_data(req.sampling, req.seed))
-            self._staging = None
-            self._owner[slot] = req
-            self.metrics.prompt_tokens.inc(len(req.prompt))
+            if not st.prefilled:
+                st.prefilled = True
+                self.metrics.prompt_tokens.inc(len(req.prompt))
+                if st.echo is not None:
+                    self._deliver(req, PromptLogprobs(st.echo))
+                if req.max_tokens == 0:  # the prompt's logprobs were all that was asked
+                    self._staging = None
+                    self._end_choices(req, "length")
+                    continue
+            while st.next_choice < req.n and len(self._owner) < eng.b:
+                slot = next(s for s in range(eng.b) if s not in self._owner)
+                eng.admit(slot, eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling),
+                          eng.key_data(req.sampling, req.seed, st.next_choice))
+                self._owner[slot] = (req, st.next_choice)
+                st.next_choice += 1
             self.metrics.slots_busy.set(len(self._owner))
+            if st.next_choice < req.n:
+                return  # the other choices wait for free slots (the staging cache is kept)
+            self._staging = None
 
     def _chunk(self) -> None:
         busy = len(self._owner)
         program = self.policy.choose(busy)
         t0 = time.perf_counter()
-        res = self.engine.chunk(program)
+        res = self.engine.chunk(program, logprobs=any(r.sampling.logprobs is not None for r, _ in self._owner.values()))
         now = time.perf_counter()
         self.policy.observe(program, busy, now - t0, res.iterations, int(res.appended.sum()), res.row_steps)
         m = self.metrics
@@ -273,7 +315,7 @@ class Scheduler:
         m.alpha.set(getattr(self.policy, "alpha", float("nan")))
         m.loop_iterations.inc(res.iterations)
         m.busy_slot_iterations.inc(res.iterations * busy)
-        for slot, req in list(self._owner.items()):
+        for slot, (req, index) in list(self._owner.items()):
             n = int(res.appended[slot])
             if n:
                 toks = res.tokens[slot, :n].tolist()
@@ -290,26 +332,37 @@ class Scheduler:
                     m.ttft.observe(now - req.arrival)
                 req.last_token = now
                 req.generated += n
-                self._deliver(req, Tokens(groups))
+                lps = None
+                if req.sampling.logprobs is not None:
+                    lps = _logprobs(jax.tree.map(lambda x: x[slot], res.logprobs), range(n), req.sampling.logprobs)
+                self._deliver(req, Tokens(groups, index, lps))
             if res.done[slot]:
                 reason = FINISH_CODES[int(res.finish[slot])].value
-                self._retire(slot, Finished(reason, int(res.new_tokens[slot]), int(res.steps[slot])), "finished")
+                self._retire(slot, Finished(reason, int(res.new_tokens[slot]), int(res.steps[slot]), index))
 
-    def _retire(self, slot: int, event: Finished, outcome: str) -> None:
-        req = self._owner.pop(slot)
+    def _retire(self, slot: int, event: Finished) -> None:
+        """Free ``slot`` and end its choice; the request ends with its last choice."""
+        req, _ = self._owner.pop(slot)
         self.metrics.slots_busy.set(len(self._owner))
-        if req.first_token is not None:
-            self.metrics.latency.observe(req.last_token - req.arrival)
-            if req.generated > 1:
-                self.metrics.tpot.observe((req.last_token - req.first_token) / (req.generated - 1))
-        self._close(req, event, outcome)
+        self._end_choice(req, event)
 
-    def _close(self, req: Request, event, outcome: str) -> None:
-        if req.finished:
+    def _end_choice(self, req: Request, event: Finished) -> None:
+        if event.index in req.ended:
             return
-        req.finished = True
-        self.metrics.requests.labels(outcome).inc()
+        req.ended.add(event.index)
         self._deliver(req, event)
+        if len(req.ended) == req.n and not req.finished:
+            req.finished = True
+            if req.first_token is not None:
+                self.metrics.latency.observe(req.last_token - req.arrival)
+                if req.generated > 1:
+                    self.metrics.tpot.observe((req.last_token - req.first_token) / (req.generated - 1))
+            self.metrics.requests.labels("cancelled" if req.interrupted else "finished").inc()
+
+    def _end_choices(self, req: Request, reason: str) -> None:
+        """End every choice of ``req`` that is not running (never admitted, or echo alone)."""
+        for i in range(req.n):
+            self._end_choice(req, Finished(reason, 0, 0, i))
 
     def _deliver(self, req: Request, event) -> None:
         try:
@@ -318,10 +371,12 @@ class Scheduler:
             log.error("request %s: event delivery failed: %s", req.rid, traceback.format_exc())
 
     def _fail_all(self, message: str, reset: bool = True) -> None:
-        reqs = list(self._owner.values()) + ([self._staging.req] if self._staging else [])
+        reqs = {id(r): r for r, _ in self._owner.values()}
+        if self._staging:
+            reqs[id(self._staging.req)] = self._staging.req
         if not reset:  # nothing will run: the queued requests fail too
             with self._cond:
-                reqs += list(self._queue)
+                reqs.update((id(r), r) for r in self._queue)
                 self._queue.clear()
         self._owner.clear()
         self._staging = None
@@ -331,5 +386,15 @@ class Scheduler:
                 self.engine.reset()
             except Exception:
                 log.error("slot reset failed: %s", traceback.format_exc())
-        for req in reqs:
-            self._close(req, Failed(message), "error")
+        for req in reqs.values():
+            if not req.finished:
+                req.finished = True
+                self.metrics.requests.labels("error").inc()
+                self._deliver(req, Failed(message))
+
+
+def _logprobs(lp, positions, n: int) -> list[TokenLogprob]:
+    """Host ``TokenLogprob`` of one row's ``lp`` (``Logprobs`` fields ``[T]``, ``[T, NL]``) at
+    ``positions``, with ``n`` alternatives."""
+    token, ids, top = np.asarray(lp.token), np.asarray(lp.top_ids), np.asarray(lp.top)
+    return [TokenLogprob(float(token[j]), list(zip(ids[j, :n].tolist(), top[j, :n].tolist()))) for j in positions]

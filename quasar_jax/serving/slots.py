@@ -5,20 +5,27 @@ per-row input of ``make_program``'s ``step`` (token budget, stop ids, sampling s
 arrays. A free slot is a done row (``step`` freezes done rows). The programs, each compiled once
 ahead of time when ``SlotEngine`` is built, so requests coming and going never compile:
 
-* ``prefill(params, cache1, tokens [1, C], start)``: K/V of one prompt piece of ``C`` tokens
-  (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a one-row staging cache
-  at slots ``start .. start+C-1``. Pad tokens past the prompt write slots that are masked and
-  overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded prefill.
+* ``prefill(params, cache1, tokens [1, C], start, next_tokens [1, C], want)``: K/V of one prompt
+  piece of ``C`` tokens (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a
+  one-row staging cache at slots ``start .. start+C-1``. Pad tokens past the prompt write slots
+  that are masked and overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded
+  prefill. When ``want`` (a device bool: one program either way) it also returns the logprobs of
+  ``next_tokens`` (the prompt shifted by one: echo) and their top alternatives.
 * ``admit(slots, cache1, slot, history_row [S], prompt_len, row, key)``: copies the staging row
   into row ``slot`` of the ``[L, B, S, G, E]`` cache, resets that row's loop fields (from a fresh
-  one-row state) and sets its per-row inputs from ``row``: ONE pytree holding, for every per-row
-  field of ``SlotState`` (``SlotState.inputs``), that row's value (``SlotEngine.row_inputs``).
+  one-row state; the prompt's id mask for the repetition penalty) and sets its per-row inputs
+  from ``row``: ONE pytree holding, for every per-row field of ``SlotState`` (``SlotState.inputs``),
+  that row's value (``SlotEngine.row_inputs``: budget, stop ids and the request's ``RowSampling``:
+  sampling, penalties, logit bias, min_tokens, logprobs). The staging cache stays, so one prompt
+  is admitted into several slots (``n`` choices).
 * ``chunk_p(params, slots)``, one per drafter of ``drafters`` (e.g. K = 0, 2, 5: the
   speculation options, ``quasar_jax.serving.speculation``), all over the SAME slot state
   (``emitted_hist`` sized for the largest K): a ``lax.while_loop`` of that drafter's ``step``
   until ``N`` steps have run, or a row that was running at entry is done, or a newly admitted row
-  has its first tokens, or no row runs. Returns the new state, the tokens each row appended
-  (``[B, N*(K+1)]``, from its length at entry) and ``n_emit`` per step (``[N, B]``).
+  has its first tokens, or no row runs. Every program carries the same ``LogitsSpec`` (the
+  logits stage). Returns the new state, the tokens each row appended (``[B, N*(K+1)]``, from its
+  length at entry), their logprobs and top alternatives (``quasar_jax.logits.Logprobs``, rows on
+  ``data``, fetched to the host only when a request asked) and ``n_emit`` per step (``[N, B]``).
 * ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
   host, cancelled (disconnected) requests.
 
@@ -44,15 +51,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from quasar_jax import logits as stage
 from quasar_jax import sharding
 from quasar_jax.drafters import Drafter
 from quasar_jax.engine import LoopState, make_program
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
 from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
+SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +91,7 @@ class ChunkResult:
     new_tokens: np.ndarray  # [B]
     steps: np.ndarray  # [B] verify steps while active
     iterations: int  # loop iterations run by this chunk
+    logprobs: Logprobs | None = None  # [B, N*(K+1)] (, NL) of ``tokens``, when asked for
 
     @property
     def row_steps(self) -> int:
@@ -116,7 +127,7 @@ class SlotEngine:
 
     def __init__(self, model, drafters: Drafter | Sequence[Drafter], verifier: QuantMode | str, *, slots: int,
                  max_len: int, num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128),
-                 mesh=None):
+                 mesh=None, spec: LogitsSpec = SERVING_SPEC):
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
             raise ValueError(f"verifier '{verifier}' does not match the model's weights "
@@ -134,7 +145,7 @@ class SlotEngine:
             if slots % data:
                 raise ValueError(f"slots {slots} must be a multiple of the mesh's data axis {data}")
             sharding.place_model(model, self.mesh)  # a no-op for params loaded onto the mesh
-        self.model, self.verifier = model, verifier
+        self.model, self.verifier, self.spec = model, verifier, spec
         self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
         self.ks = tuple(d.num_draft for d in self.drafters)  # K of each chunk program
         self.k = max(self.ks)  # emitted_hist is sized for the largest
@@ -153,29 +164,34 @@ class SlotEngine:
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
         cfg, dtype = self.model.config, self.model.dtype
-        steps = [make_program(graphdef, d, RowSampler(), verifier)[1] for d in self.drafters]
+        spec, n_top = self.spec, self.spec.max_logprobs or 0
+        steps = [make_program(graphdef, d, RowSampler(), verifier, spec=spec)[1] for d in self.drafters]
 
         def empty() -> SlotState:
-            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k), max_new=jnp.ones((b,), jnp.int32),
+            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, spec), max_new=jnp.ones((b,), jnp.int32),
                              stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
 
         def staging() -> KVCache:
             return KVCache.init(cfg, 1, s, dtype)
 
-        def prefill(params, cache1: KVCache, tokens, start):
+        def prefill(params, cache1: KVCache, tokens, start, next_tokens, want):
             model = nnx.merge(graphdef, params)
             c = tokens.shape[1]
             positions = (start + jnp.arange(c, dtype=jnp.int32))[None, :]
-            _, cache1 = model(tokens, positions, cache1.replace(lengths=jnp.reshape(start, (1,))), mode=verifier)
-            return cache1
+            logits, cache1 = model(tokens, positions, cache1.replace(lengths=jnp.reshape(start, (1,))),
+                                   mode=verifier)
+            lp = jax.lax.cond(want, lambda: stage.token_logprobs(logits, next_tokens, n_top),
+                              lambda: stage.empty_logprobs(1, c, n_top))
+            return cache1, lp
 
         def admit(st: SlotState, cache1: KVCache, slot, history_row, prompt_len, row: dict, key_data) -> SlotState:
             full = prompt_len >= s
             fresh = dataclasses.replace(  # a one-row state: counters zero, its own key
-                _empty_loop(cfg, dtype, 1, s, k), history=history_row[None], lengths=prompt_len[None],
+                _empty_loop(cfg, dtype, 1, s, k, spec), history=history_row[None], lengths=prompt_len[None],
                 done=full[None], finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32)[None],
-                keys=jax.random.wrap_key_data(key_data)[None], cache=None)
+                keys=jax.random.wrap_key_data(key_data)[None], cache=None,
+                prompt_ids=stage.prompt_mask(history_row[None], prompt_len[None], st.loop.prompt_ids.shape[1]))
             fresh = jax.tree.map(lambda x: x[0] if x.ndim else x, fresh)
             loop = _set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
             cache = st.loop.cache
@@ -208,7 +224,12 @@ class SlotEngine:
                 tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
                 out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
                        loop.steps, loop.iteration - start_it)
-                return dataclasses.replace(st, loop=loop), out
+                if spec.max_logprobs is None:
+                    logprobs = stage.empty_logprobs(b, m, 0)
+                else:  # the same positions of the logprob buffers
+                    logprobs = jax.tree.map(lambda buf: jnp.take_along_axis(
+                        buf, idx.reshape(idx.shape + (1,) * (buf.ndim - 2)), axis=1), loop.logprobs)
+                return dataclasses.replace(st, loop=loop), out, logprobs
             return chunk
 
         def finish(st: SlotState, mask) -> SlotState:
@@ -221,8 +242,8 @@ class SlotEngine:
         state, cache1 = jax.eval_shape(empty), jax.eval_shape(staging)
         self.row_spec = jax.tree.map(lambda x: sds(x.shape[1:], x.dtype), state.inputs())  # one row's inputs
         self.key_spec = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-        state_sh = cache1_sh = out_sh = None
-        host = {"scalar": sds((), i32), "piece": {c: sds((1, c), i32) for c in self.buckets},
+        state_sh = cache1_sh = out_sh = lp_sh = None
+        host = {"scalar": sds((), i32), "piece": {c: sds((1, c), i32) for c in self.buckets}, "want": sds((), bool),
                 "history": sds((s,), i32), "row": self.row_spec, "key": self.key_spec, "mask": sds((b,), jnp.bool_)}
         if self.mesh is not None:
             mesh, rules = self.mesh, sharding.axis_rules(cfg, self.mesh)
@@ -230,6 +251,9 @@ class SlotEngine:
             staging_5d = NamedSharding(mesh, sharding.logical_spec(sharding.CACHE_AXES, {**rules, "batch": None}))
             cache1_sh = jax.tree.map(lambda x: staging_5d if x.ndim == 5 else sharding.replicated(mesh), cache1)
             out_sh = sharding.replicated(mesh)
+            lp_sh = {kp: sharding.with_batch_shardings(jax.eval_shape(
+                lambda kp=kp: stage.empty_logprobs(b, n * (kp + 1), n_top)), mesh, cfg)
+                     for kp in self.ks}  # rows on data: gathered only when fetched
             state, cache1 = sharding.sharded_abstract(state, state_sh), sharding.sharded_abstract(cache1, cache1_sh)
             host = jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=out_sh), host)
 
@@ -239,15 +263,15 @@ class SlotEngine:
         p = self.params
         self._empty = aot(empty, (), state_sh)
         self._new_staging = aot(staging, (), cache1_sh)
-        self._prefill = {c: aot(prefill, (p, cache1, host["piece"][c], host["scalar"]), cache1_sh, (1,))
-                         for c in self.buckets}
+        self._prefill = {c: aot(prefill, (p, cache1, host["piece"][c], host["scalar"], host["piece"][c], host["want"]),
+                                (cache1_sh, out_sh), (1,)) for c in self.buckets}
         self._admit = aot(admit, (state, cache1, host["scalar"], host["history"], host["scalar"], host["row"],
                                   host["key"]), state_sh, (0,))
-        self._chunk = [aot(chunk_program(step, d.num_draft), (p, state), (state_sh, out_sh), (1,))
-                       for step, d in zip(steps, self.drafters)]
+        self._chunk = [aot(chunk_program(step, d.num_draft), (p, state),
+                           (state_sh, out_sh, lp_sh and lp_sh[d.num_draft]), (1,)) for step, d in zip(steps, self.drafters)]
         self._finish = aot(finish, (state, host["mask"]), state_sh, (0,))
         self.state = self._empty()
-        self.key_data(SamplingParams(), 0)  # compile the host-side key helpers now, not at the first request
+        self.key_data(SamplingParams(), 0, index=1)  # compile the host-side key helpers now, not at the first request
 
     @property
     def num_programs(self) -> int:
@@ -274,12 +298,19 @@ class SlotEngine:
         """More tokens of the staged prompt."""
         self._staged.extend(int(t) for t in tokens)
 
-    def prefill(self, start: int, size: int) -> None:
-        """Prefill ``prompt[start:start+size]`` (padded) of the staged prompt into its cache."""
-        piece = np.zeros((1, size), np.int32)
-        part = self._staged[start:start + size]
-        piece[0, :len(part)] = part
-        self._staging = self._prefill[size](self.params, self._staging, *self._put((piece, np.int32(start))))
+    def prefill(self, start: int, size: int, logprobs: bool = False) -> Logprobs | None:
+        """Prefill ``prompt[start:start+size]`` (padded) of the staged prompt into its cache. With
+        ``logprobs`` (echo), returns the host logprobs ``[size]`` (and top ``[size, NL]``) of
+        ``prompt[start+1 : start+size+1]`` under the raw logits of the positions before them."""
+        if logprobs and self.spec.max_logprobs is None:
+            raise ValueError("this slot engine was built without logprobs")
+        piece = np.zeros((2, size), np.int32)  # the piece and the tokens each position predicts
+        for row, at in enumerate((start, start + 1)):
+            part = self._staged[at:at + size]
+            piece[row, :len(part)] = part
+        self._staging, lp = self._prefill[size](self.params, self._staging, *self._put(
+            (piece[:1], np.int32(start), piece[1:], np.bool_(logprobs))))
+        return jax.tree.map(lambda x: x[0], sharding.fetch(lp)) if logprobs else None
 
     def admit(self, slot: int, row: dict, key_data: np.ndarray) -> None:
         """The staged prompt into slot ``slot`` with per-row inputs ``row`` (``row_inputs``)."""
@@ -288,11 +319,13 @@ class SlotEngine:
         args = self._put((np.int32(slot), history, np.int32(len(self._staged)), row, key_data))
         self.state = self._admit(self.state, self._staging, *args)  # the staging stays (until ``begin``)
 
-    def chunk(self, program: int = 0) -> ChunkResult:
-        """Run chunk program ``program`` (index into ``drafters``)."""
-        self.state, out = self._chunk[program](self.params, self.state)
+    def chunk(self, program: int = 0, logprobs: bool = False) -> ChunkResult:
+        """Run chunk program ``program`` (index into ``drafters``); ``logprobs``: also fetch the
+        appended tokens' logprobs (when a request asked; the same on every process)."""
+        self.state, out, lp = self._chunk[program](self.params, self.state)
         tokens, appended, emits, done, finish, new_tokens, steps, iters = sharding.fetch(out)
-        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters))
+        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters),
+                           sharding.fetch(lp) if logprobs else None)
 
     def finish(self, mask: np.ndarray) -> None:
         """Mark the rows of ``mask [B]`` done (finish reason stop)."""
@@ -305,25 +338,39 @@ class SlotEngine:
         """Nothing to release on one controller."""
 
     # ------------------------------------------------------------------ host values
+    def check(self, sampling: SamplingParams) -> None:
+        """``ValueError`` when this engine's programs cannot serve ``sampling``."""
+        if (sampling.penalized and not self.spec.penalties) or (sampling.processed and not self.spec.processing):
+            raise ValueError("this slot engine was built without penalties, logit bias and min_tokens")
+        if sampling.logprobs is not None and (self.spec.max_logprobs or 0) < sampling.logprobs:
+            raise ValueError(f"this slot engine returns at most {self.spec.max_logprobs or 0} logprobs")
+
     def row_inputs(self, max_new: int, stop_ids: Sequence[int], sampling: SamplingParams) -> dict:
         """One row's value of every per-row input (the ``row`` of ``admit``), as NumPy."""
+        self.check(sampling)
+        if len(stop_ids) > self.ns:
+            raise ValueError(f"{len(stop_ids)} stop ids; this slot engine holds {self.ns}")
         stop = np.full((self.ns,), -1, np.int32)
         stop[:len(stop_ids)] = stop_ids
-        rows = RowSampling(temperature=np.float32(sampling.temperature), top_k=np.int32(sampling.top_k),
-                           top_p=np.float32(sampling.top_p))
+        rows = jax.tree.map(lambda x: np.asarray(x)[0], RowSampling.of([sampling]))
         return {"max_new": np.int32(max_new), "stop": stop, "rows": rows}
 
     @staticmethod
-    def key_data(sampling: SamplingParams, seed: int) -> np.ndarray:
-        """The PRNG key data of one request: from its own seed alone when it has one."""
-        return np.asarray(jax.random.key_data(row_keys([sampling], seed)[0]))
+    def key_data(sampling: SamplingParams, seed: int, index: int = 0) -> np.ndarray:
+        """The PRNG key data of one request's choice ``index``: from the request's own seed alone
+        when it has one; choices after the first fold their index in (different, reproducible)."""
+        key = row_keys([sampling], seed)[0]
+        return np.asarray(jax.random.key_data(key if index == 0 else jax.random.fold_in(key, index)))
 
 
-def _empty_loop(cfg, dtype, b: int, s: int, k: int) -> LoopState:
+def _empty_loop(cfg, dtype, b: int, s: int, k: int, spec: LogitsSpec) -> LoopState:
     """A ``LoopState`` with every row done (every slot free)."""
     zeros = jnp.zeros((b,), jnp.int32)
+    v = cfg.vocab_size if spec.penalties else 0
     return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
                      cache=KVCache.init(cfg, b, s, dtype), done=jnp.ones((b,), bool),
                      finish=jnp.full((b,), LENGTH, jnp.int32), new_tokens=zeros, steps=zeros,
                      emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
-                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32))
+                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32),
+                     counts=jnp.zeros((b, v), jnp.int32), prompt_ids=jnp.zeros((b, v), bool),
+                     logprobs=stage.empty_logprobs(b, s, spec.max_logprobs))
