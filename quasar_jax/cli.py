@@ -256,6 +256,30 @@ def generation_kwargs(args: argparse.Namespace, **overrides) -> dict:
     return {**{f: getattr(args, f) for f in fields if hasattr(args, f)}, **overrides}
 
 
+def parse_speculation(text: str | int) -> str | int:
+    """``--speculation``: ``"auto"``, ``"off"`` (= 0) or a draft length K >= 0 (``ValueError`` otherwise)."""
+    if text in ("auto", "off"):
+        return "auto" if text == "auto" else 0
+    try:
+        value = int(text) if not isinstance(text, bool) else -1
+    except (TypeError, ValueError):
+        value = -1
+    if value < 0:
+        raise ValueError(f"speculation must be auto, off or a draft length K >= 0, got {text!r}")
+    return value
+
+
+def argparse_type(parse: Callable):
+    """An argparse ``type`` from a parser that raises ``ValueError`` (its message, one line)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def check_ngram_range(args: argparse.Namespace) -> None:
     """--ngram-min <= --ngram-max, refused before anything loads."""
     if args.ngram_min > args.ngram_max:

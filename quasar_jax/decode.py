@@ -110,7 +110,7 @@ def run(args, given: set[str]) -> int:
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import encode, stop_ids_of
 
-    mesh = sharding.start(args)  # jax.distributed when asked for; stdout on process 0 only
+    mesh = sharding.start(args, PROG)  # jax.distributed when asked for; stdout on process 0 only
     check_flags(args, given)
     if args.plan:
         model_dir = resolve_model_dir(args.model)

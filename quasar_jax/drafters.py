@@ -77,8 +77,9 @@ class TreeDrafter(Protocol):
 
 
 def is_tree_drafter(drafter) -> bool:
-    """Whether the loop verifies this drafter's proposals as a tree (``draft_tree``)."""
-    return callable(getattr(drafter, "draft_tree", None))
+    """Whether the loop verifies this drafter's proposals as a tree (``draft_tree``, or, for a
+    drafter bound to each step's hidden state such as S4C's, ``verifies_tree``)."""
+    return callable(getattr(drafter, "draft_tree", None)) or bool(getattr(drafter, "verifies_tree", False))
 
 
 @dataclasses.dataclass(frozen=True)

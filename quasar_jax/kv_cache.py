@@ -48,22 +48,31 @@ class KVCache:
         return dataclasses.replace(self, **changes)
 
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
-        """Write ``k_new, v_new [B, T, G, E]`` of ``layer`` at slots ``positions [B, T]``."""
-        rows = jnp.arange(self.batch)[:, None]  # [B, 1]
-        k = self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
-        v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
-        return dataclasses.replace(self, k=k, v=v)
+        """Write ``k_new, v_new [B, T, G, E]`` of ``layer`` at slots ``positions [B, T]``.
+
+        Row by row: the scatter names B as a batch dimension of both the cache and the indices
+        (what ``vmap`` over rows would give, without its transposes), which GSPMD partitions along
+        the rows, so a cache split over ``data`` is written where it lives. (A plain
+        ``k.at[layer, rows, positions]`` made XLA all-gather each step's new K/V rows.)
+        """
+        b, t = positions.shape
+        at = jnp.stack([jnp.full((b, t), layer, jnp.int32), positions.astype(jnp.int32)], axis=-1)  # [B, T, 2]
+        return dataclasses.replace(self, k=_scatter_rows(self.k, at, k_new, (0, 2)),
+                                   v=_scatter_rows(self.v, at, v_new, (0, 2)))
 
     def move(self, src: jax.Array, dst: jax.Array) -> "KVCache":
         """Copy the K/V of slots ``src [B, T]`` to slots ``dst [B, T]`` in every layer.
 
-        All reads happen before any write; ``dst`` entries at or past ``S`` are dropped.
+        All reads happen before any write; ``dst`` entries at or past ``S`` are dropped. Row by
+        row, as :meth:`write`.
         """
-        rows = jnp.arange(self.batch)[:, None]  # [B, 1]
-        src = jnp.clip(src, 0, self.max_len - 1)
-        k = self.k.at[:, rows, dst].set(self.k[:, rows, src], mode="drop")  # [L, B, T, G, E] moved
-        v = self.v.at[:, rows, dst].set(self.v[:, rows, src], mode="drop")
-        return dataclasses.replace(self, k=k, v=v)
+        src = jnp.clip(src, 0, self.max_len - 1)[..., None]  # [B, T, 1]
+        dst = dst.astype(jnp.int32)[..., None]
+
+        def moved(x):  # [L, B, S, G, E]
+            return _scatter_rows(x, dst, _gather_rows(x, src), (2,))
+
+        return dataclasses.replace(self, k=moved(self.k), v=moved(self.v))
 
     def attention_mask(self, positions: jax.Array, chunk_mask: jax.Array | None = None) -> jax.Array:
         """Visibility ``[B, T, S]`` of cache slots for the queries at ``positions [B, T]``.
@@ -87,3 +96,28 @@ class KVCache:
         idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (positions.shape[0], positions.shape[1], self.max_len))
         seen = jnp.take_along_axis(chunk_mask.astype(bool), idx, axis=2)  # [B, T, S]
         return jnp.where(in_chunk, seen, causal & committed)
+
+
+# Row-batched gather / scatter on ``[L, B, S, G, E]`` with index tuples ``idx [B, T, n]`` (B is a
+# batch dimension of both: row b reads / writes only row b).
+def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[:, b, idx[b, t, 0]]`` for every (b, t) -> ``[L, B, T, G, E]`` (slots clipped by the caller)."""
+    l, _, _, g, e = x.shape
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(0, 3, 4), collapsed_slice_dims=(2,),
+                                          start_index_map=(2,), operand_batching_dims=(1,),
+                                          start_indices_batching_dims=(0,))
+    return jax.lax.gather(x, idx, dims, slice_sizes=(l, 1, 1, g, e), mode="clip")
+
+
+def _scatter_rows(x: jax.Array, idx: jax.Array, updates: jax.Array, indexed: tuple[int, ...]) -> jax.Array:
+    """Set row b of ``x`` at the ``indexed`` dims given by ``idx [B, T, len(indexed)]``.
+
+    ``indexed`` (0, 2): (layer, slot), updates ``[B, T, G, E]``; (2,): slot in every layer,
+    updates ``[L, B, T, G, E]``. Out-of-range indices are dropped.
+    """
+    window = (2, 3) if indexed == (0, 2) else (0, 3, 4)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=window, inserted_window_dims=indexed,
+                                           scatter_dims_to_operand_dims=indexed, operand_batching_dims=(1,),
+                                           scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(x, idx, updates.astype(x.dtype), dims, mode="drop",
+                           indices_are_sorted=False, unique_indices=False)

@@ -6,8 +6,8 @@ A mesh spec names the two axes of the device mesh::
 
 An omitted axis has size 1; ``data=1,model=1`` (or no spec) means one device. ``parse_mesh_spec``
 refuses unknown axes, repeated axes, non-integers and non-positive sizes with a one-line
-``ValueError``; whether the product equals the device count is checked where the devices are known
-(``quasar_jax.sharding.make_mesh``).
+``ValueError``; whether the devices suffice is checked where they are known
+(``quasar_jax.sharding.make_mesh``: a smaller mesh runs on the first ``D x M`` devices).
 
 ``add_mesh_flags(parser)`` adds ``--mesh``, ``--plan`` and the multi-host flags
 (``--coordinator-address``, ``--num-processes``, ``--process-id``); ``distributed_settings(args)``
@@ -103,11 +103,11 @@ def add_mesh_flags(parser: argparse.ArgumentParser) -> None:
     """``--mesh``, ``--plan`` and the multi-host flags (``--coordinator-address`` ...)."""
     g = parser.add_argument_group("devices and hosts")
     g.add_argument("--mesh", type=_mesh_arg, default=None, metavar="data=D,model=M",
-                   help="device mesh: D-way batch (data) x M-way model parallel; the product must "
-                        "equal the number of devices (default: one device)")
+                   help="device mesh: D-way batch (data) x M-way model parallel; D x M devices at "
+                        "most (a smaller mesh runs on the first D x M) (default: one device)")
     g.add_argument("--plan", action="store_true",
                    help="print the per-device memory plan (params + KV cache) for the model, "
-                        "--mesh, --batch-size and --max-len, then exit (loads no weights)")
+                        "--mesh, --batch-size (serve: --slots) and --max-len, then exit (loads no weights)")
     g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help="multi-host: process 0's address (or $JAX_COORDINATOR_ADDRESS; automatic on "
                         "TPU pods)")

@@ -156,6 +156,7 @@ class S4CDrafter:
     ngram_max: int = 3
     prefer: str = "recent"
     uses_hidden: ClassVar[bool] = True
+    verifies_tree: ClassVar[bool] = True  # its bound drafter has ``draft_tree``
 
     def __post_init__(self):
         k = self.num_draft
@@ -179,6 +180,14 @@ class S4CDrafter:
 
     def check_model(self, model) -> None:
         self.heads.check_model(model)
+
+    def with_draft_length(self, k: int) -> "S4CDrafter":
+        """The heads' stored tree cut to depth <= ``k`` (as many head nodes, where it has them):
+        ``--speculation K`` of the server."""
+        usable = sum(1 for p in self.heads.meta["tree"]["paths"] if len(p) <= k) if k >= 1 else 1
+        return make_s4c_drafter(self.heads, num_draft=k, tree_nodes=min(self.tree.num_nodes, usable),
+                                num_candidates=self.num_candidates, ngram_min=self.ngram_min,
+                                ngram_max=self.ngram_max, ngram_prefer=self.prefer)
 
     def bind(self, hidden: jax.Array, params) -> "_BoundS4C":
         """The drafter of one loop step: this step's root features ``hidden [B, D]`` and the heads'

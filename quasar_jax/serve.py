@@ -3,8 +3,11 @@
 Serves ``POST /v1/completions``, ``POST /v1/chat/completions`` (streaming or not), ``GET
 /v1/models``, ``GET /health`` and ``GET /metrics`` with FastAPI + uvicorn. A fixed number of slots
 (batch rows) share one compiled draft-verify-accept loop; requests join and leave between device
-chunks without recompiling. SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight
-requests finish, then exits. See docs/serving.md.
+chunks without recompiling. ``--speculation auto`` switches between chunk programs of several
+draft lengths by load and acceptance. ``--mesh data=D,model=M`` shards the slots and the model
+over devices; with the multi-host flags every process runs this command (process 0 serves HTTP,
+the others follow it in lockstep). SIGTERM (or Ctrl-C) stops accepting connections, lets
+in-flight requests finish, then exits (every process). See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import argparse
 import logging
 
 from quasar_jax.cli import (OneLineParser, add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
-                            add_verifier_flag, check_drafter_flags, explicit_flags, positive_int, run_cli)
+                            add_verifier_flag, argparse_type, check_drafter_flags, explicit_flags, float_in,
+                            parse_speculation, positive_int, run_cli)
+from quasar_jax.mesh_flags import add_mesh_flags
 
 PROG = "python -m quasar_jax.serve"
 
@@ -40,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to wait for in-flight requests on shutdown (default: no limit)")
+    p.add_argument("--speculation", type=argparse_type(parse_speculation), default="auto", metavar="auto|off|K",
+                   help="auto: chunk programs for K = 0, 2 and --num-draft (the tree too with "
+                        "--num-candidates), one picked before each chunk from the busy slots and the "
+                        "recent acceptance; off: no drafts (K = 0); K: always K drafts (default: auto)")
+    add_mesh_flags(p)
+    p.add_argument("--peer-timeout", type=float_in(0.0, 86400.0, True), default=60.0,
+                   help="multi-host: seconds without an answer from the other processes before the "
+                        "group ends (default: 60)")
     return p
 
 
@@ -48,37 +61,59 @@ def run(args, given: set[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from quasar_jax import compile_cache
+    from quasar_jax import compile_cache, sharding
     from quasar_jax.checkpoint import default_verifier
+    from quasar_jax.config import Qwen3Config
     from quasar_jax.drafters import make_drafter
     from quasar_jax.heads import resolve_heads
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
     from quasar_jax.prompts import stop_ids_of
-    from quasar_jax.serving.server import ServeConfig, build, serve_forever
+    from quasar_jax.serving import lockstep
+    from quasar_jax.serving.server import ServeConfig, build, make_engine, serve_forever
 
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
     check_drafter_flags(args, given)
-    compile_cache.enable(args.compile_cache)
+    mesh = sharding.start(args, PROG)  # jax.distributed when asked for; stdout on process 0 only
     model_dir = resolve_model_dir(args.model)
     verifier = args.verifier
     if verifier == "auto":
         verifier = default_verifier(model_dir, args.drafter, jax.default_backend()).value
+    if args.plan:
+        plan = sharding.memory_plan(
+            Qwen3Config.from_json(model_dir / "config.json"), args.mesh, dtype=args.dtype,
+            int8=verifier != "float", quantize_lm_head=args.quantize_lm_head, batch=args.slots,
+            cache_len=args.max_len, device_gb=sharding.device_memory_bytes() / sharding.GiB, name=args.model)
+        print(plan.line())
+        return 0
+    compile_cache.enable(args.compile_cache)
     heads = (resolve_heads(args.heads, model_dir, num_draft=args.num_draft, tree_nodes=args.tree_nodes)
              if args.drafter == "s4c" else None)
     drafter = make_drafter(args.drafter, num_draft=args.num_draft, ngram_min=args.ngram_min,
                            ngram_max=args.ngram_max, ngram_prefer=args.ngram_prefer, heads=heads,
                            num_candidates=args.num_candidates, tree_nodes=args.tree_nodes)
-    cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
-                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
     tokenizer = load_tokenizer(model_dir)
+    stop_ids = stop_ids_of(tokenizer, model_dir)
+    cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
+                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                      speculation=args.speculation, mesh=mesh).for_stop_ids(stop_ids)
     model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
                        int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
-                       backend=args.backend)
+                       backend=args.backend, mesh=mesh)
     log = logging.getLogger("quasar_jax.serving")
-    log.warning("compiling %s/%s for %d slots x %d cache slots ...", args.drafter, verifier, cfg.slots, cfg.max_len)
-    app, _, _ = build(model, tokenizer, cfg, model_name=args.served_model_name or args.model,
-                      stop_ids=stop_ids_of(tokenizer, model_dir))
+    log.warning("compiling %s/%s (speculation %s) for %d slots x %d cache slots%s ...", args.drafter, verifier,
+                args.speculation, cfg.slots, cfg.max_len, f" on mesh {args.mesh}" if mesh is not None else "")
+    engine, on_fatal = make_engine(model, cfg), None
+    if jax.process_count() > 1:  # every process runs the same programs; process 0 decides which
+        if not sharding.is_primary():
+            return lockstep.follow(engine, peer_timeout=args.peer_timeout, prog=PROG)
+        engine = lockstep.Leader(engine, peer_timeout=args.peer_timeout, prog=PROG)
+        on_fatal = lambda err: lockstep.end_group(PROG, str(err), delay=1.0)  # noqa: E731
+    try:
+        app, _, _ = build(model, tokenizer, cfg, model_name=args.served_model_name or args.model,
+                          stop_ids=stop_ids, engine=engine, on_fatal=on_fatal)
+    except lockstep.GroupLost as err:  # while timing the programs with the other processes
+        lockstep.end_group(PROG, str(err))
     serve_forever(app, args.host, args.port, args.drain_timeout)
     return 0
 

@@ -82,10 +82,10 @@ def _device_run(engine, ids: list[list[int]], max_tokens: int, extra: dict) -> d
     sampling = SamplingParams(**extra)
     for slot in range(engine.b):
         prompt = ids[slot % len(ids)]
-        cache = engine.new_staging()
+        engine.begin(prompt)
         for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
-            cache = engine.prefill(cache, prompt, start, size)
-        engine.admit(cache, slot, prompt, max_tokens, (), sampling, engine.key_for(sampling, 0))
+            engine.prefill(start, size)
+        engine.admit(slot, engine.row_inputs(max_tokens, (), sampling), engine.key_data(sampling, 0))
     wall, tokens = 0.0, 0
     while True:
         t0 = time.perf_counter()

@@ -243,26 +243,31 @@ def test_s4c_sampling_matches_verifier_distribution(engine, heads):
 
 
 def test_serving_slots_with_s4c_equal_autoregressive(engine, heads, ar_tokens):
-    """Slots: prefill pieces supply the hidden state of P-2, admit stores it, chunks keep it."""
+    """Slots with ``--speculation auto``'s options for S4C (K = 0, the n-gram chain, the heads'
+    tree) over ONE slot state, the program switched every chunk: prefill pieces supply the hidden
+    state of P-2, admit stores it, every program keeps it current."""
     from quasar_jax.serving.slots import SlotEngine, prefill_pieces
+    from quasar_jax.serving.speculation import draft_options
 
-    slots = SlotEngine(engine.model, make_drafter("s4c", heads=heads, num_draft=3), "float", slots=2,
-                       max_len=64, chunk_steps=4, prefill_buckets=(4, 8))
+    options = draft_options(make_drafter("s4c", heads=heads, num_draft=3), "auto")
+    assert [type(d).__name__ for d in options] == ["NoDrafter", "NGramDrafter", "S4CDrafter"]
+    slots = SlotEngine(engine.model, options, "float", slots=2, max_len=64, chunk_steps=4, prefill_buckets=(4, 8))
     outs = {}
     for slot, i in enumerate((0, 3)):  # prompts of 13 and 17 tokens: P-2 in the last 4- or 8-piece
         prompt = PROMPTS[i]
-        staged = slots.new_staging()
+        slots.begin(prompt)
         for start, size in prefill_pieces(len(prompt) - 1, slots.buckets):
-            staged = slots.prefill(staged, prompt, start, size)
-        slots.admit(staged, slot, prompt, 24, (), SamplingParams(), slots.key_for(SamplingParams(), 0))
+            slots.prefill(start, size)
+        slots.admit(slot, slots.row_inputs(24, (), SamplingParams()), slots.key_data(SamplingParams(), 0))
         outs[slot] = []
-    while True:
-        res = slots.chunk()
+    for chunk in itertools.count():
+        res = slots.chunk((2, 0, 2, 1)[chunk % 4])
         for slot in outs:
             outs[slot] += res.tokens[slot, :res.appended[slot]].tolist()
         if res.done.all():
             break
     assert outs == {0: ar_tokens[0], 1: ar_tokens[3]}
+    assert [d.tree.max_depth for d in draft_options(options[2], 2)] == [2]  # --speculation 2: the tree cut
 
 
 # ----------------------------------------------------------------------------- errors

@@ -17,6 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from conftest import DEMO_MAX_LEN as MAX_LEN
+from slot_driver import fixed_speculation
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):",
            "for i in range(10):", "x = [", "    return self._", "# Copyright 2001 Python Software Foundation\n",
            "def __repr__(self):\n        return", "with open(filename) as f:"]
@@ -77,7 +78,12 @@ def test_chat_stream_and_usage(served):
 
 
 def test_seeded_sampling_reproducible_and_stop_strings(served):
-    client = served["client"]
+    """With a fixed draft length a seed reproduces its text (``slot_driver.fixed_speculation``)."""
+    with fixed_speculation(served["scheduler"]):
+        _seeded_and_stop_strings(served["client"])
+
+
+def _seeded_and_stop_strings(client):
     kw = dict(model="demo", prompt="class Stack:", max_tokens=30, temperature=0.9, top_p=0.95, seed=1234,
               extra_body={"top_k": 50})
     a = client.completions.create(**kw).choices[0].text

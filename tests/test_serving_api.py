@@ -12,6 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+from slot_driver import fixed_speculation
+
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
 
@@ -22,7 +24,10 @@ WORST = {}  # max |difference| per kind, printed at the end of the module (pytes
 
 @pytest.fixture(scope="module")
 def srv(demo_server):
-    return demo_server
+    """The shared server with a fixed draft length: these tests compare requests bit for bit
+    (``slot_driver.fixed_speculation``)."""
+    with fixed_speculation(demo_server["scheduler"]):
+        yield demo_server
 
 
 @pytest.fixture(scope="module")

@@ -83,10 +83,24 @@ def test_full_queue_answers_429(paused):
     assert scheduler.metrics.requests.labels("rejected")._value.get() == 1
 
 
-def test_cli_rejects_bad_flags():
-    r = subprocess.run([sys.executable, "-m", "quasar_jax.serve", "--mesh", "2x2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "unrecognized arguments: --mesh" in r.stderr
+@pytest.mark.parametrize("flags, words", [
+    (["--mesh", "2x2"], "argument --mesh: mesh spec '2x2': expected axis=size pairs"),
+    (["--speculation", "fast"], "argument --speculation: speculation must be auto, off or a draft length K >= 0"),
+    (["--speculation", "-1"], "speculation must be auto, off or a draft length K >= 0, got '-1'"),
+    (["--mesh", "data=64"], "mesh data=64,model=1 needs 64 devices, but there are 1"),
+])
+def test_cli_rejects_bad_flags(flags, words):
+    r = subprocess.run([sys.executable, "-m", "quasar_jax.serve", *flags], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_plan_prints_the_memory_plan():
+    r = subprocess.run([sys.executable, "-m", "quasar_jax.serve", "--plan", "--slots", "8", "--max-len", "512"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "batch 8 x 512 slots" in r.stdout and "fits" in r.stdout
 
 
 def test_sigterm_drains_in_flight_and_exits(tiny_model_dir):

@@ -115,9 +115,11 @@ def _python_env(devices: int) -> dict:
 
 
 def test_eight_device_suite_in_subprocess():
-    """tests/test_sharding_mesh.py on 8 fake CPU devices (meshes 1x8, 2x4, 8x1)."""
+    """tests/test_sharding_mesh.py (decoding: meshes 1x8, 2x4, 8x1) and tests/test_serving_mesh.py
+    (serving) on 8 fake CPU devices."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "-rs", str(ROOT / "tests" / "test_sharding_mesh.py")],
+                           "-rs", "--durations=8", str(ROOT / "tests" / "test_sharding_mesh.py"),
+                           str(ROOT / "tests" / "test_serving_mesh.py")],
                           cwd=ROOT, env=_python_env(8), capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail

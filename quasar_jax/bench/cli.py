@@ -87,7 +87,7 @@ def run(args) -> int:
     from quasar_jax.bench.report import results_markdown, write_outputs
     from quasar_jax.bench.run import run_benchmark
 
-    args.mesh_obj = sharding.start(args)
+    args.mesh_obj = sharding.start(args, PROG)
 
     results = write_outputs(run_benchmark(args, progress=not args.no_progress), args.out)
     print(results_markdown(results))

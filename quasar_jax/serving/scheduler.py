@@ -12,8 +12,16 @@ Each iteration of the scheduler thread:
    time); with nothing running, prefill is unbounded. A request that asks for its prompt's
    logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
 3. one ``chunk``: up to ``chunk_steps`` verify steps on device, returning early when a row finishes;
+   the speculation policy (``quasar_jax.serving.speculation``) picks the chunk program (draft
+   length K) from the busy rows and the recent acceptance, and learns from what the chunk did;
    each choice gets its new tokens, one group per verify step (with their logprobs when asked), and
    a finish event when its row is done.
+
+The engine is a ``SlotEngine`` or, on process 0 of a multi-host group, a ``lockstep.Leader``
+with the same calls (it sends them to every process): ``flush`` ends each iteration, and while
+idle the loop calls it every ``engine.heartbeat_s`` seconds so the other processes know it lives.
+An engine error marked ``fatal`` (the group is lost) fails every request and stops the loop for
+good (``on_fatal``); any other fails the running requests and the loop goes on.
 
 Requests talk to the thread through ``Request.sink`` (called on the scheduler thread with a
 ``PromptLogprobs`` / ``Tokens`` / ``Finished`` / ``Failed`` event, ``Tokens`` and ``Finished``
@@ -39,6 +47,7 @@ from quasar_jax.results import FINISH_CODES, TokenLogprob
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
+from quasar_jax.serving.speculation import FixedPolicy
 
 log = logging.getLogger("quasar_jax.serving")
 
@@ -105,7 +114,6 @@ class Request:
 @dataclasses.dataclass
 class _Staging:
     req: Request
-    cache: object
     pieces: list[tuple[int, int]]
     echo: list | None  # prompt logprobs gathered so far (None: not asked)
     next_choice: int = 0  # choices admitted so far
@@ -116,8 +124,10 @@ class Scheduler:
     """Owns the slots; ``start`` runs the loop in a daemon thread."""
 
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, prefill_budget: int | None = None,
-                 metrics: ServingMetrics | None = None):
+                 metrics: ServingMetrics | None = None, policy=None, on_fatal: Callable | None = None):
         self.engine = engine
+        self.policy = policy or FixedPolicy(len(engine.ks) - 1)  # read each chunk (tests may swap it)
+        self.on_fatal = on_fatal or (lambda err: None)
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget or engine.buckets[-1]
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
@@ -179,10 +189,26 @@ class Scheduler:
         return not (self._queue or self._owner or self._staging or self._cancels)
 
     def _loop(self) -> None:
+        try:
+            self._iterations()
+        except Exception as err:  # the group is lost: nothing can run any more
+            with self._cond:
+                self._accepting = False
+            self._fail_all(f"internal error: {err}", reset=False)
+            self.on_fatal(err)
+        else:
+            try:
+                self.engine.close()
+            except Exception as err:
+                log.error("closing the slots failed: %s", err)
+
+    def _iterations(self) -> None:
+        heartbeat = self.engine.heartbeat_s
         while True:
             with self._cond:
                 while self._idle() and not self._stop:
-                    self._cond.wait()
+                    if not self._cond.wait(heartbeat) and heartbeat is not None and self._idle():
+                        break  # idle for a heartbeat: an empty iteration keeps the group in step
                 if self._idle() and self._stop:
                     return
                 cancels = list(self._cancels)
@@ -192,7 +218,10 @@ class Scheduler:
                 self._admit()
                 if self._owner:
                     self._chunk()
+                self.engine.flush()
             except Exception as err:  # a device failure: fail the running requests, keep serving
+                if getattr(err, "fatal", False):
+                    raise
                 log.error("scheduler iteration failed: %s", traceback.format_exc())
                 self._fail_all(f"internal error: {type(err).__name__}: {err}")
 
@@ -216,7 +245,9 @@ class Scheduler:
                     self.metrics.queue_depth.set(len(self._queue))
             self._end_choices(req, "cancelled")
         if slots:
-            self.engine.finish(slots)
+            mask = np.zeros((self.engine.b,), bool)
+            mask[slots] = True
+            self.engine.finish(mask)
 
     def _next_request(self, slot_free: bool) -> Request | None:
         """The next live queued request; without a free slot only one that needs none (echo alone)."""
@@ -238,15 +269,14 @@ class Scheduler:
                 req = self._next_request(len(self._owner) < eng.b)
                 if req is None:
                     return
-                self._staging = _Staging(req, eng.new_staging(), prefill_pieces(len(req.prompt) - 1, eng.buckets),
+                eng.begin(req.prompt)
+                self._staging = _Staging(req, prefill_pieces(len(req.prompt) - 1, eng.buckets),
                                          None if req.prompt_logprobs is None else [None])
             st = self._staging
             while st.pieces and (not self._owner or spent < self.prefill_budget):
                 start, size = st.pieces.pop(0)
-                if st.echo is None:
-                    st.cache = eng.prefill(st.cache, st.req.prompt, start, size)
-                else:
-                    st.cache, lp = eng.prefill_logprobs(st.cache, st.req.prompt, start, size)
+                lp = eng.prefill(start, size, logprobs=st.echo is not None)
+                if st.echo is not None:
                     st.echo.extend(_logprobs(lp, range(min(size, len(st.req.prompt) - 1 - start)),
                                              st.req.prompt_logprobs))
                 spent += size
@@ -264,8 +294,8 @@ class Scheduler:
                     continue
             while st.next_choice < req.n and len(self._owner) < eng.b:
                 slot = next(s for s in range(eng.b) if s not in self._owner)
-                eng.admit(st.cache, slot, req.prompt, req.max_tokens, req.stop_ids, req.sampling,
-                          eng.key_for(req.sampling, req.seed, st.next_choice))
+                eng.admit(slot, eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling),
+                          eng.key_data(req.sampling, req.seed, st.next_choice))
                 self._owner[slot] = (req, st.next_choice)
                 st.next_choice += 1
             self.metrics.slots_busy.set(len(self._owner))
@@ -275,9 +305,14 @@ class Scheduler:
 
     def _chunk(self) -> None:
         busy = len(self._owner)
-        res = self.engine.chunk(logprobs=any(r.sampling.logprobs is not None for r, _ in self._owner.values()))
+        program = self.policy.choose(busy)
+        t0 = time.perf_counter()
+        res = self.engine.chunk(program, logprobs=any(r.sampling.logprobs is not None for r, _ in self._owner.values()))
         now = time.perf_counter()
+        self.policy.observe(program, busy, now - t0, res.iterations, int(res.appended.sum()), res.row_steps)
         m = self.metrics
+        m.chunks.labels(str(self.engine.ks[program])).inc()
+        m.alpha.set(getattr(self.policy, "alpha", float("nan")))
         m.loop_iterations.inc(res.iterations)
         m.busy_slot_iterations.inc(res.iterations * busy)
         for slot, (req, index) in list(self._owner.items()):
@@ -335,17 +370,22 @@ class Scheduler:
         except Exception:  # a broken consumer must not stop the loop
             log.error("request %s: event delivery failed: %s", req.rid, traceback.format_exc())
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, reset: bool = True) -> None:
         reqs = {id(r): r for r, _ in self._owner.values()}
         if self._staging:
             reqs[id(self._staging.req)] = self._staging.req
+        if not reset:  # nothing will run: the queued requests fail too
+            with self._cond:
+                reqs.update((id(r), r) for r in self._queue)
+                self._queue.clear()
         self._owner.clear()
         self._staging = None
         self.metrics.slots_busy.set(0)
-        try:
-            self.engine.reset()
-        except Exception:
-            log.error("slot reset failed: %s", traceback.format_exc())
+        if reset:
+            try:
+                self.engine.reset()
+            except Exception:
+                log.error("slot reset failed: %s", traceback.format_exc())
         for req in reqs.values():
             if not req.finished:
                 req.finished = True

@@ -1,4 +1,5 @@
-"""Assembling a server: model loading, slots, scheduler, app; uvicorn in the foreground or a thread."""
+"""Assembling a server: slots (on a mesh or one device), speculation policy, scheduler, app;
+uvicorn in the foreground or a thread."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from quasar_jax.modes import QuantMode
 from quasar_jax.serving.api import Api, create_app
 from quasar_jax.serving.scheduler import Scheduler
 from quasar_jax.serving.slots import SlotEngine
+from quasar_jax.serving.speculation import AUTO, draft_options, make_policy, parse_speculation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +33,12 @@ class ServeConfig:
     max_queue: int = 64
     num_stop: int = 4
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    speculation: str | int = AUTO  # auto | off (0) | K: the chunk programs (serving.speculation)
+    mesh: object = None  # None (one device), "data=D,model=M", a MeshSpec or a jax Mesh
 
     def __post_init__(self):
         object.__setattr__(self, "verifier", QuantMode.parse(self.verifier, "verifier"))
+        object.__setattr__(self, "speculation", parse_speculation(self.speculation))
         if isinstance(self.drafter, QSpecDrafter) and self.verifier is not QuantMode.W8A16:
             raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier 'w8a16'")
         for name in ("slots", "chunk_steps", "prefill_chunk", "max_queue", "num_stop", "default_max_tokens"):
@@ -47,13 +52,27 @@ class ServeConfig:
         return tuple(sorted({min(b, self.prefill_chunk) for b in (32, 64)} | {self.prefill_chunk}))
 
 
-def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tuple[int, ...]):
-    """``(app, api, scheduler)`` with the scheduler thread started; every program compiled."""
-    if len(stop_ids) > cfg.num_stop:
-        cfg = dataclasses.replace(cfg, num_stop=len(stop_ids))
-    engine = SlotEngine(model, cfg.drafter, cfg.verifier, slots=cfg.slots, max_len=cfg.max_len,
-                        num_stop=cfg.num_stop, chunk_steps=cfg.chunk_steps, prefill_buckets=cfg.prefill_buckets)
-    scheduler = Scheduler(engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk).start()
+    def for_stop_ids(self, stop_ids: tuple[int, ...]) -> "ServeConfig":
+        """Room for the model's stop ids."""
+        return dataclasses.replace(self, num_stop=max(self.num_stop, len(stop_ids)))
+
+
+def make_engine(model, cfg: ServeConfig) -> SlotEngine:
+    """The slots and every program (one chunk program per speculation option), compiled."""
+    return SlotEngine(model, draft_options(cfg.drafter, cfg.speculation), cfg.verifier, slots=cfg.slots,
+                      max_len=cfg.max_len, num_stop=cfg.num_stop, chunk_steps=cfg.chunk_steps,
+                      prefill_buckets=cfg.prefill_buckets, mesh=cfg.mesh)
+
+
+def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tuple[int, ...], engine=None,
+          on_fatal=None):
+    """``(app, api, scheduler)`` with the scheduler thread started; every program compiled and, for
+    ``--speculation auto``, timed (``speculation.calibrate``). ``engine``: slots already built
+    (``make_engine``; on process 0 of a group, wrapped in ``lockstep.Leader``)."""
+    cfg = cfg.for_stop_ids(stop_ids)
+    engine = engine if engine is not None else make_engine(model, cfg)
+    scheduler = Scheduler(engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk,
+                          policy=make_policy(engine, cfg.speculation), on_fatal=on_fatal).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
               default_max_tokens=cfg.default_max_tokens)
     app = create_app(api, on_shutdown=scheduler.stop)

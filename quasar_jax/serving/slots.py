@@ -2,57 +2,74 @@
 
 The slot state is ``SlotState``: the generation loop's ``LoopState`` for ``B`` rows plus every
 per-row input of ``make_program``'s ``step`` (token budget, stop ids, sampling settings) as device
-arrays. A free slot is a done row (``step`` freezes done rows). Four programs, each compiled once
+arrays. A free slot is a done row (``step`` freezes done rows). The programs, each compiled once
 ahead of time when ``SlotEngine`` is built, so requests coming and going never compile:
 
-* ``prefill(params, staged, tokens [1, C], start, next_tokens [1, C], want, at)``: K/V of one prompt
-  piece of ``C`` tokens (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a
+* ``prefill(params, staged, tokens [1, C], start, next_tokens [1, C], want, at)``: K/V of one
+  prompt piece of ``C`` tokens (``C`` from ``prefill_buckets``; a long prompt is several pieces) into a
   one-row staging cache at slots ``start .. start+C-1``. Pad tokens past the prompt write slots
   that are masked and overwritten later (or dropped past ``S``), exactly as ``Engine``'s padded
   prefill. When ``want`` (a device bool: one program either way) it also returns the logprobs of
   ``next_tokens`` (the prompt shifted by one: echo) and their top alternatives.
-* ``admit(slots, cache1, slot, history_row [S], prompt_len, max_new, stop_row, row, key)``:
-  copies the staging row into row ``slot`` of the ``[L, B, S, G, E]`` cache
-  (``lax.dynamic_update_slice``) and resets that row's loop fields and inputs; ``row`` is the
-  request's ``RowSampling`` (one row: sampling, penalties, logit bias, min_tokens, logprobs).
-* ``chunk(params, slots)``: a ``lax.while_loop`` of ``step`` until ``N`` steps have run, or a row
-  that was running at entry is done, or a newly admitted row has its first tokens, or no row runs.
-  Returns the new state, the tokens each row appended (``[B, N*(K+1)]``, from its length at
-  entry), their logprobs and top alternatives (``quasar_jax.logits.Logprobs``, fetched to the host
-  only when a request asked) and ``n_emit`` per step (``[N, B]``).
+* ``admit(slots, cache1, slot, history_row [S], prompt_len, row, key)``: copies the staging row
+  into row ``slot`` of the ``[L, B, S, G, E]`` cache, resets that row's loop fields (from a fresh
+  one-row state; the prompt's id mask for the repetition penalty) and sets its per-row inputs
+  from ``row``: ONE pytree holding, for every per-row field of ``SlotState`` (``SlotState.inputs``),
+  that row's value (``SlotEngine.row_inputs``: budget, stop ids and the request's ``RowSampling``:
+  sampling, penalties, logit bias, min_tokens, logprobs). The staging cache stays, so one prompt
+  is admitted into several slots (``n`` choices).
+* ``chunk_p(params, slots)``, one per drafter of ``drafters`` (e.g. K = 0, 2, 5: the
+  speculation options, ``quasar_jax.serving.speculation``), all over the SAME slot state
+  (``emitted_hist`` sized for the largest K): a ``lax.while_loop`` of that drafter's ``step``
+  until ``N`` steps have run, or a row that was running at entry is done, or a newly admitted row
+  has its first tokens, or no row runs. Every program carries the same ``LogitsSpec`` (the
+  logits stage). Returns the new state, the tokens each row appended (``[B, N*(K+1)]``, from its
+  length at entry), their logprobs and top alternatives (``quasar_jax.logits.Logprobs``, rows on
+  ``data``, fetched to the host only when a request asked) and ``n_emit`` per step (``[N, B]``).
 * ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
   host, cancelled (disconnected) requests.
 
-``slot`` and every per-row value are device data; only (B, S, N, K, prefill bucket, number of
-stop ids, drafter, verifier) are static.
+On a mesh (``mesh="data=2,model=4"``) the params are placed once by ``quasar_jax.sharding``'s
+rules, the slot state once (cache ``[L, B, S, G, E]`` with B on ``data`` and G on ``model``;
+every other per-row array on ``data``), and each program is compiled with explicit input and
+output shardings; the small outputs the host reads are replicated. Host arguments become global
+arrays (``sharding.put_global``), so the same calls work on every process of a multi-host group
+(``quasar_jax.serving.lockstep``).
 
-A drafter that reads the target's hidden state (S4C) makes the staging area a ``Staging`` (cache
-and the hidden state of prompt position P-2, taken from the prefill piece that holds it) and the
-slot state carry ``LoopState.hidden``; its params travel with the model's (``program_params``).
+``slot`` and every per-row value are device data; only (B, S, N, the Ks, prefill bucket, number
+of stop ids, drafters, verifier, mesh) are static.
+
+Feature reuse (``quasar_jax.features``): when a drafter reads the target's hidden state (S4C), the
+staging area is a ``Staging`` (the one-row cache and the hidden state of prompt position P-2,
+kept from the prefill piece that holds it, ``at``), the slot state carries ``LoopState.hidden``
+(every chunk program refreshes it, so programs of other drafters keep it current), and each chunk
+program takes its drafter's params with the model's (``program_params``: S4C's heads).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from quasar_jax import logits as stage
+from quasar_jax import sharding
 from quasar_jax.drafters import Drafter
 from quasar_jax.engine import LoopState, make_program
 from quasar_jax.features import program_params, uses_hidden
-from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
-from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.kv_cache import KVCache
+from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
 from quasar_jax.modes import QuantMode
 from quasar_jax.quant import is_quantized
+from quasar_jax.results import CACHE_FULL, LENGTH, STOP
 from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
 SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +81,9 @@ class SlotState:
     stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
     rows: RowSampling  # [B] sampling settings
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Staging:
-    """One request's prefill: its K/V and (drafters with ``uses_hidden``) the hidden state of
-    prompt position P-2 (``[1, D]``, zeros until the piece holding it is prefilled)."""
-
-    cache: KVCache
-    hidden: jax.Array | None = None
+    def inputs(self) -> dict:
+        """The per-row inputs of ``step`` (every field but ``loop``; each leaf ``[B, ...]``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loop"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +94,16 @@ class ChunkResult:
     appended: np.ndarray  # [B] tokens appended in this chunk
     emits: np.ndarray  # [N, B] tokens appended by each verify step (0 for steps not run / frozen)
     done: np.ndarray  # [B] bool
-    finish: np.ndarray  # [B] int32 FinishReason code (see engine.FINISH_CODES)
+    finish: np.ndarray  # [B] int32 FinishReason code (see results.FINISH_CODES)
     new_tokens: np.ndarray  # [B]
     steps: np.ndarray  # [B] verify steps while active
     iterations: int  # loop iterations run by this chunk
     logprobs: Logprobs | None = None  # [B, N*(K+1)] (, NL) of ``tokens``, when asked for
+
+    @property
+    def row_steps(self) -> int:
+        """Verify steps summed over the rows that emitted (tau = appended.sum() / row_steps)."""
+        return int(np.sum(self.emits > 0))
 
 
 def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -102,15 +118,33 @@ def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     return pieces
 
 
-class SlotEngine:
-    """The slots of one (model, drafter, verifier) and their compiled programs.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """One request's prefill: its K/V and (drafters with ``uses_hidden``) the hidden state of
+    prompt position P-2 (``[1, D]``, zeros until the piece holding it is prefilled)."""
 
-    Not thread-safe: one host thread (the scheduler) drives it.
+    cache: KVCache
+    hidden: jax.Array | None = None
+
+
+def _set_row(full, slot, one):
+    """Row ``slot`` of every ``[B, ...]`` leaf of ``full`` := the leaf of ``one`` (scalars kept)."""
+    return jax.tree.map(lambda a, v: a.at[slot].set(v) if a.ndim else a, full, one)
+
+
+class SlotEngine:
+    """The slots of one (model, drafters, verifier, mesh) and their compiled programs.
+
+    ``drafters``: one drafter, or several (one chunk program each, chosen per call by index:
+    ``chunk(program)``). Not thread-safe: one host thread (the scheduler) drives it.
     """
 
-    def __init__(self, model, drafter: Drafter, verifier: QuantMode | str, *, slots: int, max_len: int,
-                 num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128),
-                 spec: LogitsSpec = SERVING_SPEC):
+    heartbeat_s = None  # no peers to keep in step (see lockstep.Leader)
+
+    def __init__(self, model, drafters: Drafter | Sequence[Drafter], verifier: QuantMode | str, *, slots: int,
+                 max_len: int, num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128),
+                 mesh=None, spec: LogitsSpec = SERVING_SPEC):
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
             raise ValueError(f"verifier '{verifier}' does not match the model's weights "
@@ -119,31 +153,48 @@ class SlotEngine:
             raise ValueError("slots >= 1, max_len >= 2, chunk_steps >= 1 and num_stop >= 1 are required")
         if not prefill_buckets or list(prefill_buckets) != sorted(set(prefill_buckets)) or prefill_buckets[0] < 1:
             raise ValueError(f"prefill_buckets must be increasing positive sizes, got {prefill_buckets!r}")
-        if callable(getattr(drafter, "check_model", None)):
-            drafter.check_model(model)  # e.g. S4C heads trained for another model
-        self.model, self.drafter, self.verifier, self.spec = model, drafter, verifier, spec
-        self.hidden = uses_hidden(drafter)
+        self.drafters = tuple(drafters) if isinstance(drafters, (tuple, list)) else (drafters,)
+        if not self.drafters:
+            raise ValueError("at least one drafter is required")
+        self.mesh = sharding.make_mesh(mesh)
+        if self.mesh is not None:
+            data = int(self.mesh.shape["data"])
+            if slots % data:
+                raise ValueError(f"slots {slots} must be a multiple of the mesh's data axis {data}")
+            sharding.place_model(model, self.mesh)  # a no-op for params loaded onto the mesh
+        for d in self.drafters:
+            if callable(getattr(d, "check_model", None)):
+                d.check_model(model)  # e.g. S4C heads trained for another model
+        self.model, self.verifier, self.spec = model, verifier, spec
+        self.hidden = any(uses_hidden(d) for d in self.drafters)  # the state carries [B, D]
         self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
-        self.k = drafter.num_draft
-        self.buckets = tuple(min(c, max_len) for c in prefill_buckets)
+        self.ks = tuple(d.num_draft for d in self.drafters)  # K of each chunk program
+        self.k = max(self.ks)  # emitted_hist is sized for the largest
+        self.buckets = tuple(sorted({min(c, max_len) for c in prefill_buckets}))
         self.graphdef, self.params = nnx.split(model)
-        self.program_params = program_params(self.params, drafter)
+        self._staged: list[int] = []  # the prompt being admitted (begin / extend)
+        self._staging: Staging | None = None  # its one-row cache (and hidden state)
         self._build()
+
+    @property
+    def drafter(self) -> Drafter:
+        """The drafter of the largest K (the one given when there is one)."""
+        return self.drafters[self.ks.index(self.k)]
 
     # ------------------------------------------------------------------ programs
     def _build(self):
         graphdef, verifier, b, s, n, k = self.graphdef, self.verifier, self.b, self.s, self.n, self.k
         cfg, dtype, carry = self.model.config, self.model.dtype, self.hidden
-        spec = self.spec
-        _, step, _ = make_program(graphdef, self.drafter, RowSampler(), verifier, spec=spec)
-        m = n * (k + 1)
-        n_top = spec.max_logprobs or 0
+        spec, n_top = self.spec, self.spec.max_logprobs or 0
+        steps = [make_program(graphdef, d, RowSampler(), verifier, spec=spec)[1] for d in self.drafters]
 
-        def empty(params) -> SlotState:
-            del params
+        def empty() -> SlotState:
             return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, spec, hidden=carry),
                              max_new=jnp.ones((b,), jnp.int32), stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
+
+        def staging() -> Staging:
+            return Staging(KVCache.init(cfg, 1, s, dtype), jnp.zeros((1, cfg.hidden_size), dtype) if carry else None)
 
         def prefill(params, staged: Staging, tokens, start, next_tokens, want, at):
             """``at``: the piece index of prompt position P-2 (its hidden state is kept)."""
@@ -156,61 +207,57 @@ class SlotEngine:
             if carry:  # [1, D]
                 row = jax.lax.dynamic_slice_in_dim(out[0][0], jnp.clip(at, 0, c - 1), 1)
                 hidden = jnp.where((at >= 0) & (at < c), row, hidden)
-            empty_lp = stage.empty_logprobs(1, c, n_top)
-            lp = jax.lax.cond(want, lambda: stage.token_logprobs(logits, next_tokens, n_top), lambda: empty_lp)
+            lp = jax.lax.cond(want, lambda: stage.token_logprobs(logits, next_tokens, n_top),
+                              lambda: stage.empty_logprobs(1, c, n_top))
             return Staging(cache1, hidden), lp
 
-        def admit(st: SlotState, staged: Staging, slot, history_row, prompt_len, max_new, stop_row,
-                  row: RowSampling, key) -> SlotState:
-            lp, cache1 = st.loop, staged.cache
-            zero = jnp.zeros((), jnp.int32)
-            at = (zero, slot, zero, zero, zero)
-            cache = lp.cache.replace(k=jax.lax.dynamic_update_slice(lp.cache.k, cache1.k, at),
-                                     v=jax.lax.dynamic_update_slice(lp.cache.v, cache1.v, at))
-            lengths = lp.lengths.at[slot].set(prompt_len)
-            full = prompt_len >= s
-            loop = LoopState(
-                history=lp.history.at[slot].set(history_row), lengths=lengths,
-                cache=cache.replace(lengths=lengths - 1), done=lp.done.at[slot].set(full),
-                finish=lp.finish.at[slot].set(jnp.where(full, CACHE_FULL, 0)),
-                new_tokens=lp.new_tokens.at[slot].set(0), steps=lp.steps.at[slot].set(0),
-                emitted_hist=lp.emitted_hist.at[slot].set(0), keys=lp.keys.at[slot].set(key),
-                iteration=lp.iteration, counts=lp.counts.at[slot].set(0),
-                prompt_ids=lp.prompt_ids.at[slot].set(
-                    stage.prompt_mask(history_row[None], prompt_len[None], lp.prompt_ids.shape[1])[0]),
-                logprobs=lp.logprobs,  # stale logprobs are overwritten before they are read
-                hidden=None if lp.hidden is None else lp.hidden.at[slot].set(staged.hidden[0]))
-            rows = jax.tree.map(lambda all_rows, one: all_rows.at[slot].set(one[0]), st.rows, row)
-            return SlotState(loop=loop, max_new=st.max_new.at[slot].set(max_new),
-                             stop=st.stop.at[slot].set(stop_row), rows=rows)
+        def admit(st: SlotState, staged: Staging, slot, history_row, prompt_len, row: dict, key_data) -> SlotState:
+            full, cache1 = prompt_len >= s, staged.cache
+            fresh = dataclasses.replace(  # a one-row state: counters zero, its own key
+                _empty_loop(cfg, dtype, 1, s, k, spec, hidden=carry), hidden=staged.hidden,
+                history=history_row[None], lengths=prompt_len[None],
+                done=full[None], finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32)[None],
+                keys=jax.random.wrap_key_data(key_data)[None], cache=None,
+                prompt_ids=stage.prompt_mask(history_row[None], prompt_len[None], st.loop.prompt_ids.shape[1]))
+            fresh = jax.tree.map(lambda x: x[0] if x.ndim else x, fresh)
+            loop = _set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
+            cache = st.loop.cache
+            cache = cache.replace(k=cache.k.at[:, slot].set(cache1.k[:, 0]), v=cache.v.at[:, slot].set(cache1.v[:, 0]),
+                                  lengths=loop.lengths - 1)
+            inputs = {name: _set_row(value, slot, row[name]) for name, value in st.inputs().items()}
+            return dataclasses.replace(st, loop=dataclasses.replace(loop, cache=cache), **inputs)
 
-        def chunk(params, st: SlotState):
-            start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
-            fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
+        def chunk_program(step, kp: int):
+            m = n * (kp + 1)
 
-            def cond(carry):
-                i, lp, _ = carry
-                finished = jnp.any(lp.done & ~start_done)
-                first_tokens = jnp.any(fresh & (lp.new_tokens > 0))  # return them at once (TTFT)
-                return (i < n) & jnp.any(~lp.done) & ~finished & ~first_tokens
+            def chunk(params, st: SlotState):
+                start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
+                fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
 
-            def body(carry):
-                i, lp, emits = carry
-                new = step(params, lp, st.max_new, st.stop, st.rows)
-                return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
+                def cond(carry):
+                    i, lp, _ = carry
+                    finished = jnp.any(lp.done & ~start_done)
+                    first_tokens = jnp.any(fresh & (lp.new_tokens > 0))  # return them at once (TTFT)
+                    return (i < n) & jnp.any(~lp.done) & ~finished & ~first_tokens
 
-            _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
-                                                             jnp.zeros((n, b), jnp.int32)))
-            idx = jnp.clip(start_len[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :], 0, s - 1)
-            tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
-            if spec.max_logprobs is None:
-                logprobs = stage.empty_logprobs(b, m, 0)
-            else:  # the same positions of the logprob buffers
-                logprobs = jax.tree.map(lambda buf: jnp.take_along_axis(
-                    buf, idx.reshape(idx.shape + (1,) * (buf.ndim - 2)), axis=1), loop.logprobs)
-            out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
-                   loop.steps, loop.iteration - start_it)
-            return dataclasses.replace(st, loop=loop), out, logprobs
+                def body(carry):
+                    i, lp, emits = carry
+                    new = step(params, lp, st.max_new, st.stop, st.rows)
+                    return i + 1, new, emits.at[i].set(new.lengths - lp.lengths)
+
+                _, loop, emits = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st.loop,
+                                                                 jnp.zeros((n, b), jnp.int32)))
+                idx = jnp.clip(start_len[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :], 0, s - 1)
+                tokens = jnp.take_along_axis(loop.history, idx, axis=1)  # [B, N*(K+1)]
+                out = (tokens, loop.lengths - start_len, emits, loop.done, loop.finish, loop.new_tokens,
+                       loop.steps, loop.iteration - start_it)
+                if spec.max_logprobs is None:
+                    logprobs = stage.empty_logprobs(b, m, 0)
+                else:  # the same positions of the logprob buffers
+                    logprobs = jax.tree.map(lambda buf: jnp.take_along_axis(
+                        buf, idx.reshape(idx.shape + (1,) * (buf.ndim - 2)), axis=1), loop.logprobs)
+                return dataclasses.replace(st, loop=loop), out, logprobs
+            return chunk
 
         def finish(st: SlotState, mask) -> SlotState:
             lp = st.loop
@@ -218,63 +265,107 @@ class SlotEngine:
                                        finish=jnp.where(mask & ~lp.done, STOP, lp.finish).astype(jnp.int32))
             return dataclasses.replace(st, loop=loop)
 
-        i32 = jnp.int32
-        sds = jax.ShapeDtypeStruct
-        abstract_state = jax.eval_shape(empty, None)
-        def new_staging() -> Staging:
-            return Staging(KVCache.init(cfg, 1, s, dtype),
-                           jnp.zeros((1, cfg.hidden_size), dtype) if carry else None)
+        sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+        state, cache1 = jax.eval_shape(empty), jax.eval_shape(staging)
+        self.row_spec = jax.tree.map(lambda x: sds(x.shape[1:], x.dtype), state.inputs())  # one row's inputs
+        self.key_spec = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        state_sh = cache1_sh = out_sh = lp_sh = None
+        host = {"scalar": sds((), i32), "piece": {c: sds((1, c), i32) for c in self.buckets}, "want": sds((), bool),
+                "history": sds((s,), i32), "row": self.row_spec, "key": self.key_spec, "mask": sds((b,), jnp.bool_)}
+        if self.mesh is not None:
+            mesh, rules = self.mesh, sharding.axis_rules(cfg, self.mesh)
+            state_sh = sharding.with_batch_shardings(state, mesh, cfg)
+            staging_5d = NamedSharding(mesh, sharding.logical_spec(sharding.CACHE_AXES, {**rules, "batch": None}))
+            cache1_sh = jax.tree.map(lambda x: staging_5d if x.ndim == 5 else sharding.replicated(mesh), cache1)
+            out_sh = sharding.replicated(mesh)
+            lp_sh = {kp: sharding.with_batch_shardings(jax.eval_shape(
+                lambda kp=kp: stage.empty_logprobs(b, n * (kp + 1), n_top)), mesh, cfg)
+                     for kp in self.ks}  # rows on data: gathered only when fetched
+            state, cache1 = sharding.sharded_abstract(state, state_sh), sharding.sharded_abstract(cache1, cache1_sh)
+            host = jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=out_sh), host)
 
-        staging1 = jax.eval_shape(new_staging)
-        key1 = jax.eval_shape(lambda: jax.random.key(0))
-        scalar = sds((), i32)
-        self._empty = jax.jit(empty)
-        self._cache1 = jax.jit(new_staging)
-        self._prefill = {c: jax.jit(prefill, donate_argnums=(1,)).lower(
-            self.params, staging1, sds((1, c), i32), scalar, sds((1, c), i32), sds((), jnp.bool_), scalar).compile()
-            for c in sorted(set(self.buckets))}
-        self._admit = jax.jit(admit, donate_argnums=(0,)).lower(
-            abstract_state, staging1, scalar, sds((s,), i32), scalar, scalar, sds((self.ns,), i32),
-            RowSampling.abstract(1), key1).compile()
-        self._chunk = jax.jit(chunk, donate_argnums=(1,)).lower(self.program_params, abstract_state).compile()
-        self._finish = jax.jit(finish, donate_argnums=(0,)).lower(abstract_state, sds((b,), jnp.bool_)).compile()
-        self.state = self._empty(None)
-        self.new_staging()  # compile the small helpers now, not at the first request
-        self.key_for(SamplingParams(), 0, index=1)
+        def aot(fn, args, out, donate=()):
+            return jax.jit(fn, out_shardings=out, donate_argnums=donate).lower(*args).compile()
+
+        p = self.params
+        self._params = [program_params(p, d, self.mesh) for d in self.drafters]  # each chunk program's
+        self._empty = aot(empty, (), state_sh)
+        self._new_staging = aot(staging, (), cache1_sh)
+        self._prefill = {c: aot(prefill, (p, cache1, host["piece"][c], host["scalar"], host["piece"][c], host["want"],
+                                          host["scalar"]), (cache1_sh, out_sh), (1,)) for c in self.buckets}
+        self._admit = aot(admit, (state, cache1, host["scalar"], host["history"], host["scalar"], host["row"],
+                                  host["key"]), state_sh, (0,))
+        self._chunk = [aot(chunk_program(step, d.num_draft), (pp, state), (state_sh, out_sh, lp_sh and lp_sh[d.num_draft]),
+                           (1,)) for step, d, pp in zip(steps, self.drafters, self._params)]
+        self._finish = aot(finish, (state, host["mask"]), state_sh, (0,))
+        self.state = self._empty()
+        self.key_data(SamplingParams(), 0, index=1)  # compile the host-side key helpers now, not at the first request
 
     @property
     def num_programs(self) -> int:
-        return len(self._prefill) + 3
+        return len(self._prefill) + len(self._chunk) + 4
 
-    # ------------------------------------------------------------------ host API
+    def _put(self, tree):
+        """Host values -> device arguments (replicated global arrays on a mesh)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        out = sharding.replicated(self.mesh)
+        return jax.tree.map(lambda x: sharding.put_global(np.asarray(x), out), tree)
+
+    # ------------------------------------------------------------------ host API (the lockstep ops)
     def reset(self) -> None:
         """Every slot free (after a failure)."""
-        self.state = self._empty(None)
+        self.state = self._empty()
+        self._staging, self._staged = None, []
 
-    def new_staging(self) -> Staging:
-        return self._cache1()
+    def begin(self, prompt: Sequence[int] = ()) -> None:
+        """Start staging a prompt (its tokens now, or by ``extend``) in a fresh one-row cache."""
+        self._staging, self._staged = self._new_staging(), [int(t) for t in prompt]
 
-    def _run_prefill(self, cache1: Staging, prompt: list[int], start: int, size: int, want: bool):
+    def extend(self, tokens: Sequence[int]) -> None:
+        """More tokens of the staged prompt."""
+        self._staged.extend(int(t) for t in tokens)
+
+    def prefill(self, start: int, size: int, logprobs: bool = False) -> Logprobs | None:
+        """Prefill ``prompt[start:start+size]`` (padded) of the staged prompt into its cache. With
+        ``logprobs`` (echo), returns the host logprobs ``[size]`` (and top ``[size, NL]``) of
+        ``prompt[start+1 : start+size+1]`` under the raw logits of the positions before them."""
+        if logprobs and self.spec.max_logprobs is None:
+            raise ValueError("this slot engine was built without logprobs")
         piece = np.zeros((2, size), np.int32)  # the piece and the tokens each position predicts
         for row, at in enumerate((start, start + 1)):
-            part = prompt[at:at + size]
+            part = self._staged[at:at + size]
             piece[row, :len(part)] = part
-        return self._prefill[size](self.params, cache1, jnp.asarray(piece[:1]), jnp.int32(start),
-                                   jnp.asarray(piece[1:]), jnp.asarray(want), jnp.int32(len(prompt) - 2 - start))
+        self._staging, lp = self._prefill[size](self.params, self._staging, *self._put(
+            (piece[:1], np.int32(start), piece[1:], np.bool_(logprobs), np.int32(len(self._staged) - 2 - start))))
+        return jax.tree.map(lambda x: x[0], sharding.fetch(lp)) if logprobs else None
 
-    def prefill(self, cache1: Staging, prompt: list[int], start: int, size: int) -> Staging:
-        """Prefill ``prompt[start:start+size]`` (padded) into the staging area."""
-        return self._run_prefill(cache1, prompt, start, size, False)[0]
+    def admit(self, slot: int, row: dict, key_data: np.ndarray) -> None:
+        """The staged prompt into slot ``slot`` with per-row inputs ``row`` (``row_inputs``)."""
+        history = np.zeros((self.s,), np.int32)
+        history[:len(self._staged)] = self._staged
+        args = self._put((np.int32(slot), history, np.int32(len(self._staged)), row, key_data))
+        self.state = self._admit(self.state, self._staging, *args)  # the staging stays (until ``begin``)
 
-    def prefill_logprobs(self, cache1: Staging, prompt: list[int], start: int,
-                         size: int) -> tuple[Staging, Logprobs]:
-        """``prefill``, plus the host logprobs ``[size]`` (and top ``[size, NL]``) of
-        ``prompt[start+1 : start+size+1]`` under the raw logits of the positions before them."""
-        if self.spec.max_logprobs is None:
-            raise ValueError("this slot engine was built without logprobs")
-        cache1, lp = self._run_prefill(cache1, prompt, start, size, True)
-        return cache1, jax.tree.map(lambda x: x[0], jax.device_get(lp))
+    def chunk(self, program: int = 0, logprobs: bool = False) -> ChunkResult:
+        """Run chunk program ``program`` (index into ``drafters``); ``logprobs``: also fetch the
+        appended tokens' logprobs (when a request asked; the same on every process)."""
+        self.state, out, lp = self._chunk[program](self._params[program], self.state)
+        tokens, appended, emits, done, finish, new_tokens, steps, iters = sharding.fetch(out)
+        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters),
+                           sharding.fetch(lp) if logprobs else None)
 
+    def finish(self, mask: np.ndarray) -> None:
+        """Mark the rows of ``mask [B]`` done (finish reason stop)."""
+        self.state = self._finish(self.state, self._put(np.asarray(mask, bool)))
+
+    def flush(self) -> None:
+        """Nothing is deferred on one controller (``lockstep.Leader`` sends its batch of calls)."""
+
+    def close(self) -> None:
+        """Nothing to release on one controller."""
+
+    # ------------------------------------------------------------------ host values
     def check(self, sampling: SamplingParams) -> None:
         """``ValueError`` when this engine's programs cannot serve ``sampling``."""
         if (sampling.penalized and not self.spec.penalties) or (sampling.processed and not self.spec.processing):
@@ -282,37 +373,22 @@ class SlotEngine:
         if sampling.logprobs is not None and (self.spec.max_logprobs or 0) < sampling.logprobs:
             raise ValueError(f"this slot engine returns at most {self.spec.max_logprobs or 0} logprobs")
 
-    def admit(self, cache1: Staging, slot: int, prompt: list[int], max_new: int, stop_ids: tuple[int, ...],
-              sampling: SamplingParams, key) -> None:
+    def row_inputs(self, max_new: int, stop_ids: Sequence[int], sampling: SamplingParams) -> dict:
+        """One row's value of every per-row input (the ``row`` of ``admit``), as NumPy."""
         self.check(sampling)
         if len(stop_ids) > self.ns:
             raise ValueError(f"{len(stop_ids)} stop ids; this slot engine holds {self.ns}")
-        history = np.zeros((self.s,), np.int32)
-        history[:len(prompt)] = prompt
         stop = np.full((self.ns,), -1, np.int32)
         stop[:len(stop_ids)] = stop_ids
-        self.state = self._admit(self.state, cache1, jnp.int32(slot), jnp.asarray(history),
-                                 jnp.int32(len(prompt)), jnp.int32(max_new), jnp.asarray(stop),
-                                 RowSampling.of([sampling]), key)
-
-    def chunk(self, logprobs: bool = False) -> ChunkResult:
-        """One chunk; ``logprobs``: also fetch the appended tokens' logprobs (when a request asked)."""
-        self.state, out, lp = self._chunk(self.program_params, self.state)
-        tokens, appended, emits, done, finish, new_tokens, steps, iters = jax.device_get(out)
-        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters),
-                           jax.device_get(lp) if logprobs else None)
-
-    def finish(self, slots: list[int]) -> None:
-        mask = np.zeros((self.b,), bool)
-        mask[slots] = True
-        self.state = self._finish(self.state, jnp.asarray(mask))
+        rows = jax.tree.map(lambda x: np.asarray(x)[0], RowSampling.of([sampling]))
+        return {"max_new": np.int32(max_new), "stop": stop, "rows": rows}
 
     @staticmethod
-    def key_for(sampling: SamplingParams, seed: int, index: int = 0):
-        """The PRNG key of one request's choice ``index``: from the request's own seed alone when it
-        has one; choices after the first fold their index in (different, reproducible)."""
+    def key_data(sampling: SamplingParams, seed: int, index: int = 0) -> np.ndarray:
+        """The PRNG key data of one request's choice ``index``: from the request's own seed alone
+        when it has one; choices after the first fold their index in (different, reproducible)."""
         key = row_keys([sampling], seed)[0]
-        return key if index == 0 else jax.random.fold_in(key, index)
+        return np.asarray(jax.random.key_data(key if index == 0 else jax.random.fold_in(key, index)))
 
 
 def _empty_loop(cfg, dtype, b: int, s: int, k: int, spec: LogitsSpec, *, hidden: bool = False) -> LoopState:

@@ -1,0 +1,237 @@
+"""Speculation that adapts to load: which chunk program (draft length K) the next chunk runs.
+
+``--speculation auto|off|K`` (``parse_speculation``):
+
+* ``off``: plain autoregressive decoding (K = 0) through the same loop;
+* ``K``: always K draft tokens (the drafter's own kind, K replaced);
+* ``auto`` (default): one chunk program per K of ``draft_options`` -- {0, 2, --num-draft} for a
+  chain drafter (QSpec and n-gram), {0, the n-gram chain of depth K, the tree} for a tree drafter
+  (the n-gram trie, or S4C's heads' tree: ``K`` then cuts that tree to depth K) -- all
+  compiled at start-up over ONE slot state; before each chunk ``AdaptivePolicy`` picks one.
+
+Whatever is picked the output is lossless (each program is the exact speculative loop of the same
+verifier; switching between chunks changes no row's state layout). With sampling, the tokens of a
+seeded request follow the same distribution but may differ from one run to the next, because the
+programs draw their random numbers differently and the choice depends on timing (a fixed
+``--speculation`` reproduces a seed's text).
+
+The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``busy`` rows:
+
+    rate(p) = busy * E[tokens per row-step | p] / t(p, busy)          (tokens per second)
+
+* ``E`` for a chain of K drafts with per-token acceptance alpha is (1 - alpha^(K+1)) / (1 - alpha)
+  (1 for K = 0); alpha is an exponential moving average of each speculative chunk's observed
+  tau = tokens / row-steps inverted through that formula (so drafts that are sometimes missing,
+  as n-gram lookup's, lower the effective alpha), weighted by the chunk's evidence:
+  ``w = min(0.5, 1 - 0.7^(row_steps / 16))`` (one row's 8-step chunk moves alpha by 16%, a busy
+  chunk by half). A tree program uses its own observed tau, averaged the same way.
+* ``t(p, busy)``: seconds per loop iteration, calibrated at start-up (``calibrate``: each program
+  timed with 1 and with all rows busy, best of two chunks, linear in between) and scaled online by
+  ONE factor common to every program, a moving average of observed / predicted time of whatever
+  runs: ``rate`` then reads as tokens per second on the machine as it is now, and, scaling every
+  rate alike, it never moves the choice, which rests on alpha and the ratios measured side by side
+  at start-up. (A factor per program would drift apart: the program that does not run is never
+  re-measured, so one noisy reading could hold the choice for good.)
+
+Rule: run the best rate; switch from the current program only when another's predicted rate is
+higher by ``margin`` (10%) for ``patience`` (3) chunks in a row (hysteresis, no thrashing at a
+threshold). While K = 0 runs, alpha is not observed: every ``probe_every`` chunks (8, doubling to
+128 while the probes keep confirming K = 0) one chunk runs the smallest K > 0 (the cheapest
+probe) to measure it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+
+from quasar_jax.cli import parse_speculation
+from quasar_jax.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, is_tree_drafter
+from quasar_jax.sampling import SamplingParams
+from quasar_jax.serving.slots import prefill_pieces
+
+AUTO = "auto"
+__all__ = ["AUTO", "AdaptivePolicy", "FixedPolicy", "calibrate", "draft_options", "make_policy",
+           "parse_speculation"]
+AUTO_KS = (0, 2)  # besides the drafter's own K
+
+
+def with_draft_length(drafter, k: int):
+    """The same kind of drafter with K = ``k`` draft tokens (``NoDrafter`` for 0)."""
+    if k == 0:
+        return NoDrafter()
+    if k == drafter.num_draft:
+        return drafter
+    if callable(getattr(drafter, "with_draft_length", None)):  # S4C: its tree cut to depth k
+        return drafter.with_draft_length(k)
+    if isinstance(drafter, NGramTreeDrafter) and drafter.tree_nodes is not None:
+        return dataclasses.replace(drafter, num_draft=k, tree_nodes=max(drafter.tree_nodes, k))
+    if not dataclasses.is_dataclass(drafter) or isinstance(drafter, NoDrafter):
+        raise ValueError(f"drafter {drafter!r} has no draft length to change: use speculation 'auto' or 'off'")
+    return dataclasses.replace(drafter, num_draft=k)
+
+
+def draft_options(drafter, speculation: str | int) -> tuple:
+    """The drafters of the chunk programs, by increasing cost (K = 0 first)."""
+    speculation = parse_speculation(speculation)
+    if speculation != AUTO:
+        return (with_draft_length(drafter, speculation),)
+    k = drafter.num_draft
+    if k == 0:
+        return (drafter,)
+    if is_tree_drafter(drafter):
+        chain = NGramDrafter(k, drafter.ngram_min, drafter.ngram_max, drafter.prefer)
+        return (NoDrafter(), chain, drafter)
+    if not dataclasses.is_dataclass(drafter):  # a user drafter: with it or without it
+        return (NoDrafter(), drafter)
+    return tuple(with_draft_length(drafter, kk) for kk in sorted({*AUTO_KS, k}) if kk <= k)
+
+
+def expected_tokens(k: int, alpha: float) -> float:
+    """E[tokens per verify step] for a chain of K drafts, each accepted with probability alpha."""
+    if k == 0:
+        return 1.0
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def alpha_of(tau: float, k: int) -> float:
+    """The alpha whose ``expected_tokens(k, alpha)`` is ``tau`` (bisection; tau in [1, K+1])."""
+    tau = min(max(tau, 1.0), k + 1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(k, mid) < tau else (lo, mid)
+    return (lo + hi) / 2
+
+
+class FixedPolicy:
+    """Always the one program (``--speculation off`` or ``K``)."""
+
+    def __init__(self, program: int = 0):
+        self.program = program
+
+    def choose(self, busy: int) -> int:
+        return self.program
+
+    def observe(self, program: int, busy: int, wall_s: float, iterations: int, tokens: int, row_steps: int) -> None:
+        pass
+
+
+class AdaptivePolicy:
+    """The rule and cost model of the module docstring."""
+
+    def __init__(self, ks: Sequence[int], trees: Sequence[bool], calibration: Sequence[tuple[float, float]],
+                 slots: int, *, margin: float = 0.10, patience: int = 3, probe_every: int = 8,
+                 probe_max: int = 128, smoothing: float = 0.3, alpha: float = 0.5):
+        self.ks, self.trees, self.slots = list(ks), list(trees), slots
+        self.calibration = list(calibration)  # per program: (s/iteration with 1 row busy, with all busy)
+        self.margin, self.patience, self.smoothing = margin, patience, smoothing
+        self.probe_every, self.probe_max, self.probe_interval = probe_every, probe_max, probe_every
+        self.alpha = alpha
+        self.tree_tau = [None] * len(self.ks)  # observed tau of tree programs
+        self.correction = 1.0  # observed / calibrated step time, common to every program
+        self.current = self.ks.index(min(self.ks))
+        self.since_alpha = math.inf  # chunks since alpha was last observed
+        self.streak, self.candidate = 0, None
+        self.switches = 0
+
+    # ------------------------------------------------------------------ the model
+    def step_time(self, p: int, busy: int) -> float:
+        one, full = self.calibration[p]
+        frac = 0.0 if self.slots <= 1 else (busy - 1) / (self.slots - 1)
+        return self.correction * (one + (full - one) * frac)
+
+    def tokens_per_step(self, p: int) -> float:
+        if self.trees[p] and self.tree_tau[p] is not None:
+            return self.tree_tau[p]
+        return expected_tokens(self.ks[p], self.alpha)
+
+    def rate(self, p: int, busy: int) -> float:
+        return busy * self.tokens_per_step(p) / self.step_time(p, busy)
+
+    # ------------------------------------------------------------------ the rule
+    def choose(self, busy: int) -> int:
+        busy = max(busy, 1)
+        chains = [p for p, k in enumerate(self.ks) if k > 0 and not self.trees[p]]
+        if self.ks[self.current] == 0 and self.since_alpha >= self.probe_interval and chains:
+            self.since_alpha = 0
+            self.probe_interval = min(2 * self.probe_interval, self.probe_max)
+            return min(chains, key=lambda p: self.ks[p])  # a probe: measures alpha, does not move `current`
+        rates = [self.rate(p, busy) for p in range(len(self.ks))]
+        best = int(np.argmax(rates))
+        if best != self.current and rates[best] > (1 + self.margin) * rates[self.current]:
+            self.streak = self.streak + 1 if self.candidate == best else 1
+            self.candidate = best
+            if self.streak >= self.patience:
+                self.current, self.streak, self.candidate = best, 0, None
+                self.switches += 1
+                if self.ks[best] > 0:
+                    self.probe_interval = self.probe_every
+        else:
+            self.streak, self.candidate = 0, None
+        return self.current
+
+    def observe(self, program: int, busy: int, wall_s: float, iterations: int, tokens: int, row_steps: int) -> None:
+        """What one chunk of ``program`` did with ``busy`` rows."""
+        w = self.smoothing
+        if iterations > 0 and wall_s > 0:
+            ratio = wall_s / iterations / (self.step_time(program, max(busy, 1)) / self.correction)
+            self.correction = (1 - w) * self.correction + w * ratio
+        k = self.ks[program]
+        if k > 0 and row_steps > 0:
+            tau, w = tokens / row_steps, min(0.5, 1 - 0.7 ** (row_steps / 16))  # weight by the evidence
+            if self.trees[program]:
+                prev = self.tree_tau[program]
+                self.tree_tau[program] = tau if prev is None else (1 - w) * prev + w * tau
+            else:
+                self.alpha = (1 - w) * self.alpha + w * alpha_of(tau, k)
+            self.since_alpha = 0
+        elif k == 0:
+            self.since_alpha += 1
+
+
+def make_policy(engine, speculation: str | int, calibration=None):
+    """``FixedPolicy`` for one program, else ``AdaptivePolicy`` (calibrated through ``engine``'s
+    calls unless ``calibration`` is given)."""
+    if len(engine.ks) == 1 or parse_speculation(speculation) != AUTO:
+        return FixedPolicy(0)
+    calibration = calibration or calibrate(engine)
+    return AdaptivePolicy(engine.ks, [is_tree_drafter(d) for d in engine.drafters], calibration, engine.b)
+
+
+def calibrate(engine, busy_counts: Sequence[int] | None = None) -> list[tuple[float, float]]:
+    """Seconds per loop iteration of each chunk program with 1 and with all rows busy.
+
+    Runs through ``engine``'s own calls (so every process of a multi-host group takes part) on a
+    repetitive dummy prompt; the slots are free again afterwards.
+    """
+    counts = busy_counts or (1, engine.b)
+    prompt = [1 + i % 7 for i in range(16)][:max(engine.s // 4, 2)]
+    row = engine.row_inputs(engine.s, (), SamplingParams())
+    key = engine.key_data(SamplingParams(), 0)
+    out = []
+    for p in range(len(engine.ks)):
+        times = []
+        for busy in counts:
+            engine.reset()
+            engine.begin(prompt)
+            for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
+                engine.prefill(start, size)
+            for slot in range(busy):
+                engine.admit(slot, row, key)
+            engine.chunk(p)  # the first tokens: returns after one step (and warms the program)
+            best = float("inf")
+            for _ in range(2):  # the best of two: a stray pause of the host is not the program's cost
+                t0 = time.perf_counter()
+                res = engine.chunk(p)
+                best = min(best, (time.perf_counter() - t0) / max(res.iterations, 1))
+            times.append(best)
+        out.append((times[0], times[-1]))
+    engine.reset()
+    return out
