@@ -92,6 +92,12 @@ def run_cli(prog: str, work: Callable[[], int]) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
+def run_command(prog: str, parser: argparse.ArgumentParser, run: Callable, argv: list[str] | None) -> int:
+    """A command's ``main``: parse ``argv``, then ``run(args, the flags given)`` through ``run_cli``."""
+    args = parser.parse_args(argv)
+    return run_cli(prog, lambda: run(args, explicit_flags(parser, argv)))
+
+
 class StatusLine:
     """One self-overwriting progress line on stderr (only when stderr is a terminal)."""
 

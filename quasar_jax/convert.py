@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from quasar_jax.cli import DTYPES, OneLineParser, explicit_flags, run_cli
+from quasar_jax.cli import (DTYPES, OneLineParser, run_command)
 from quasar_jax.errors import InputError
 
 PROG = "python -m quasar_jax.convert"
@@ -68,9 +68,7 @@ def run(args, given: set[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_cli(PROG, lambda: run(args, explicit_flags(parser, argv)))
+    return run_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import sys
 
-from quasar_jax.cli import (OneLineParser, StatusLine, add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
-                            add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
-                            check_drafter_flags, explicit_flags, generation_kwargs, positive_int, run_cli)
+from quasar_jax.cli import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
+                            add_prompt_flags, add_sampling_flags, add_verifier_flag, check_drafter_flags,
+                            generation_kwargs, OneLineParser, positive_int, run_command, StatusLine)
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
 from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
@@ -199,9 +199,7 @@ def run(args, given: set[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_cli(PROG, lambda: run(args, explicit_flags(parser, argv)))
+    return run_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from quasar_jax.cli import (OneLineParser, add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
-                            add_verifier_flag, argparse_type, check_drafter_flags, explicit_flags, float_in,
-                            parse_speculation, positive_int, run_cli)
+from quasar_jax.cli import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
+                            add_verifier_flag, argparse_type, check_drafter_flags, float_in, OneLineParser,
+                            parse_speculation, positive_int, run_command)
 from quasar_jax.mesh_flags import add_mesh_flags
 
 PROG = "python -m quasar_jax.serve"
@@ -120,9 +120,7 @@ def run(args, given: set[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_cli(PROG, lambda: run(args, explicit_flags(parser, argv)))
+    return run_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

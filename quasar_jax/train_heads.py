@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from quasar_jax.cli import (DTYPES, OneLineParser, explicit_flags, float_in, int_at_least, non_negative_int,
-                            positive_int, run_cli)
+from quasar_jax.cli import (DTYPES, float_in, int_at_least, non_negative_int, OneLineParser, positive_int,
+                            run_command)
 from quasar_jax import corpus
 from quasar_jax.errors import InputError
 from quasar_jax.mesh_flags import add_mesh_flags
@@ -255,9 +255,7 @@ def run(args, given: set[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_cli(PROG, lambda: run(args, explicit_flags(parser, argv)))
+    return run_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":
