@@ -226,6 +226,13 @@ def test_usage_stats_tokens_as_ids_and_truncation(srv):
     bare = client.chat.completions.create(model="demo", messages=msgs, max_tokens=4, temperature=0,
                                           extra_body={"add_generation_prompt": False})
     assert r.usage.completion_tokens <= 4 and bare.usage.prompt_tokens < r.usage.prompt_tokens
+    # "developer" (what current OpenAI SDK examples send) is the system turn under another name
+    turns = [{"role": "developer", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    dev = client.chat.completions.create(model="demo", messages=turns, max_tokens=6, temperature=0)
+    sys_ = client.chat.completions.create(model="demo", messages=[dict(turns[0], role="system"), turns[1]],
+                                          max_tokens=6, temperature=0)
+    assert dev.usage.prompt_tokens == sys_.usage.prompt_tokens > bare.usage.prompt_tokens
+    assert dev.choices[0].message.content == sys_.choices[0].message.content
     raw = _greedy(client, prompt=PROMPT, max_tokens=2, extra_body={"add_special_tokens": False})
     assert raw.usage.prompt_tokens == len(tok(PROMPT, add_special_tokens=False)["input_ids"])
 

@@ -195,8 +195,10 @@ class Api:
         return out
 
     def _chat_prompt(self, r: ChatRequest) -> tuple[list[int], None]:
-        turns = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                  else "".join(p.text for p in m.content)} for m in r.messages]
+        # OpenAI's "developer" role is its newer name for "system"; chat templates know only "system".
+        turns = [{"role": "system" if m.role == "developer" else m.role,
+                  "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                 for m in r.messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions",
                            "messages", "invalid_value")
