@@ -339,7 +339,10 @@ def write_outputs(report: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Machine: {report['machine']}; model {report['model']}, float32 weights (int8 for w8a16); "
              f"{report['slots']} slots, cache {report['max_len']}, K = {report['num_draft']}, "
-             f"N = {report['chunk_steps']}; budgets {report['budgets']} tokens; greedy.", "",
+             f"N = {report['chunk_steps']}; budgets {report['budgets']} tokens; greedy"
+             + (f"; query heads zero-padded to {report['pad_heads']} (--pad-heads)" if report.get("pad_heads") else "")
+             + ("; meshes of fake CPU devices share the same cores: the figures show the overhead of partitioning, "
+                "not a speedup" if any(m["mesh"] != "1" for m in report["modes"]) else "") + ".", "",
              "| mesh | mode | load | tok/s (min-max) | TTFT p50/p99 ms | TPOT p50/p99 ms | tau | occupancy | chunks by K |",
              "| --- | --- | --- | ---: | --- | --- | ---: | ---: | --- |"]
     for m in report["modes"]:

@@ -203,6 +203,20 @@ def test_acceptance_evidence_leaves_out_each_rows_first_step():
     assert acceptance_evidence(res, [0]) == (8, 4)  # a row not given is counted whole
 
 
+def test_alpha_weighs_evidence_by_row_steps_with_a_half_life():
+    """A start-up ramp of young rows (four one-step chunks at tau 1.0, as logged at concurrency 16)
+    moves alpha from its prior 0.5 to ~0.35, not to ~0.15 as a per-chunk average did; steady
+    evidence then takes over within a few half-lives."""
+    policy = AdaptivePolicy([0, 2], [False, False], [(1.0, 1.0), (1.4, 1.4)], 16)
+    for rows in (11, 13, 15, 16):
+        policy.observe(1, rows, 1.4, 1, rows, rows)
+    assert 0.3 < policy.alpha < 0.4
+    assert policy.rate(0, 16) < (1 + policy.margin) * policy.rate(1, 16)  # no case for leaving K = 2
+    for _ in range(16):
+        policy.observe(1, 16, 11.2, 8, int(round(expected_tokens(2, 0.45) * 128)), 128)
+    assert abs(policy.alpha - 0.45) < 0.01
+
+
 def test_policy_follows_the_machine_but_keeps_the_calibrated_ratios():
     policy = _policy(step_ar=1.0, step_spec=2.0)
     for _ in range(30):
