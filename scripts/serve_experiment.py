@@ -48,7 +48,8 @@ MODES = {  # name -> (drafter, verifier, speculation: off | fixed (K = --num-dra
     "quasar-k2": ("ngram", "w8a16", 2), "quasar-auto": ("ngram", "w8a16", "auto"), "quasar-w8a8": ("ngram", "w8a8", "fixed"),
     "qspec": ("qspec", "w8a16", "fixed"),
 }
-FAMILIES = {"float": ("ar", "sd", "sd-auto"), "w8a16": ("quasar-ar", "quasar", "quasar-auto")}  # AR, K, auto
+FAMILIES = {"float": ("ar", ("sd-k2", "sd"), "sd-auto"),  # AR, every fixed K, auto
+            "w8a16": ("quasar-ar", ("quasar-k2", "quasar"), "quasar-auto")}
 
 
 def parse_args(argv=None):
@@ -77,6 +78,8 @@ def parse_args(argv=None):
                         "function, e.g. the demo model's 6 heads as 8, so that model=4 divides them)")
     p.add_argument("--machine", default=f"{platform.machine()} CPU, {os.cpu_count()} cores")
     p.add_argument("--out", default="runs/serving")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge these reports (their meshes and modes) into --out's JSON, table and plot")
     args = p.parse_args(argv)
     if args.requests is not None and len(args.requests) != len(args.concurrency):
         p.error("--requests needs one count per --concurrency level")
@@ -306,21 +309,26 @@ def _load_name(r: dict) -> str:
 
 
 def comparison_rows(report: dict) -> list[dict]:
-    """Per mesh, verifier family and concurrency: auto against AR and fixed K."""
+    """Per mesh, verifier family and concurrency: auto against AR and EVERY fixed K that ran."""
     rows = []
     by = {(m["mesh"], m["mode"]): {r["value"]: r for r in median_runs(m["runs"]) if r["load"] == "concurrency"}
           for m in report["modes"]}
     for mesh in dict.fromkeys(m["mesh"] for m in report["modes"]):
-        for family, (ar, k, auto) in FAMILIES.items():
-            if not all((mesh, x) in by for x in (ar, k, auto)):
+        for family, (ar, fixed, auto) in FAMILIES.items():
+            fixed = [k for k in fixed if (mesh, k) in by]
+            if not fixed or not all((mesh, x) in by for x in (ar, auto)):
                 continue
             for c in sorted(by[(mesh, auto)]):
-                if c not in by[(mesh, ar)] or c not in by[(mesh, k)]:
+                names = [ar, *fixed, auto]
+                if not all(c in by[(mesh, name)] for name in names):
                     continue
-                a, f, x = (by[(mesh, name)][c]["tokens_per_s"] for name in (ar, k, auto))
-                spread = {name: by[(mesh, name)][c]["spread"] for name in (ar, k, auto)}
-                rows.append({"mesh": mesh, "verifier": family, "concurrency": c, "ar": a, "fixed_k": f, "auto": x,
-                             "auto_vs_best": x / max(a, f), "spread": spread,
+                tps = {name: by[(mesh, name)][c]["tokens_per_s"] for name in names}
+                best = max(tps[ar], *(tps[k] for k in fixed))
+                rows.append({"mesh": mesh, "verifier": family, "concurrency": c, "ar": tps[ar],
+                             "fixed": {k: tps[k] for k in fixed}, "auto": tps[auto],
+                             "auto_vs_best": tps[auto] / best,
+                             "auto_vs": {name: tps[auto] / tps[name] for name in names[:-1]},
+                             "spread": {name: by[(mesh, name)][c]["spread"] for name in names},
                              "auto_chunks_by_k": by[(mesh, auto)][c]["chunks_by_k"]})
     return rows
 
@@ -331,7 +339,10 @@ def write_outputs(report: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Machine: {report['machine']}; model {report['model']}, float32 weights (int8 for w8a16); "
              f"{report['slots']} slots, cache {report['max_len']}, K = {report['num_draft']}, "
-             f"N = {report['chunk_steps']}; budgets {report['budgets']} tokens; greedy.", "",
+             f"N = {report['chunk_steps']}; budgets {report['budgets']} tokens; greedy"
+             + (f"; query heads zero-padded to {report['pad_heads']} (--pad-heads)" if report.get("pad_heads") else "")
+             + ("; meshes of fake CPU devices share the same cores: the figures show the overhead of partitioning, "
+                "not a speedup" if any(m["mesh"] != "1" for m in report["modes"]) else "") + ".", "",
              "| mesh | mode | load | tok/s (min-max) | TTFT p50/p99 ms | TPOT p50/p99 ms | tau | occupancy | chunks by K |",
              "| --- | --- | --- | ---: | --- | --- | ---: | ---: | --- |"]
     for m in report["modes"]:
@@ -343,13 +354,14 @@ def write_outputs(report: dict, out: Path) -> None:
                          f"{_ms(ttft, 'p50')}/{_ms(ttft, 'p99')} | {_ms(tpot, 'p50')}/{_ms(tpot, 'p99')} | "
                          f"{r.get('tau', float('nan')):.2f} | {r.get('slot_occupancy', float('nan')):.2f} | {chunks} |")
     if report["comparison"]:
-        lines += ["", "auto against the better of AR and fixed K (same verifier, same requests, tokens/s, median of "
-                  f"{report.get('repeats', 1)} runs):", "",
+        lines += ["", "auto against AR and every fixed K (same verifier, same requests, tokens/s, median of "
+                  f"{report.get('repeats', 1)} runs; auto / best: against the best of all of them):", "",
                   "| mesh | verifier | concurrency | AR | fixed K | auto | auto / best | auto's chunks by K |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |"]
         for c in report["comparison"]:
             chunks = " ".join(f"{k}:{v}" for k, v in sorted(c["auto_chunks_by_k"].items(), key=lambda x: int(x[0])))
-            lines.append(f"| {c['mesh']} | {c['verifier']} | {c['concurrency']} | {c['ar']:.1f} | {c['fixed_k']:.1f} | "
+            fixed = ", ".join(f"{k} {v:.1f}" for k, v in c["fixed"].items())
+            lines.append(f"| {c['mesh']} | {c['verifier']} | {c['concurrency']} | {c['ar']:.1f} | {fixed} | "
                          f"{c['auto']:.1f} | {c['auto_vs_best']:.2f} | {chunks} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(report, out.with_suffix(".png"))
@@ -361,8 +373,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ar_of = {mode: fam[0] for fam in list(FAMILIES.values()) + [("ar", "sd-k2"), ("quasar-ar", "quasar-k2")]
-             for mode in fam}
+    ar_of = {mode: ar for ar, fixed, auto in FAMILIES.values() for mode in (ar, *fixed, auto)}
     curves = {(m["mesh"], m["mode"]): dict(sorted((r["value"], r["tokens_per_s"]) for r in median_runs(m["runs"])
                                                   if r["load"] == "concurrency")) for m in report["modes"]}
     relative = all((mesh, ar_of.get(mode)) in curves for mesh, mode in curves)
@@ -391,6 +402,13 @@ def main(argv=None) -> int:
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = parse_args(argv)
+    if args.render:
+        reports = [json.loads(Path(f).read_text()) for f in args.render]
+        report = {**reports[0], "modes": [m for r in reports for m in r["modes"]],
+                  "parts": [{k: v for k, v in r.items() if k not in ("modes", "comparison")} for r in reports]}
+        write_outputs(report, Path(args.out))
+        print(Path(args.out).with_suffix(".md").read_text())
+        return 0
     if any(m is not None for m in args.mesh) and "device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()

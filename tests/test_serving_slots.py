@@ -23,8 +23,8 @@ from quasar_jax.sampling import RowSampling, SamplingParams
 from quasar_jax.serving import lockstep
 from quasar_jax.serving.scheduler import Request, Scheduler
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
-from quasar_jax.serving.speculation import (AdaptivePolicy, FixedPolicy, alpha_of, draft_options, expected_tokens,
-                                            make_policy)
+from quasar_jax.serving.speculation import (AdaptivePolicy, FixedPolicy, acceptance_evidence, alpha_of,
+                                            draft_options, expected_tokens, make_policy)
 
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11, 12],
            [40, 3, 77, 21, 9, 60, 2, 15, 88], [1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1], [50]]
@@ -191,6 +191,30 @@ def test_policy_does_not_thrash_near_the_threshold():
         choices.append(p)
         _observe_tau(policy, p, 2.05 if i % 2 else 1.9) if p == 1 else _observe_tau(policy, p, 1.0)
     assert policy.switches == 0
+
+
+def test_acceptance_evidence_leaves_out_each_rows_first_step():
+    """Slot 0 started before this chunk, slot 1 takes its first step here (3 tokens, drafts from
+    the prompt alone), slot 2 is free: the evidence is slot 0's steps and slot 1's later one."""
+    emits = np.array([[2, 3, 0], [1, 2, 0], [0, 0, 0]], np.int32)  # [N, B]
+    res = types.SimpleNamespace(emits=emits, appended=emits.sum(0), steps=np.array([7, 2, 0]),
+                                row_steps=int(np.sum(emits > 0)))
+    assert acceptance_evidence(res, [0, 1]) == (2 + 1 + 2, 3)
+    assert acceptance_evidence(res, [0]) == (8, 4)  # a row not given is counted whole
+
+
+def test_alpha_weighs_evidence_by_row_steps_with_a_half_life():
+    """A start-up ramp of young rows (four one-step chunks at tau 1.0, as logged at concurrency 16)
+    moves alpha from its prior 0.5 to ~0.35, not to ~0.15 as a per-chunk average did; steady
+    evidence then takes over within a few half-lives."""
+    policy = AdaptivePolicy([0, 2], [False, False], [(1.0, 1.0), (1.4, 1.4)], 16)
+    for rows in (11, 13, 15, 16):
+        policy.observe(1, rows, 1.4, 1, rows, rows)
+    assert 0.3 < policy.alpha < 0.4
+    assert policy.rate(0, 16) < (1 + policy.margin) * policy.rate(1, 16)  # no case for leaving K = 2
+    for _ in range(16):
+        policy.observe(1, 16, 11.2, 8, int(round(expected_tokens(2, 0.45) * 128)), 128)
+    assert abs(policy.alpha - 0.45) < 0.01
 
 
 def test_policy_follows_the_machine_but_keeps_the_calibrated_ratios():

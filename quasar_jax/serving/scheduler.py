@@ -47,7 +47,7 @@ from quasar_jax.results import FINISH_CODES, TokenLogprob
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
-from quasar_jax.serving.speculation import FixedPolicy
+from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
 
 log = logging.getLogger("quasar_jax.serving")
 
@@ -309,7 +309,7 @@ class Scheduler:
         t0 = time.perf_counter()
         res = self.engine.chunk(program, logprobs=any(r.sampling.logprobs is not None for r, _ in self._owner.values()))
         now = time.perf_counter()
-        self.policy.observe(program, busy, now - t0, res.iterations, int(res.appended.sum()), res.row_steps)
+        self.policy.observe(program, busy, now - t0, res.iterations, *acceptance_evidence(res, self._owner))
         m = self.metrics
         m.chunks.labels(str(self.engine.ks[program])).inc()
         m.alpha.set(getattr(self.policy, "alpha", float("nan")))

@@ -20,11 +20,16 @@ The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``b
     rate(p) = busy * E[tokens per row-step | p] / t(p, busy)          (tokens per second)
 
 * ``E`` for a chain of K drafts with per-token acceptance alpha is (1 - alpha^(K+1)) / (1 - alpha)
-  (1 for K = 0); alpha is an exponential moving average of each speculative chunk's observed
-  tau = tokens / row-steps inverted through that formula (so drafts that are sometimes missing,
-  as n-gram lookup's, lower the effective alpha), weighted by the chunk's evidence:
-  ``w = min(0.5, 1 - 0.7^(row_steps / 16))`` (one row's 8-step chunk moves alpha by 16%, a busy
-  chunk by half). A tree program uses its own observed tau, averaged the same way.
+  (1 for K = 0); alpha is the mean of each speculative chunk's observed tau = tokens / row-steps
+  inverted through that formula (so drafts that are sometimes missing, as n-gram lookup's, lower
+  the effective alpha), weighted by the chunk's row-steps, older evidence fading with a half-life
+  of ``half_life`` (256) row-steps, the start value 0.5 counting as half of that. (A per-chunk
+  moving average weighted up to one half per chunk was tried first: a few busy chunks of young
+  rows, whose n-gram drafts rarely hit yet, drove it to AR at concurrency 16 while K = 2 was 16%
+  faster there.) A tree program uses its own observed tau, a ratio of sums fading the same way.
+  A row's first verify step is left out (``acceptance_evidence``): it drafts from the prompt
+  alone, before the row has output of its own to copy, and a chunk returns right after new rows'
+  first tokens, so under load whole chunks are first steps (tau ~1 on Spec-Bench).
 * ``t(p, busy)``: seconds per loop iteration, calibrated at start-up (``calibrate``: each program
   timed with 1 and with all rows busy, best of two chunks, linear in between) and scaled online by
   ONE factor common to every program, a moving average of observed / predicted time of whatever
@@ -55,8 +60,8 @@ from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.slots import prefill_pieces
 
 AUTO = "auto"
-__all__ = ["AUTO", "AdaptivePolicy", "FixedPolicy", "calibrate", "draft_options", "make_policy",
-           "parse_speculation"]
+__all__ = ["AUTO", "AdaptivePolicy", "FixedPolicy", "acceptance_evidence", "calibrate", "draft_options",
+           "make_policy", "parse_speculation"]
 AUTO_KS = (0, 2)  # besides the drafter's own K
 
 
@@ -110,6 +115,19 @@ def alpha_of(tau: float, k: int) -> float:
     return (lo + hi) / 2
 
 
+def acceptance_evidence(res, slots) -> tuple[int, int]:
+    """(tokens, row-steps) of a chunk result for the acceptance estimate: every verify step of the
+    ``slots`` rows but each row's first (the row's device step count equals its steps in this
+    chunk: the first is here)."""
+    tokens, row_steps = int(res.appended.sum()), res.row_steps
+    for slot in slots:
+        emits = res.emits[:, slot]
+        emits = emits[emits > 0]
+        if len(emits) and int(res.steps[slot]) == len(emits):
+            tokens, row_steps = tokens - int(emits[0]), row_steps - 1
+    return tokens, row_steps
+
+
 class FixedPolicy:
     """Always the one program (``--speculation off`` or ``K``)."""
 
@@ -128,12 +146,14 @@ class AdaptivePolicy:
 
     def __init__(self, ks: Sequence[int], trees: Sequence[bool], calibration: Sequence[tuple[float, float]],
                  slots: int, *, margin: float = 0.10, patience: int = 3, probe_every: int = 8,
-                 probe_max: int = 128, smoothing: float = 0.3, alpha: float = 0.5):
+                 probe_max: int = 128, smoothing: float = 0.3, alpha: float = 0.5, half_life: float = 256.0):
         self.ks, self.trees, self.slots = list(ks), list(trees), slots
         self.calibration = list(calibration)  # per program: (s/iteration with 1 row busy, with all busy)
         self.margin, self.patience, self.smoothing = margin, patience, smoothing
         self.probe_every, self.probe_max, self.probe_interval = probe_every, probe_max, probe_every
-        self.alpha = alpha
+        self.alpha, self.half_life = alpha, half_life
+        self._alpha_sums = [alpha * half_life / 2, half_life / 2]  # decayed sum of alpha x row-steps, of row-steps
+        self._tree_sums = [[0.0, 0.0] for _ in self.ks]  # per tree program: decayed tokens, row-steps
         self.tree_tau = [None] * len(self.ks)  # observed tau of tree programs
         self.correction = 1.0  # observed / calibrated step time, common to every program
         self.current = self.ks.index(min(self.ks))
@@ -185,12 +205,15 @@ class AdaptivePolicy:
             self.correction = (1 - w) * self.correction + w * ratio
         k = self.ks[program]
         if k > 0 and row_steps > 0:
-            tau, w = tokens / row_steps, min(0.5, 1 - 0.7 ** (row_steps / 16))  # weight by the evidence
+            decay, tau = 0.5 ** (row_steps / self.half_life), tokens / row_steps  # older evidence fades per row-step
             if self.trees[program]:
-                prev = self.tree_tau[program]
-                self.tree_tau[program] = tau if prev is None else (1 - w) * prev + w * tau
+                sums = self._tree_sums[program]
+                sums[:] = decay * sums[0] + tokens, decay * sums[1] + row_steps
+                self.tree_tau[program] = sums[0] / sums[1]
             else:
-                self.alpha = (1 - w) * self.alpha + w * alpha_of(tau, k)
+                sums = self._alpha_sums
+                sums[:] = decay * sums[0] + row_steps * alpha_of(tau, k), decay * sums[1] + row_steps
+                self.alpha = sums[0] / sums[1]
             self.since_alpha = 0
         elif k == 0:
             self.since_alpha += 1
