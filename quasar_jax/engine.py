@@ -313,7 +313,7 @@ class Engine:
         if self.mesh is not None:
             sharding.place_model(model, self.mesh)  # the model now refers to the sharded arrays
         self.graphdef, self.params = nnx.split(model)
-        self._compiled: dict = {}
+        self._compiled: dict = {}  # key -> (program, its params: the drafter's placed once)
         self.quantized = is_quantized(model)
         self._stream_target: Callable | None = None  # the current call's stream callback
         self._stream_rows: int | None = None  # and its number of rows
@@ -340,7 +340,9 @@ class Engine:
                  s: int, n_stop: int, stream: bool, spec: LogitsSpec = LogitsSpec()):
         key = (drafter, sampler, verifier, b, p, s, n_stop, stream, spec)
         if key in self._compiled:
-            return self._compiled[key], 0.0
+            return *self._compiled[key], 0.0
+        if callable(getattr(drafter, "check_model", None)):
+            drafter.check_model(self.model)  # e.g. S4C heads trained for another model
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
                                  self._stream if stream else None, spec=spec)
         i32 = jnp.int32
@@ -355,8 +357,8 @@ class Engine:
         t0 = time.perf_counter()
         compiled = jitted.lower(params, *inputs[:2], s, *inputs[2:]).compile()
         compile_s = time.perf_counter() - t0
-        self._compiled[key] = compiled
-        return compiled, compile_s
+        self._compiled[key] = compiled, params
+        return compiled, params, compile_s
 
     def _check_prompts(self, prompts, cfg: GenerationConfig) -> list[int]:
         if len(prompts) == 0:
@@ -425,9 +427,7 @@ class Engine:
         stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (bp, 1))  # [B, NS]
         max_new = np.where(np.arange(bp) < b, cfg.max_new_tokens, 1).astype(np.int32)  # pad rows: 1
         drafter = cfg.make_drafter()
-        if callable(getattr(drafter, "check_model", None)):
-            drafter.check_model(self.model)  # e.g. S4C heads trained for another model
-        program, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
+        program, params, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
                                            stop.shape[1], stream is not None, spec)
         inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
                   row_keys(rows, cfg.seed))
@@ -435,7 +435,7 @@ class Engine:
         self._stream_target, self._stream_rows = stream, b
         t0 = time.perf_counter()
         try:
-            final = jax.block_until_ready(program(program_params(self.params, drafter, self.mesh), *inputs))
+            final = jax.block_until_ready(program(params, *inputs))
         finally:
             self._stream_target = None
         wall = time.perf_counter() - t0

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from quasar_jax.errors import InputError
@@ -92,10 +91,15 @@ class DraftHeads(nnx.Module):
         """
         feat, out = hidden, []
         for i, block in enumerate(self.blocks):
-            nxt = jnp.pad(tokens[:, i + 1:], ((0, 0), (0, i + 1)))  # [B, T]: x_{t+i+1}
+            nxt = shift_left(tokens, i + 1)  # [B, T]: x_{t+i+1}
             feat = block(feat, model.embed(nxt))
             out.append(head_logits(model, feat))
         return out
+
+
+def shift_left(x: jax.Array, i: int) -> jax.Array:
+    """``x[:, t + i]`` at position t (zero-padded past the end)."""
+    return jnp.pad(x[:, i:], ((0, 0), (0, i)) + ((0, 0),) * (x.ndim - 2))
 
 
 def head_logits(model: Qwen3, feat: jax.Array) -> jax.Array:
@@ -109,10 +113,11 @@ def head_logits(model: Qwen3, feat: jax.Array) -> jax.Array:
 def fingerprint(model: Qwen3) -> dict:
     """What heads must match: the shapes they were built for and two statistics of the embedding
     (which the heads reuse), so heads of another model of the same shape are refused too."""
-    emb = np.asarray(jax.device_get(model.embed_tokens[...]), np.float32)
+    emb = model.embed_tokens[...]  # reduced on device: only two numbers reach the host
     return {"hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "num_hidden_layers": model.config.num_hidden_layers,
-            "embed_mean_abs": float(np.mean(np.abs(emb))), "embed_row0_norm": float(np.linalg.norm(emb[0]))}
+            "embed_mean_abs": float(jnp.mean(jnp.abs(emb.astype(jnp.float32)))),
+            "embed_row0_norm": float(jnp.linalg.norm(emb[0].astype(jnp.float32)))}
 
 
 def check_model(meta: dict, model: Qwen3, where: str) -> None:
@@ -153,6 +158,10 @@ class LoadedHeads:
 
     def check_model(self, model: Qwen3) -> None:
         check_model(self.meta, model, self.where)
+
+    def usable_nodes(self, depth: int) -> int:
+        """Nodes of the stored ranked tree at depth <= ``depth`` (any leading part is a tree)."""
+        return sum(1 for p in self.meta["tree"]["paths"] if len(p) <= depth)
 
 
 def heads_meta(heads: DraftHeads, model: Qwen3, **extra) -> dict:
@@ -218,7 +227,7 @@ def resolve_heads(heads: str | os.PathLike | None, model_dir: str | os.PathLike,
     if num_draft is not None and num_draft > h:
         raise InputError(f"--num-draft {num_draft}: the heads at {where} are {h} (the deepest tree level)")
     depth = min(num_draft or h, h)
-    usable = sum(1 for p in loaded.meta["tree"]["paths"] if len(p) <= depth)
+    usable = loaded.usable_nodes(depth)
     if tree_nodes is not None and tree_nodes > usable:
         raise InputError(f"--tree-nodes {tree_nodes}: the tree of the heads at {where} has {usable} nodes "
                          f"of depth <= {depth}")

@@ -31,7 +31,7 @@ from flax import nnx
 
 from quasar_jax import sharding
 from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.heads import DraftHeads
+from quasar_jax.heads import DraftHeads, shift_left
 from quasar_jax.model import Qwen3
 from quasar_jax.outputs import write_text_atomic
 from quasar_jax.s4c import choose_tree
@@ -105,11 +105,6 @@ def _target_pass(target: Qwen3, tokens: jax.Array):
     return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(jax.nn.log_softmax(logits, axis=-1))
 
 
-def _shift(x: jax.Array, i: int) -> jax.Array:
-    """``x[:, t + i]`` at position t (zero-padded past the end)."""
-    return jnp.pad(x[:, i:], ((0, 0), (0, i)) + ((0, 0),) * (x.ndim - 2))
-
-
 def _valid(prompt_lens, lengths, t: int, i: int) -> jax.Array:
     """[B, T] positions where head i (1-based) is trained: h_t of the continuation's context
     (t >= P-1) whose label position t+i is a real token (t + i <= length - 1)."""
@@ -123,7 +118,7 @@ def head_losses(trainer: HeadsTrainer, tokens, prompt_lens, lengths):
     hidden, logp_t = _target_pass(trainer.target, tokens)
     losses, accs, kls = [], [], []
     for i, logits in enumerate(trainer.heads.unroll(trainer.target, hidden, tokens), start=1):
-        want = _shift(logp_t, i)  # [B, T, V] the target's distribution at position t+i
+        want = shift_left(logp_t, i)  # [B, T, V] the target's distribution at position t+i
         mask = _valid(prompt_lens, lengths, tokens.shape[1], i).astype(jnp.float32)
         n = jnp.maximum(jnp.sum(mask), 1.0)
         p = jnp.exp(want)
@@ -143,7 +138,7 @@ def rank_counts(trainer: HeadsTrainer, tokens, prompt_lens, lengths) -> jax.Arra
     hidden, logp_t = _target_pass(trainer.target, tokens)
     out = []
     for i, logits in enumerate(trainer.heads.unroll(trainer.target, hidden, tokens), start=1):
-        label = jnp.argmax(_shift(logp_t, i), axis=-1)  # [B, T]
+        label = jnp.argmax(shift_left(logp_t, i), axis=-1)  # [B, T]
         mine = jnp.take_along_axis(logits, label[..., None], axis=-1)
         rank = jnp.minimum(jnp.sum(logits > mine, axis=-1), MAX_RANK)  # [B, T]
         valid = _valid(prompt_lens, lengths, tokens.shape[1], i)

@@ -184,8 +184,8 @@ class S4CDrafter:
     def with_draft_length(self, k: int) -> "S4CDrafter":
         """The heads' stored tree cut to depth <= ``k`` (as many head nodes, where it has them):
         ``--speculation K`` of the server."""
-        usable = sum(1 for p in self.heads.meta["tree"]["paths"] if len(p) <= k) if k >= 1 else 1
-        return make_s4c_drafter(self.heads, num_draft=k, tree_nodes=min(self.tree.num_nodes, usable),
+        nodes = min(self.tree.num_nodes, self.heads.usable_nodes(k))
+        return make_s4c_drafter(self.heads, num_draft=k, tree_nodes=nodes,
                                 num_candidates=self.num_candidates, ngram_min=self.ngram_min,
                                 ngram_max=self.ngram_max, ngram_prefer=self.prefer)
 
@@ -242,7 +242,7 @@ def make_s4c_drafter(heads: LoadedHeads, *, num_draft: int = 5, tree_nodes: int 
     tree = heads.meta["tree"]
     ranked = tree["paths"]
     n = tree.get("default_nodes", len(ranked)) if tree_nodes is None else tree_nodes
-    usable = sum(1 for p in ranked if len(p) <= num_draft)
+    usable = heads.usable_nodes(num_draft)
     n = min(n, usable) if tree_nodes is None else n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= usable:
         raise ValueError(f"tree_nodes must be an integer in [1, {usable}] for these heads and "

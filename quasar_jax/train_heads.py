@@ -166,7 +166,7 @@ def run(args, given: set[str]) -> int:
     from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
 
     check_args(args, given)
-    mesh = sharding.start(args)
+    mesh = sharding.start(args, PROG)
     if mesh is not None and args.batch_size % int(mesh.shape["data"]):
         raise InputError(f"--batch-size {args.batch_size} must be a multiple of the mesh's data axis "
                          f"({int(mesh.shape['data'])})")
