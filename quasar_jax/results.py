@@ -60,6 +60,13 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, log p), most likely first
 
 
+def token_logprobs(token, ids, top, positions, n: int) -> list[TokenLogprob]:
+    """``TokenLogprob`` at ``positions`` of one row's ``logits.Logprobs`` fields (``token [T]``,
+    ``ids``, ``top [T, NL]``), with ``n`` alternatives."""
+    token, ids, top = np.asarray(token), np.asarray(ids), np.asarray(top)
+    return [TokenLogprob(float(token[j]), list(zip(ids[j, :n].tolist(), top[j, :n].tolist()))) for j in positions]
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """Generated ids per row (prompt excluded) and statistics; ``logprobs[i]``: one
@@ -90,9 +97,8 @@ def result_of(final, lens: list[int], wall: float, compile_s: float, s: int,
                        compile_s=compile_s, cache_len=s, num_draft=k)
     rows_lp = None
     if logprobs is not None and any(n is not None for n in logprobs):
-        lp, ids, top = (np.asarray(x) for x in (final.logprobs.token, final.logprobs.top_ids, final.logprobs.top))
-        rows_lp = [None if n is None else [TokenLogprob(float(lp[i, j]), list(zip(ids[i, j, :n].tolist(),
-                                                                                   top[i, j, :n].tolist())))
-                                           for j in range(lens[i], lengths[i])]
+        lp = final.logprobs
+        rows_lp = [None if n is None else token_logprobs(lp.token[i], lp.top_ids[i], lp.top[i],
+                                                         range(lens[i], lengths[i]), n)
                    for i, n in enumerate(logprobs)]
     return GenerationResult(tokens=tokens, stats=stats, batch_stats=batch, logprobs=rows_lp)

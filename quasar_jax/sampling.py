@@ -150,6 +150,11 @@ class RowSampling:
 
     @classmethod
     def of(cls, rows: Sequence[SamplingParams]) -> "RowSampling":
+        return jax.tree.map(jnp.asarray, cls.host(rows))
+
+    @classmethod
+    def host(cls, rows: Sequence[SamplingParams]) -> "RowSampling":
+        """The same settings as NumPy arrays (what a host sends once per admission)."""
         b = len(rows)
         bias_ids = np.full((b, MAX_LOGIT_BIAS), -1, np.int32)
         bias_values = np.zeros((b, MAX_LOGIT_BIAS), np.float32)
@@ -158,16 +163,15 @@ class RowSampling:
                 bias_ids[i, j], bias_values[i, j] = tok, value
 
         def col(name, dtype):
-            return jnp.asarray(np.array([getattr(r, name) for r in rows], dtype))
+            return np.array([getattr(r, name) for r in rows], dtype)
 
         return cls(temperature=col("temperature", np.float32), top_k=col("top_k", np.int32),
                    top_p=col("top_p", np.float32), min_p=col("min_p", np.float32),
                    presence_penalty=col("presence_penalty", np.float32),
                    frequency_penalty=col("frequency_penalty", np.float32),
                    repetition_penalty=col("repetition_penalty", np.float32),
-                   min_tokens=col("min_tokens", np.int32), bias_ids=jnp.asarray(bias_ids),
-                   bias_values=jnp.asarray(bias_values),
-                   logprobs=jnp.asarray([-1 if r.logprobs is None else r.logprobs for r in rows], jnp.int32))
+                   min_tokens=col("min_tokens", np.int32), bias_ids=bias_ids, bias_values=bias_values,
+                   logprobs=np.array([-1 if r.logprobs is None else r.logprobs for r in rows], np.int32))
 
     @classmethod
     def abstract(cls, b: int) -> "RowSampling":

@@ -76,15 +76,13 @@ def prompts_of(args, tokenizer, n: int) -> list[str]:
 def _device_run(engine, ids: list[list[int]], max_tokens: int, extra: dict) -> dict:
     """Fill every slot with one prompt, run chunks until all are done; time the chunks only."""
     from quasar_jax.sampling import SamplingParams
-    from quasar_jax.serving.slots import prefill_pieces
+    from quasar_jax.serving.slots import stage_prompt
 
     engine.reset()
     sampling = SamplingParams(**extra)
     for slot in range(engine.b):
         prompt = ids[slot % len(ids)]
-        engine.begin(prompt)
-        for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
-            engine.prefill(start, size)
+        stage_prompt(engine, prompt)
         engine.admit(slot, engine.row_inputs(max_tokens, (), sampling), engine.key_data(sampling, 0))
     wall, tokens = 0.0, 0
     while True:

@@ -246,7 +246,7 @@ def test_serving_slots_with_s4c_equal_autoregressive(engine, heads, ar_tokens):
     """Slots with ``--speculation auto``'s options for S4C (K = 0, the n-gram chain, the heads'
     tree) over ONE slot state, the program switched every chunk: prefill pieces supply the hidden
     state of P-2, admit stores it, every program keeps it current."""
-    from quasar_jax.serving.slots import SlotEngine, prefill_pieces
+    from quasar_jax.serving.slots import SlotEngine, stage_prompt
     from quasar_jax.serving.speculation import draft_options
 
     options = draft_options(make_drafter("s4c", heads=heads, num_draft=3), "auto")
@@ -255,9 +255,7 @@ def test_serving_slots_with_s4c_equal_autoregressive(engine, heads, ar_tokens):
     outs = {}
     for slot, i in enumerate((0, 3)):  # prompts of 13 and 17 tokens: P-2 in the last 4- or 8-piece
         prompt = PROMPTS[i]
-        slots.begin(prompt)
-        for start, size in prefill_pieces(len(prompt) - 1, slots.buckets):
-            slots.prefill(start, size)
+        stage_prompt(slots, prompt)
         slots.admit(slot, slots.row_inputs(24, (), SamplingParams()), slots.key_data(SamplingParams(), 0))
         outs[slot] = []
     for chunk in itertools.count():

@@ -22,7 +22,7 @@ from quasar_jax.loading import load_model
 from quasar_jax.sampling import RowSampling, SamplingParams
 from quasar_jax.serving import lockstep
 from quasar_jax.serving.scheduler import Request, Scheduler
-from quasar_jax.serving.slots import SlotEngine, prefill_pieces
+from quasar_jax.serving.slots import SlotEngine, stage_prompt
 from quasar_jax.serving.speculation import (AdaptivePolicy, FixedPolicy, acceptance_evidence, alpha_of,
                                             draft_options, expected_tokens, make_policy)
 
@@ -108,9 +108,7 @@ def test_free_slots_never_change_a_live_row(model, offline):
                                        prompt_ids=jnp.ones_like(st.loop.prompt_ids))
             engine.state = dataclasses.replace(st, loop=loop, rows=rows, max_new=jnp.array([-3, 1, 10**6, 1]))
         for slot, (prompt, params) in ((1, (PROMPTS[0], greedy)), (3, (PROMPTS[1], sampled))):
-            engine.begin(prompt)
-            for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
-                engine.prefill(start, size)
+            stage_prompt(engine, prompt)
             engine.admit(slot, engine.row_inputs(20, (), params), engine.key_data(params, 0))
         out = {1: [], 3: []}
         for _ in range(40):

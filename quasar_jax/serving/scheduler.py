@@ -40,10 +40,9 @@ import time
 import traceback
 from typing import Callable
 
-import jax
 import numpy as np
 
-from quasar_jax.results import FINISH_CODES, TokenLogprob
+from quasar_jax.results import FINISH_CODES, TokenLogprob, token_logprobs
 from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
@@ -277,8 +276,9 @@ class Scheduler:
                 start, size = st.pieces.pop(0)
                 lp = eng.prefill(start, size, logprobs=st.echo is not None)
                 if st.echo is not None:
-                    st.echo.extend(_logprobs(lp, range(min(size, len(st.req.prompt) - 1 - start)),
-                                             st.req.prompt_logprobs))
+                    st.echo.extend(token_logprobs(lp.token, lp.top_ids, lp.top,
+                                                  range(min(size, len(st.req.prompt) - 1 - start)),
+                                                  st.req.prompt_logprobs))
                 spent += size
             if st.pieces:
                 return  # budget spent: continue next iteration, after a decode chunk
@@ -292,10 +292,10 @@ class Scheduler:
                     self._staging = None
                     self._end_choices(req, "length")
                     continue
+            row = eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling)  # the same for every choice
             while st.next_choice < req.n and len(self._owner) < eng.b:
                 slot = next(s for s in range(eng.b) if s not in self._owner)
-                eng.admit(slot, eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling),
-                          eng.key_data(req.sampling, req.seed, st.next_choice))
+                eng.admit(slot, row, eng.key_data(req.sampling, req.seed, st.next_choice))
                 self._owner[slot] = (req, st.next_choice)
                 st.next_choice += 1
             self.metrics.slots_busy.set(len(self._owner))
@@ -334,7 +334,9 @@ class Scheduler:
                 req.generated += n
                 lps = None
                 if req.sampling.logprobs is not None:
-                    lps = _logprobs(jax.tree.map(lambda x: x[slot], res.logprobs), range(n), req.sampling.logprobs)
+                    lp = res.logprobs
+                    lps = token_logprobs(lp.token[slot], lp.top_ids[slot], lp.top[slot], range(n),
+                                         req.sampling.logprobs)
                 self._deliver(req, Tokens(groups, index, lps))
             if res.done[slot]:
                 reason = FINISH_CODES[int(res.finish[slot])].value
@@ -393,8 +395,3 @@ class Scheduler:
                 self._deliver(req, Failed(message))
 
 
-def _logprobs(lp, positions, n: int) -> list[TokenLogprob]:
-    """Host ``TokenLogprob`` of one row's ``lp`` (``Logprobs`` fields ``[T]``, ``[T, NL]``) at
-    ``positions``, with ``n`` alternatives."""
-    token, ids, top = np.asarray(lp.token), np.asarray(lp.top_ids), np.asarray(lp.top)
-    return [TokenLogprob(float(token[j]), list(zip(ids[j, :n].tolist(), top[j, :n].tolist()))) for j in positions]

@@ -118,6 +118,14 @@ def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     return pieces
 
 
+def stage_prompt(engine, prompt) -> None:
+    """``begin(prompt)`` then every prefill piece: the prompt staged whole, ready to ``admit``.
+    A function, not a method, so that a ``lockstep.Leader`` records each op it calls."""
+    engine.begin(prompt)
+    for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
+        engine.prefill(start, size)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Staging:
@@ -175,11 +183,6 @@ class SlotEngine:
         self._staged: list[int] = []  # the prompt being admitted (begin / extend)
         self._staging: Staging | None = None  # its one-row cache (and hidden state)
         self._build()
-
-    @property
-    def drafter(self) -> Drafter:
-        """The drafter of the largest K (the one given when there is one)."""
-        return self.drafters[self.ks.index(self.k)]
 
     # ------------------------------------------------------------------ programs
     def _build(self):
@@ -301,10 +304,6 @@ class SlotEngine:
         self.state = self._empty()
         self.key_data(SamplingParams(), 0, index=1)  # compile the host-side key helpers now, not at the first request
 
-    @property
-    def num_programs(self) -> int:
-        return len(self._prefill) + len(self._chunk) + 4
-
     def _put(self, tree):
         """Host values -> device arguments (replicated global arrays on a mesh)."""
         if self.mesh is None:
@@ -351,9 +350,9 @@ class SlotEngine:
         """Run chunk program ``program`` (index into ``drafters``); ``logprobs``: also fetch the
         appended tokens' logprobs (when a request asked; the same on every process)."""
         self.state, out, lp = self._chunk[program](self._params[program], self.state)
-        tokens, appended, emits, done, finish, new_tokens, steps, iters = sharding.fetch(out)
-        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters),
-                           sharding.fetch(lp) if logprobs else None)
+        out, lp = sharding.fetch((out, lp if logprobs else None))
+        tokens, appended, emits, done, finish, new_tokens, steps, iters = out
+        return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters), lp)
 
     def finish(self, mask: np.ndarray) -> None:
         """Mark the rows of ``mask [B]`` done (finish reason stop)."""
@@ -380,7 +379,7 @@ class SlotEngine:
             raise ValueError(f"{len(stop_ids)} stop ids; this slot engine holds {self.ns}")
         stop = np.full((self.ns,), -1, np.int32)
         stop[:len(stop_ids)] = stop_ids
-        rows = jax.tree.map(lambda x: np.asarray(x)[0], RowSampling.of([sampling]))
+        rows = jax.tree.map(lambda x: x[0], RowSampling.host([sampling]))
         return {"max_new": np.int32(max_new), "stop": stop, "rows": rows}
 
     @staticmethod

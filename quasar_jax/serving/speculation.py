@@ -57,7 +57,7 @@ import numpy as np
 from quasar_jax.cli import parse_speculation
 from quasar_jax.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, is_tree_drafter
 from quasar_jax.sampling import SamplingParams
-from quasar_jax.serving.slots import prefill_pieces
+from quasar_jax.serving.slots import stage_prompt
 
 AUTO = "auto"
 __all__ = ["AUTO", "AdaptivePolicy", "FixedPolicy", "acceptance_evidence", "calibrate", "draft_options",
@@ -243,9 +243,7 @@ def calibrate(engine, busy_counts: Sequence[int] | None = None) -> list[tuple[fl
         times = []
         for busy in counts:
             engine.reset()
-            engine.begin(prompt)
-            for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
-                engine.prefill(start, size)
+            stage_prompt(engine, prompt)
             for slot in range(busy):
                 engine.admit(slot, row, key)
             engine.chunk(p)  # the first tokens: returns after one step (and warms the program)

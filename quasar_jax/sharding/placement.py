@@ -128,10 +128,10 @@ def fetch(tree):
               and not x.sharding.is_fully_replicated]
     if remote:
         tree = _replicator(remote[0].sharding.mesh)(tree)
-    return jax.tree.map(_local, tree)
+    return jax.device_get(jax.tree.map(_local, tree))  # one transfer for all leaves
 
 
-def _local(x) -> np.ndarray:
+def _local(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:  # replicated: any local copy
-        return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
+        return x.addressable_data(0)
+    return x
