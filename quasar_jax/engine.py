@@ -313,7 +313,7 @@ class Engine:
         if self.mesh is not None:
             sharding.place_model(model, self.mesh)  # the model now refers to the sharded arrays
         self.graphdef, self.params = nnx.split(model)
-        self._compiled: dict = {}  # key -> (program, its params: the drafter's placed once)
+        self._compiled, self._program_params = {}, {}  # key -> program, its params (the drafter's placed once)
         self.quantized = is_quantized(model)
         self._stream_target: Callable | None = None  # the current call's stream callback
         self._stream_rows: int | None = None  # and its number of rows
@@ -340,7 +340,7 @@ class Engine:
                  s: int, n_stop: int, stream: bool, spec: LogitsSpec = LogitsSpec()):
         key = (drafter, sampler, verifier, b, p, s, n_stop, stream, spec)
         if key in self._compiled:
-            return *self._compiled[key], 0.0
+            return self._compiled[key], self._program_params[key], 0.0
         if callable(getattr(drafter, "check_model", None)):
             drafter.check_model(self.model)  # e.g. S4C heads trained for another model
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
@@ -357,7 +357,7 @@ class Engine:
         t0 = time.perf_counter()
         compiled = jitted.lower(params, *inputs[:2], s, *inputs[2:]).compile()
         compile_s = time.perf_counter() - t0
-        self._compiled[key] = compiled, params
+        self._compiled[key], self._program_params[key] = compiled, params
         return compiled, params, compile_s
 
     def _check_prompts(self, prompts, cfg: GenerationConfig) -> list[int]:
