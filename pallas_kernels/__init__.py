@@ -5,14 +5,12 @@ docs/CONVENTIONS.md).
   Pallas Mosaic (TPU) or Pallas Triton (GPU) kernel, or the XLA reference.
 * :func:`int8_matmul_reference` - pure-JAX reference.
 * :func:`quantize_rows` - dynamic per-row symmetric int8 quantisation.
-* :func:`round_up` - the smallest multiple of k that is >= n.
 """
 
 from pallas_kernels.int8_matmul import BlockSizes
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.int8_matmul import int8_matmul_reference
 from pallas_kernels.int8_matmul import quantize_rows
-from pallas_kernels.int8_matmul import round_up
 
 __all__ = ["BlockSizes", "int8_matmul", "int8_matmul_reference",
-           "quantize_rows", "round_up"]
+           "quantize_rows"]

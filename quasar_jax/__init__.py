@@ -20,24 +20,22 @@ import warnings as _warnings
 
 _warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"aqt(\..*)?")
 
-_EXPORTS = {
-    "Qwen3Config": "quasar_jax.config",
-    "Drafter": "quasar_jax.drafters", "DrafterKind": "quasar_jax.drafters",
-    "NGramDrafter": "quasar_jax.drafters", "NoDrafter": "quasar_jax.drafters",
-    "QSpecDrafter": "quasar_jax.drafters",
-    "Engine": "quasar_jax.engine", "GenerationConfig": "quasar_jax.engine", "generate": "quasar_jax.engine",
-    "BatchStats": "quasar_jax.results", "FinishReason": "quasar_jax.results",
-    "GenerationResult": "quasar_jax.results", "RowStats": "quasar_jax.results",
-    "InputError": "quasar_jax.errors",
-    "KVCache": "quasar_jax.kv_cache",
-    "DraftHeads": "quasar_jax.heads", "load_heads": "quasar_jax.heads", "S4CDrafter": "quasar_jax.s4c",
-    "load": "quasar_jax.loading", "load_model": "quasar_jax.loading", "load_tokenizer": "quasar_jax.loading",
-    "save_pretrained": "quasar_jax.loading",
-    "Qwen3": "quasar_jax.model", "forward": "quasar_jax.model",
-    "Backend": "quasar_jax.modes", "QuantMode": "quasar_jax.modes",
-    "SamplingParams": "quasar_jax.sampling",
-    "make_mesh": "quasar_jax.sharding", "memory_plan": "quasar_jax.sharding",
+_MODULES = {  # public name -> the module that defines it
+    "quasar_jax.model.config": ("Qwen3Config",),
+    "quasar_jax.model.qwen3": ("Qwen3", "forward"),
+    "quasar_jax.model.kv_cache": ("KVCache",),
+    "quasar_jax.model.modes": ("Backend", "QuantMode"),
+    "quasar_jax.weights.loading": ("load", "load_model", "load_tokenizer", "save_pretrained"),
+    "quasar_jax.sharding": ("make_mesh", "memory_plan"),
+    "quasar_jax.speculative.drafters": ("Drafter", "DrafterKind", "NGramDrafter", "NoDrafter", "QSpecDrafter"),
+    "quasar_jax.speculative.heads": ("DraftHeads", "load_heads"),
+    "quasar_jax.speculative.s4c": ("S4CDrafter",),
+    "quasar_jax.speculative.sampling": ("SamplingParams",),
+    "quasar_jax.speculative.engine": ("Engine", "GenerationConfig", "generate"),
+    "quasar_jax.speculative.results": ("BatchStats", "FinishReason", "GenerationResult", "RowStats"),
+    "quasar_jax.cli.errors": ("InputError",),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -15,8 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-from quasar_jax.cli import (DTYPES, OneLineParser, run_command)
-from quasar_jax.errors import InputError
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.flags import DTYPES
+from quasar_jax.cli.runner import OneLineParser, run_command
 
 PROG = "python -m quasar_jax.convert"
 
@@ -36,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args, given: set[str]) -> int:
     # The model code (and JAX) load here, after the arguments and paths are known to be valid.
-    from quasar_jax.checkpoint import converted_meta, is_converted_dir, save_converted
-    from quasar_jax.config import Qwen3Config
-    from quasar_jax.loading import load_model, resolve_model_dir
-    from quasar_jax.outputs import check_output_dir
+    from quasar_jax.cli.outputs import check_output_dir
+    from quasar_jax.model.config import Qwen3Config
+    from quasar_jax.weights.checkpoint import converted_meta, is_converted_dir, save_converted
+    from quasar_jax.weights.loading import load_model, resolve_model_dir
 
     if "--quantize-lm-head" in given and args.quantize != "int8":
         raise InputError("--quantize-lm-head applies only with --quantize int8")

@@ -14,13 +14,14 @@ import dataclasses
 import json
 import sys
 
-from quasar_jax.cli import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
-                            add_prompt_flags, add_sampling_flags, add_verifier_flag, check_drafter_flags,
-                            generation_kwargs, OneLineParser, positive_int, run_command, StatusLine)
-from quasar_jax.errors import InputError
-from quasar_jax.mesh_flags import add_mesh_flags
-from quasar_jax.prompts import Prompt, check_prompt, decode_text, read_prompt_file
-from quasar_jax.text_stream import TextStream
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
+                                  add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
+                                  check_drafter_flags, generation_kwargs, positive_int)
+from quasar_jax.cli.mesh_flags import add_mesh_flags
+from quasar_jax.cli.prompts import Prompt, check_prompt, decode_text, read_prompt_file
+from quasar_jax.cli.runner import OneLineParser, run_command, StatusLine
+from quasar_jax.cli.text_stream import TextStream
 
 PROG = "python -m quasar_jax.decode"
 
@@ -102,13 +103,15 @@ def run(args, given: set[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from quasar_jax import compile_cache, sharding
-    from quasar_jax.checkpoint import default_verifier
-    from quasar_jax.config import Qwen3Config
-    from quasar_jax.engine import Engine, GenerationConfig
-    from quasar_jax.heads import resolve_heads
-    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-    from quasar_jax.prompts import encode, stop_ids_of
+    from quasar_jax.cli import compile_cache
+
+    from quasar_jax import sharding
+    from quasar_jax.cli.prompts import encode, stop_ids_of
+    from quasar_jax.model.config import Qwen3Config
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
+    from quasar_jax.speculative.heads import resolve_heads
+    from quasar_jax.weights.checkpoint import default_verifier
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
     mesh = sharding.start(args, PROG)  # jax.distributed when asked for; stdout on process 0 only
     check_flags(args, given)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from quasar_jax.cli import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_model_flags,
-                            add_verifier_flag, argparse_type, check_drafter_flags, float_in, OneLineParser,
-                            parse_speculation, positive_int, run_command)
-from quasar_jax.mesh_flags import add_mesh_flags
+from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
+                                  add_model_flags, add_verifier_flag, argparse_type, check_drafter_flags,
+                                  float_in, parse_speculation, positive_int)
+from quasar_jax.cli.mesh_flags import add_mesh_flags
+from quasar_jax.cli.runner import OneLineParser, run_command
 
 PROG = "python -m quasar_jax.serve"
 
@@ -61,15 +62,17 @@ def run(args, given: set[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from quasar_jax import compile_cache, sharding
-    from quasar_jax.checkpoint import default_verifier
-    from quasar_jax.config import Qwen3Config
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.heads import resolve_heads
-    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.cli import compile_cache
+
+    from quasar_jax import sharding
+    from quasar_jax.cli.prompts import stop_ids_of
+    from quasar_jax.model.config import Qwen3Config
     from quasar_jax.serving import lockstep
     from quasar_jax.serving.server import ServeConfig, build, make_engine, serve_forever
+    from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.speculative.heads import resolve_heads
+    from quasar_jax.weights.checkpoint import default_verifier
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")

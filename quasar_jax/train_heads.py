@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from quasar_jax.cli import (DTYPES, float_in, int_at_least, non_negative_int, OneLineParser, positive_int,
-                            run_command)
-from quasar_jax import corpus
-from quasar_jax.errors import InputError
-from quasar_jax.mesh_flags import add_mesh_flags
-from quasar_jax.outputs import check_output_dir, staged_dir, write_text_atomic
-from quasar_jax.prompts import Prompt, check_prompt, encode, read_prompt_file, read_text_file, stop_ids_of
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.flags import DTYPES, float_in, int_at_least, non_negative_int, positive_int
+from quasar_jax.cli.mesh_flags import add_mesh_flags
+from quasar_jax.cli.outputs import check_output_dir, staged_dir, write_text_atomic
+from quasar_jax.cli.prompts import Prompt, check_prompt, encode, read_prompt_file, read_text_file, stop_ids_of
+from quasar_jax.cli.runner import OneLineParser, run_command
+from quasar_jax.training import corpus
 
 PROG = "python -m quasar_jax.train_heads"
 RUN_FILE = "run.json"  # the settings of the run in DIR (resume checks them)
@@ -158,12 +158,12 @@ def run(args, given: set[str]) -> int:
     from tqdm import tqdm
 
     from quasar_jax import sharding
-    from quasar_jax.engine import Engine
-    from quasar_jax.heads import DraftHeads, heads_meta, write_heads
-    from quasar_jax.heads_training import (Checkpoints, HeadsData, HeadsTrainer, TrainSettings, acceptance,
+    from quasar_jax.speculative.engine import Engine
+    from quasar_jax.speculative.heads import DraftHeads, heads_meta, write_heads
+    from quasar_jax.training.trainer import (Checkpoints, HeadsData, HeadsTrainer, TrainSettings, acceptance,
                                            batch_rows, generate_data, optimizer, place, plot_curve, put_batch,
                                            train_step, tree_meta)
-    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
     check_args(args, given)
     mesh = sharding.start(args, PROG)

@@ -63,7 +63,7 @@ def parse_args(argv=None):
 
 
 def prompts_of(args, tokenizer, n: int) -> list[str]:
-    from quasar_jax.prompts import load_questions
+    from quasar_jax.cli.prompts import load_questions
 
     out = []
     for q in load_questions(args.questions):
@@ -75,8 +75,8 @@ def prompts_of(args, tokenizer, n: int) -> list[str]:
 # ----------------------------------------------------------------------------- 1. throughput
 def _device_run(engine, ids: list[list[int]], max_tokens: int, extra: dict) -> dict:
     """Fill every slot with one prompt, run chunks until all are done; time the chunks only."""
-    from quasar_jax.sampling import SamplingParams
     from quasar_jax.serving.slots import stage_prompt
+    from quasar_jax.speculative.sampling import SamplingParams
 
     engine.reset()
     sampling = SamplingParams(**extra)
@@ -122,12 +122,12 @@ async def _load(url: str, prompts: list[str], max_tokens: int, extra: dict) -> t
 
 
 def throughput(args, model, tokenizer, stop_ids) -> dict:
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.logits import LogitsSpec
     from quasar_jax.serving.api import Api, create_app
     from quasar_jax.serving.scheduler import Scheduler
     from quasar_jax.serving.server import ServerThread
     from quasar_jax.serving.slots import SERVING_SPEC, SlotEngine
+    from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.speculative.logits import LogitsSpec
 
     prompts = prompts_of(args, tokenizer, args.num_requests)
     engines, compile_s = {}, {}
@@ -175,9 +175,9 @@ def agreement(args, model, tokenizer, stop_ids) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import resolve_model_dir
     from quasar_jax.serving.server import ServeConfig, ServerThread, build
+    from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.weights.loading import resolve_model_dir
 
     hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir("demo"), dtype=torch.float32).eval()
     cfg = ServeConfig(drafter=make_drafter("ngram", num_draft=args.num_draft), slots=4, max_len=args.max_len)
@@ -210,7 +210,7 @@ def agreement(args, model, tokenizer, stop_ids) -> dict:
 # ----------------------------------------------------------------------------- 3. penalties
 def penalties_equality(args, model, tokenizer) -> dict:
     import quasar_jax as qj
-    from quasar_jax.sampling import SamplingParams
+    from quasar_jax.speculative.sampling import SamplingParams
 
     engine = qj.Engine(model)
     ids = [tokenizer(p)["input_ids"] for p in prompts_of(args, tokenizer, args.num_prompts)]
@@ -233,8 +233,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import quasar_jax as qj
     from quasar_jax.bench.report import loadavg, machine_info
-    from quasar_jax.loading import resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.cli.prompts import stop_ids_of
+    from quasar_jax.weights.loading import resolve_model_dir
 
     model, tokenizer = qj.load("demo", dtype=jnp.float32)
     stop_ids = stop_ids_of(tokenizer, resolve_model_dir("demo"))

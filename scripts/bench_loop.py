@@ -1,6 +1,6 @@
 """Cost of the on-device loop: one ``lax.while_loop`` vs a Python loop driving a jitted step.
 
-Both run the same step function (``quasar_jax.engine.make_program``) on the same prompt; the
+Both run the same step function (``quasar_jax.speculative.engine.make_program``) on the same prompt; the
 Python loop must read ``done`` back to the host after every step to know when to stop, which is
 what the one-loop design avoids. Also reports tau and tokens/s of n-gram speculative decoding vs
 autoregressive decoding on a repetitive prompt, measured side by side in this process.
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from quasar_jax.bench.report import machine_info
-from quasar_jax.engine import Engine, GenerationConfig, make_program
-from quasar_jax.loading import load_model, load_tokenizer
-from quasar_jax.sampling import RowSampling, row_keys, sampler_for
+from quasar_jax.speculative.engine import Engine, GenerationConfig, make_program
+from quasar_jax.speculative.sampling import RowSampling, row_keys, sampler_for
+from quasar_jax.weights.loading import load_model, load_tokenizer
 
 REPETITIVE = '''def add(a, b):
     """Return a + b."""

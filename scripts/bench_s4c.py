@@ -27,13 +27,13 @@ import numpy as np
 from flax import nnx
 
 from bench_tree import run_mode
-from pallas_kernels import round_up
 from quasar_jax.bench.report import machine_info
-from quasar_jax.engine import GenerationConfig
-from quasar_jax.heads import resolve_heads
-from quasar_jax.loading import load, load_model, resolve_model_dir
-from quasar_jax.prompts import encode, load_questions
-from quasar_jax.s4c import grow_tree
+from quasar_jax.cli.prompts import encode, load_questions
+from quasar_jax.speculative.buckets import round_up
+from quasar_jax.speculative.engine import GenerationConfig
+from quasar_jax.speculative.heads import resolve_heads
+from quasar_jax.speculative.s4c import grow_tree
+from quasar_jax.weights.loading import load, load_model, resolve_model_dir
 
 REFERENCE = {"float": "ar", "int8": "ar-int8"}
 

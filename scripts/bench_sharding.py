@@ -40,7 +40,7 @@ def parse_args(argv=None):
 
 
 def bench_config():
-    from quasar_jax.config import Qwen3Config
+    from quasar_jax.model.config import Qwen3Config
 
     return Qwen3Config(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=8, head_dim=64, intermediate_size=1536,
@@ -53,8 +53,8 @@ def random_model(cfg, int8: bool):
     import jax.numpy as jnp
     from flax import nnx
 
-    from quasar_jax.model import Qwen3
-    from quasar_jax.quant import quantize_model
+    from quasar_jax.model.quant import quantize_model
+    from quasar_jax.model.qwen3 import Qwen3
 
     model = Qwen3(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     _, state = nnx.split(model)
@@ -84,7 +84,7 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
 def bench_meshes(args) -> list[dict]:
     import jax
 
-    from quasar_jax.engine import Engine, GenerationConfig
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
 
     cfg = bench_config()
     batch = prompts(args.batch, cfg.vocab_size)
@@ -115,7 +115,7 @@ def bench_meshes(args) -> list[dict]:
 
 
 def plan_rows() -> list[dict]:
-    from quasar_jax.config import Qwen3Config
+    from quasar_jax.model.config import Qwen3Config
     from quasar_jax.sharding import memory_plan
 
     rows = []

@@ -47,12 +47,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from quasar_jax.config import Qwen3Config  # noqa: E402
-from quasar_jax.kv_cache import KVCache  # noqa: E402
-from quasar_jax.model import abstract_model  # noqa: E402
-from quasar_jax.modes import QuantMode  # noqa: E402
-from quasar_jax import quant  # noqa: E402
 from quasar_jax.bench.report import machine_info  # noqa: E402
+from quasar_jax.model import quant  # noqa: E402
+from quasar_jax.model.config import Qwen3Config  # noqa: E402
+from quasar_jax.model.kv_cache import KVCache  # noqa: E402
+from quasar_jax.model.modes import QuantMode  # noqa: E402
+from quasar_jax.model.qwen3 import abstract_model  # noqa: E402
 
 # Nominal peak memory bandwidth in GB/s by device kind substring (same figures as
 # scripts/bench_kernels.py).

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import round_up
 from quasar_jax.bench.report import machine_info
-from quasar_jax.engine import GenerationConfig, make_program
-from quasar_jax.features import program_params
-from quasar_jax.loading import load
-from quasar_jax.prompts import encode, load_questions
-from quasar_jax.sampling import RowSampling, row_keys, sampler_for
+from quasar_jax.cli.prompts import encode, load_questions
+from quasar_jax.speculative.buckets import round_up
+from quasar_jax.speculative.engine import GenerationConfig, make_program
+from quasar_jax.speculative.features import program_params
+from quasar_jax.speculative.sampling import RowSampling, row_keys, sampler_for
+from quasar_jax.weights.loading import load
 
 
 def mode_configs(k: int, trees: list[str], max_new: int) -> dict[str, GenerationConfig]:

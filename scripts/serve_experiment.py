@@ -89,7 +89,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- workload
 def make_requests(args, tokenizer) -> list[dict]:
-    from quasar_jax.prompts import load_questions
+    from quasar_jax.cli.prompts import load_questions
 
     rng = random.Random(args.seed)
     questions = load_questions(args.questions)
@@ -209,7 +209,7 @@ def pad_query_heads(model, heads: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from quasar_jax.model import Qwen3
+    from quasar_jax.model.qwen3 import Qwen3
 
     cfg = model.config
     h, g, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -232,16 +232,16 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
     import jax.numpy as jnp
 
     from quasar_jax import sharding
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import load_model
     from quasar_jax.serving.server import ServeConfig, ServerThread, build
+    from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.weights.loading import load_model
 
     drafter_name, verifier, speculation = MODES[mode]
     drafter = make_drafter(drafter_name, num_draft=args.num_draft)
     speculation = {"off": 0, "fixed": args.num_draft}.get(speculation, speculation)
     mesh_obj = sharding.make_mesh(mesh)
     if args.pad_heads:
-        from quasar_jax.quant import quantize_model
+        from quasar_jax.model.quant import quantize_model
 
         model = pad_query_heads(load_model(model_dir, dtype=jnp.float32), args.pad_heads)
         model = quantize_model(model) if verifier != "float" else model  # placed on the mesh by the server
@@ -414,8 +414,8 @@ def main(argv=None) -> int:
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(ROOT))
-    from quasar_jax.loading import load_tokenizer, resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.cli.prompts import stop_ids_of
+    from quasar_jax.weights.loading import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)

@@ -13,13 +13,13 @@ Tokenizer: byte-level BPE (``tokenizers``) with Qwen2's pre-tokenisation regex, 
 training files only; special tokens ``<|endoftext|>`` (eos and pad), ``<|im_start|>``,
 ``<|im_end|>``; wrapped in ``transformers.PreTrainedTokenizerFast`` with a Qwen-style chat template.
 
-Model: ``quasar_jax.model.Qwen3`` (tied embeddings, GQA), trained in float32 with AdamW, linear
+Model: ``quasar_jax.model.qwen3.Qwen3`` (tied embeddings, GQA), trained in float32 with AdamW, linear
 warm-up then cosine decay, global-norm clipping, on ``--seq-len`` windows drawn at seeded random
 offsets from the packed training stream (files joined by ``<|endoftext|>``). The forward pass is
 the model's own: each step builds a fresh ``model.init_cache(B, T)`` so the cache-based attention
 reduces to plain causal attention.
 
-Output (``--out``): the Hugging Face directory written by ``quasar_jax.loading.save_pretrained``
+Output (``--out``): the Hugging Face directory written by ``quasar_jax.weights.loading.save_pretrained``
 (bfloat16 weights, ``generation_config.json``), the tokenizer files and ``training_log.json``.
 
 Examples::
@@ -53,10 +53,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from quasar_jax.config import Qwen3Config  # noqa: E402
-from quasar_jax.corpus import EXCLUDED_DIRS, list_corpus, read_texts  # noqa: E402
-from quasar_jax.loading import load_model, save_pretrained  # noqa: E402
-from quasar_jax.model import Qwen3, count_params  # noqa: E402
+from quasar_jax.model.config import Qwen3Config  # noqa: E402
+from quasar_jax.model.qwen3 import Qwen3, count_params  # noqa: E402
+from quasar_jax.training.corpus import EXCLUDED_DIRS, list_corpus, read_texts  # noqa: E402
+from quasar_jax.weights.loading import load_model, save_pretrained  # noqa: E402
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -89,12 +89,12 @@ def tiny_model_dir(tmp_path_factory):
 
 def random_heads(model, *, num_heads=3, seed=0, nodes=10, scale=0.3):
     """Untrained S4C heads for ``model`` with random (non-zero) output weights, so drafts vary,
-    and a tree grown from a made-up acceptance table (``quasar_jax.heads.LoadedHeads``)."""
+    and a tree grown from a made-up acceptance table (``quasar_jax.speculative.heads.LoadedHeads``)."""
     import jax
     from flax import nnx
 
-    from quasar_jax.heads import DraftHeads, LoadedHeads, heads_meta
-    from quasar_jax.s4c import choose_tree
+    from quasar_jax.speculative.heads import DraftHeads, LoadedHeads, heads_meta
+    from quasar_jax.speculative.s4c import choose_tree
 
     heads = DraftHeads(num_heads, model.config.hidden_size, rngs=nnx.Rngs(seed))
     for i, block in enumerate(heads.blocks):
@@ -116,10 +116,10 @@ def demo_server():
     import openai
 
     import quasar_jax as qj
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.cli.prompts import stop_ids_of
     from quasar_jax.serving.server import ServeConfig, ServerThread, build
+    from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.weights.loading import resolve_model_dir
 
     model, tok = qj.load("demo", dtype="float32")
     stop_ids = stop_ids_of(tok, resolve_model_dir("demo"))

@@ -15,9 +15,9 @@ import sys
 import jax
 
 from quasar_jax import sharding
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
-from quasar_jax.mesh_flags import DistributedSettings
+from quasar_jax.cli.mesh_flags import DistributedSettings
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.weights.loading import load_model
 
 
 def main(ckpt: str, port: str, process_id: str, mesh: str, request: str) -> int:

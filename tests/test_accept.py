@@ -1,4 +1,4 @@
-"""Tests for quasar_jax.accept: logits processing, greedy acceptance, speculative sampling.
+"""Tests for quasar_jax.speculative.accept: logits processing, greedy acceptance, speculative sampling.
 
 Statistical tests use fixed seeds, so they are deterministic. Thresholds: with N = 20000 draws
 over V = 6 outcomes the expected total variation between the empirical and the true distribution
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quasar_jax.accept import greedy_accept, process_logits, sample_tokens, speculative_sample
+from quasar_jax.speculative.accept import greedy_accept, process_logits, sample_tokens, speculative_sample
 
 N = 20000
 V = 6

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from quasar_jax import prompts
 from quasar_jax.bench import cli as bench_cli
 from quasar_jax.bench.metrics import Batch, ModeRun, summarize, truncate_output
 from quasar_jax.bench.modes import resolve_modes
+from quasar_jax.cli import prompts
 from quasar_jax.fidelity.metrics import common_prefix, fidelity
 
 
@@ -110,9 +110,9 @@ def test_load_questions(tmp_path):
 
 
 def test_fidelity_identical_and_quantized(tiny_model_dir):
-    from quasar_jax.engine import Engine, GenerationConfig
-    from quasar_jax.loading import load_model
-    from quasar_jax.quant import quantize_model
+    from quasar_jax.model.quant import quantize_model
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
+    from quasar_jax.weights.loading import load_model
 
     model = load_model(tiny_model_dir, dtype=jnp.float32)
     prompts = [[5, 6, 7, 8, 9, 5, 6], [11, 12, 13]]
@@ -180,7 +180,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_questions_mini_is_the_shipped_set():
-    from quasar_jax.examples import PROMPTS
+    from quasar_jax.cli.examples import PROMPTS
 
     assert [q.text for q in prompts.load_questions(["mini"], 1)] == \
         [q.text for q in prompts.load_questions([PROMPTS], 1)]

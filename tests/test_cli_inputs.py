@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quasar_jax.bench.cli import main as bench_main
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.prompts import read_prompt_file
 from quasar_jax.convert import main as convert_main
 from quasar_jax.decode import main as decode_main
-from quasar_jax.errors import InputError
 from quasar_jax.fidelity.cli import main as fidelity_main
-from quasar_jax.prompts import read_prompt_file
 from quasar_jax.train_heads import main as train_heads_main
 
 MAINS = {"decode": decode_main, "convert": convert_main, "bench": bench_main, "fidelity": fidelity_main,
@@ -50,8 +50,8 @@ def workdir(tmp_path_factory, tiny_model_dir, hf_tiny):
     del cfg["num_attention_heads"]
     (noheads / "config.json").write_text(json.dumps(cfg))
     from conftest import random_heads
-    from quasar_jax.heads import save_heads
-    from quasar_jax.loading import load_model
+    from quasar_jax.speculative.heads import save_heads
+    from quasar_jax.weights.loading import load_model
 
     other = random_heads(load_model(hf_tiny(False, 2)[0]), num_heads=3)  # heads of another model
     save_heads(other.module(), other.meta, d / "otherheads")

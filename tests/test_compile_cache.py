@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from quasar_jax.compile_cache import default_dir
+from quasar_jax.cli.compile_cache import default_dir
 
 
 def _decode(model_dir, *extra, env=None):

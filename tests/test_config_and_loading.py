@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from quasar_jax.config import Qwen3Config
-from quasar_jax.loading import key_table, load_model, resolve_model_dir
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.weights.loading import key_table, load_model, resolve_model_dir
 
 BASE = {"model_type": "qwen3", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64}

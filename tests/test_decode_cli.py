@@ -124,7 +124,7 @@ def test_cli_stop_strings_question_ids_and_finish_reasons(tiny_model_dir, tmp_pa
 
 
 def test_plain_prompt_file_lines_are_verbatim(tmp_path):
-    from quasar_jax.prompts import read_prompt_file
+    from quasar_jax.cli.prompts import read_prompt_file
 
     path = tmp_path / "p.txt"
     path.write_text("print('a\\nb')\n\n  second  \n")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quasar_jax.loading import DEMO_MODEL_DIR, load_model
+from quasar_jax.weights.loading import DEMO_MODEL_DIR, load_model
 
 CODE = ('import os\n\n\nclass Cache(dict):\n    """A tiny cache."""\n\n'
         '    def get_or_set(self, key, factory):\n        if key not in self:\n'
@@ -87,13 +87,13 @@ CODE_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    from quasar_jax.engine import Engine
+    from quasar_jax.speculative.engine import Engine
 
     return Engine(load_model("demo", dtype=jnp.float32))
 
 
 def test_demo_greedy_completion_is_deterministic(demo_engine, tokenizer):
-    from quasar_jax.engine import GenerationConfig
+    from quasar_jax.speculative.engine import GenerationConfig
 
     ids = tokenizer("def fibonacci(n):")["input_ids"]
     cfg = GenerationConfig(max_new_tokens=40, drafter="none")
@@ -105,7 +105,7 @@ def test_demo_greedy_completion_is_deterministic(demo_engine, tokenizer):
 
 def test_demo_ngram_tau_on_code_prompts_and_lossless(demo_engine, tokenizer):
     """Measured tau on these prompts: 2.18 (K=5, n in [1, 3], recent); 1.2 is the issue's floor."""
-    from quasar_jax.engine import GenerationConfig
+    from quasar_jax.speculative.engine import GenerationConfig
 
     ids = [tokenizer(p)["input_ids"] for p in CODE_PROMPTS]
     ar = demo_engine.generate(ids, GenerationConfig(max_new_tokens=64, drafter="none"))

@@ -1,4 +1,4 @@
-"""Tests for quasar_jax.drafting.ngram_draft against a plain-Python reference of the same rule."""
+"""Tests for quasar_jax.speculative.ngram.ngram_draft against a plain-Python reference of the same rule."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quasar_jax.drafting import ngram_draft, ngram_draft_jit
+from quasar_jax.speculative.ngram import ngram_draft, ngram_draft_jit
 
 B, S = 3, 24  # fixed shapes so each config compiles once
 

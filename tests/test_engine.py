@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from quasar_jax.accept import process_logits
-from quasar_jax.drafting import ngram_draft
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
+from quasar_jax.speculative.accept import process_logits
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.ngram import ngram_draft
+from quasar_jax.weights.loading import load_model
 
 REPETITIVE = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]
 PROMPTS = [REPETITIVE, [11, 12, 13, 11, 12, 13, 11, 12], [40, 3, 77, 21, 9, 60, 2, 15, 88],

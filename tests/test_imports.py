@@ -163,13 +163,14 @@ def test_relative_imports_resolve():
 
     assert loaded("from .metrics import summarize", "quasar_jax.bench.run") == ["quasar_jax.bench.metrics"]
     assert loaded("from . import modes", "quasar_jax.bench") == ["quasar_jax.bench.modes"]
-    assert loaded("from .. import engine, Engine", "quasar_jax.bench.run") == [
-        "quasar_jax.engine", "quasar_jax"]
+    assert loaded("from .. import serving, Engine", "quasar_jax.bench.run") == [
+        "quasar_jax.serving", "quasar_jax"]
+    assert loaded("from ..speculative import engine", "quasar_jax.bench.run") == ["quasar_jax.speculative.engine"]
 
 
 def test_graph_sees_function_level_imports():
     graph = import_graph()
-    assert "quasar_jax.engine" in graph["quasar_jax.fidelity.cli"]  # inside run()
+    assert "quasar_jax.speculative.engine" in graph["quasar_jax.fidelity.cli"]  # inside run()
     assert "quasar_jax.fidelity.metrics" in graph["quasar_jax.bench.metrics"]
     assert "pallas_kernels.int8_matmul.gpu" in graph["pallas_kernels.int8_matmul.wrapper"]  # lazy
 

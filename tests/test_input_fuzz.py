@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quasar_jax.config import Qwen3Config
-from quasar_jax.errors import InputError
+from quasar_jax.cli.errors import InputError
+from quasar_jax.model.config import Qwen3Config
 
 BASE = {"model_type": "qwen3", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64,

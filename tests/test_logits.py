@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import random_heads
-from quasar_jax.accept import process_logits
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
-from quasar_jax.logits import process
-from quasar_jax.sampling import RowSampling, SamplingParams
+from quasar_jax.speculative.accept import process_logits
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.logits import process
+from quasar_jax.speculative.sampling import RowSampling, SamplingParams
+from quasar_jax.weights.loading import load_model
 from test_engine import PROMPTS
 
 V = 96

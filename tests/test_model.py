@@ -10,9 +10,9 @@ import torch
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from quasar_jax.config import Qwen3Config, preset_names
-from quasar_jax.loading import load_model
-from quasar_jax.model import Qwen3, abstract_model, count_params
+from quasar_jax.model.config import Qwen3Config, preset_names
+from quasar_jax.model.qwen3 import Qwen3, abstract_model, count_params
+from quasar_jax.weights.loading import load_model
 
 # bfloat16 tolerance vs HF's own bfloat16 forward (max-abs logit error, logits of magnitude ~5):
 # both sides round every matmul output to bf16 (8 mantissa bits) but may accumulate in different

@@ -60,8 +60,8 @@ def test_notebook_format_and_committed_state():
 
 
 def test_shipped_prompt_set_loads():
-    from quasar_jax.examples import PROMPTS
-    from quasar_jax.prompts import load_questions
+    from quasar_jax.cli.examples import PROMPTS
+    from quasar_jax.cli.prompts import load_questions
 
     rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines()]
     assert all(set(r) == {"question_id", "category", "turns"} and r["turns"] for r in rows)

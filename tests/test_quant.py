@@ -1,4 +1,4 @@
-"""Tests for quasar_jax.quant: int8 weight quantisation (AQT), Int8Linear, quantize_model.
+"""Tests for quasar_jax.model.quant: int8 weight quantisation (AQT), Int8Linear, quantize_model.
 
 Error bounds. Symmetric per-channel int8 with step s = absmax / 127 gives an elementwise rounding
 error uniform in [-s/2, s/2], rms s / sqrt(12). For Gaussian columns of length I = 256 the absmax
@@ -27,10 +27,10 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import quantize_rows
-from quasar_jax import quant
-from quasar_jax.config import Qwen3Config
-from quasar_jax.model import Linear, Qwen3
-from quasar_jax.modes import Backend, QuantMode
+from quasar_jax.model import quant
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.modes import Backend, QuantMode
+from quasar_jax.model.qwen3 import Linear, Qwen3
 
 CFG = Qwen3Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, intermediate_size=128)
@@ -246,7 +246,7 @@ def test_not_a_kernel_errors():
         quant.quantize_kernel(jnp.ones((4, 4), jnp.int32), name="w")
     model = Qwen3(CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"cannot quantise input_layernorm: expected a "
-                                         r"quasar_jax.model.Linear, got RMSNorm"):
+                                         r"quasar_jax.model.qwen3.Linear, got RMSNorm"):
         quant.quantize_linear(model.layers[0].input_layernorm, name="input_layernorm")
 
 

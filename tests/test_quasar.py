@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quasar_jax.checkpoint import load_converted
 from quasar_jax.convert import main as convert_main
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
-from quasar_jax.model import Linear
-from quasar_jax.quant import Int8Linear, is_quantized, quantize_model
+from quasar_jax.model.quant import Int8Linear, is_quantized, quantize_model
+from quasar_jax.model.qwen3 import Linear
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.weights.checkpoint import load_converted
+from quasar_jax.weights.loading import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11, 12], [40, 3, 77, 21, 9, 60]]
 

@@ -13,14 +13,14 @@ import pytest
 from flax import nnx
 
 from conftest import random_heads
-from quasar_jax.drafters import make_drafter
-from quasar_jax.engine import Engine, GenerationConfig, make_program
-from quasar_jax.features import program_params
-from quasar_jax.errors import InputError
-from quasar_jax.heads import DraftHeads, head_logits
-from quasar_jax.loading import load_model
-from quasar_jax.s4c import S4CDrafter, TreeShape, choose_tree, grow_tree
-from quasar_jax.sampling import GreedySampler, RowSampling, SamplingParams, row_keys
+from quasar_jax.cli.errors import InputError
+from quasar_jax.speculative.drafters import make_drafter
+from quasar_jax.speculative.engine import Engine, GenerationConfig, make_program
+from quasar_jax.speculative.features import program_params
+from quasar_jax.speculative.heads import DraftHeads, head_logits
+from quasar_jax.speculative.s4c import S4CDrafter, TreeShape, choose_tree, grow_tree
+from quasar_jax.speculative.sampling import GreedySampler, RowSampling, SamplingParams, row_keys
+from quasar_jax.weights.loading import load_model
 from test_engine import PROMPTS, _next_token_probs
 from test_tree_engine import check_first_token
 

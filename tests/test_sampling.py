@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quasar_jax.accept import process_logits
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.results import BatchStats, RowStats
-from quasar_jax.loading import load_model
-from quasar_jax.modes import QuantMode
-from quasar_jax.sampling import GreedySampler, RowSampler, SamplingParams
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.speculative.accept import process_logits
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.results import BatchStats, RowStats
+from quasar_jax.speculative.sampling import GreedySampler, RowSampler, SamplingParams
+from quasar_jax.weights.loading import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11, 12],
            [40, 3, 77, 21, 9, 60, 2, 15, 88]]
@@ -83,7 +83,7 @@ def test_a_row_with_its_own_seed_does_not_depend_on_its_neighbours(engine):
 
 
 def test_sampler_choice_and_bad_sampling(engine):
-    from quasar_jax.sampling import sampler_for
+    from quasar_jax.speculative.sampling import sampler_for
 
     assert sampler_for([SamplingParams()] * 2) == GreedySampler()
     assert sampler_for([SamplingParams(), SamplingParams(temperature=0.5)]) == RowSampler()

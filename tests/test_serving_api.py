@@ -34,7 +34,7 @@ def srv(demo_server):
 def hf_logprobs():
     from transformers import AutoModelForCausalLM
 
-    from quasar_jax.loading import resolve_model_dir
+    from quasar_jax.weights.loading import resolve_model_dir
 
     hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir("demo"), dtype=torch.float32).eval()
 
@@ -163,7 +163,7 @@ def test_n_choices_and_batched_prompts(srv):
 def test_penalties_bias_and_sampling_fields(srv):
     """Each field changes the output the way it says (vLLM's fields through extra_body)."""
     import quasar_jax as qj
-    from quasar_jax.sampling import SamplingParams
+    from quasar_jax.speculative.sampling import SamplingParams
 
     client, tok = srv["client"], srv["tok"]
     base = _greedy(client, prompt=PROMPT, max_tokens=24).choices[0].text

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from quasar_jax.cli.text_stream import TextStream
 from quasar_jax.serving.slots import prefill_pieces
-from quasar_jax.text_stream import TextStream
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +46,12 @@ def test_text_stream_holds_back_stop_prefixes():
 @pytest.fixture(scope="module")
 def paused(tiny_model_dir):
     """A server (1 slot, queue of 1) whose scheduler thread has not started: requests stay queued."""
-    from quasar_jax.drafters import make_drafter
-    from quasar_jax.loading import load_model, load_tokenizer
     from quasar_jax.serving.api import Api, create_app
     from quasar_jax.serving.scheduler import Scheduler
     from quasar_jax.serving.server import ServerThread
     from quasar_jax.serving.slots import SlotEngine
+    from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.weights.loading import load_model, load_tokenizer
 
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     engine = SlotEngine(model, make_drafter("ngram", num_draft=2), "float", slots=1, max_len=64, chunk_steps=2,

@@ -19,14 +19,14 @@ from jax.sharding import PartitionSpec as P
 from slot_driver import CyclingPolicy, run_requests
 from test_sharding_mesh import _gathered, _loop_text, ckpt  # noqa: F401  (the checkpoint fixture)
 from quasar_jax import sharding
-from quasar_jax.drafters import NGramDrafter
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
-from quasar_jax.mesh_flags import MeshSpec
-from quasar_jax.sampling import SamplingParams
+from quasar_jax.cli.mesh_flags import MeshSpec
 from quasar_jax.serving.scheduler import PromptLogprobs, Request, Scheduler, Tokens
 from quasar_jax.serving.slots import SlotEngine
 from quasar_jax.serving.speculation import AdaptivePolicy, draft_options, make_policy
+from quasar_jax.speculative.drafters import NGramDrafter
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.sampling import SamplingParams
+from quasar_jax.weights.loading import load_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices (run via test_sharding.py)")
 
@@ -156,8 +156,8 @@ def test_logits_stage_n_and_echo_through_the_sharded_server(ckpt, auto_float):
     """Penalties, logit bias, min_tokens, logprobs, echo and n = 2 from one prefill, through the
     sharded server under forced switching of K: the same tokens as one device offline (greedy
     with penalties equals autoregressive decoding with them), logprobs equal one device's."""
-    from quasar_jax.sampling import SamplingParams
     from quasar_jax.serving.scheduler import PromptLogprobs, Tokens
+    from quasar_jax.speculative.sampling import SamplingParams
 
     params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, min_tokens=4,
                             logit_bias={5: -100.0, 9: 3.0}, logprobs=2)

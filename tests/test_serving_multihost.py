@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint, make_tiny_tokenizer
-from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.server import free_port
+from quasar_jax.speculative.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11, 12], [40, 3, 77, 21, 9, 60, 2],
@@ -102,9 +102,9 @@ def _complete(url, prompt, max_tokens, **kw):
 
 
 def test_two_process_server_equals_one_device_and_drains(group, model_dir):
-    from quasar_jax.engine import Engine, GenerationConfig
-    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-    from quasar_jax.prompts import stop_ids_of
+    from quasar_jax.cli.prompts import stop_ids_of
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
     g = group()
     with cf.ThreadPoolExecutor(4) as pool:

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 
 from slot_driver import CyclingPolicy, run_requests
-from quasar_jax.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, QSpecDrafter, make_drafter
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
-from quasar_jax.sampling import RowSampling, SamplingParams
 from quasar_jax.serving import lockstep
 from quasar_jax.serving.scheduler import Request, Scheduler
 from quasar_jax.serving.slots import SlotEngine, stage_prompt
 from quasar_jax.serving.speculation import (AdaptivePolicy, FixedPolicy, acceptance_evidence, alpha_of,
                                             draft_options, expected_tokens, make_policy)
+from quasar_jax.speculative.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, QSpecDrafter, make_drafter
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.sampling import RowSampling, SamplingParams
+from quasar_jax.weights.loading import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13, 11, 12, 13, 11, 12],
            [40, 3, 77, 21, 9, 60, 2, 15, 88], [1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1], [50]]

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import make_hf_checkpoint
 from quasar_jax import sharding
-from quasar_jax.config import Qwen3Config
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
-from quasar_jax.mesh_flags import MeshSpec, add_mesh_flags, distributed_settings, parse_mesh_spec
+from quasar_jax.cli.mesh_flags import MeshSpec, add_mesh_flags, distributed_settings, parse_mesh_spec
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.weights.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(kv_heads=4, num_attention_heads=8, vocab_size=128, hidden_size=48, intermediate_size=96)

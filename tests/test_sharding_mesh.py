@@ -16,10 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import make_hf_checkpoint
 from quasar_jax import sharding
-from quasar_jax.checkpoint import load_converted, save_converted
-from quasar_jax.config import Qwen3Config
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.weights.checkpoint import load_converted, save_converted
+from quasar_jax.weights.loading import load_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices (run via test_sharding.py)")
 

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 from conftest import random_heads
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.heads import load_heads, save_heads
-from quasar_jax.heads_training import batch_rows
-from quasar_jax.loading import load_model
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.heads import load_heads, save_heads
 from quasar_jax.train_heads import main as train_main
+from quasar_jax.training.trainer import batch_rows
+from quasar_jax.weights.loading import load_model
 
 TEXT = ("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i)\n\n"
         "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n") * 3
@@ -59,10 +59,10 @@ def test_loss_falls_and_heads_draft_losslessly(trained, tiny_model_dir, capsys):
 
 
 def test_interrupted_run_resumes_to_the_same_heads(trained, tiny_model_dir, monkeypatch, capsys):
-    from quasar_jax import heads_training
+    from quasar_jax.training import trainer
 
     out = trained / "resumed"
-    real, calls = heads_training.train_step, []
+    real, calls = trainer.train_step, []
 
     def interrupted(*args):
         calls.append(1)
@@ -70,11 +70,11 @@ def test_interrupted_run_resumes_to_the_same_heads(trained, tiny_model_dir, monk
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(heads_training, "train_step", interrupted)
+    monkeypatch.setattr(trainer, "train_step", interrupted)
     assert train_main(_argv(tiny_model_dir, trained / "corpus.py", out)) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not (out / "heads.json").exists() and (out / "checkpoints").is_dir() and (out / "data.npz").exists()
-    monkeypatch.setattr(heads_training, "train_step", real)
+    monkeypatch.setattr(trainer, "train_step", real)
     assert train_main(_argv(tiny_model_dir, trained / "corpus.py", out)) == 0
     a = json.loads((trained / "heads" / "training_log.json").read_text())
     b = json.loads((out / "training_log.json").read_text())

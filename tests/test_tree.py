@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from quasar_jax.drafting import ngram_candidates, ngram_draft
-from quasar_jax.loading import load_model
-from quasar_jax.tree import (TreeDraft, build_trie, chain_tree, greedy_tree_accept, speculative_tree_sample,
-                             tree_inputs)
+from quasar_jax.speculative.accept import greedy_tree_accept, speculative_tree_sample
+from quasar_jax.speculative.ngram import ngram_candidates, ngram_draft
+from quasar_jax.speculative.tree import TreeDraft, build_trie, chain_tree, tree_inputs
+from quasar_jax.weights.loading import load_model
 
 N_DRAWS = 20000
 CHI2_5DOF_999 = 20.52

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quasar_jax.drafters import NGramDrafter, NGramTreeDrafter, make_drafter
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.loading import load_model
+from quasar_jax.speculative.drafters import NGramDrafter, NGramTreeDrafter, make_drafter
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.weights.loading import load_model
 from test_engine import PROMPTS, REPETITIVE, _next_token_probs
 
 

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from quasar_jax.config import Qwen3Config
-from quasar_jax.kv_cache import KVCache
-from quasar_jax.model import Qwen3
-from quasar_jax.modes import QuantMode
-from quasar_jax.quant import quantize_model
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.kv_cache import KVCache
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.quant import quantize_model
+from quasar_jax.model.qwen3 import Qwen3
 
 CFG = Qwen3Config(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=4096)

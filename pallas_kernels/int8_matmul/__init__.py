@@ -5,7 +5,6 @@ from pallas_kernels.int8_matmul.reference import quantize_rows
 from pallas_kernels.int8_matmul.tuned_block_sizes import BlockSizes
 from pallas_kernels.int8_matmul.tuned_block_sizes import get_block_sizes
 from pallas_kernels.int8_matmul.wrapper import int8_matmul
-from pallas_kernels.int8_matmul.wrapper import round_up
 
 __all__ = ["BlockSizes", "get_block_sizes", "int8_matmul",
-           "int8_matmul_reference", "quantize_rows", "round_up"]
+           "int8_matmul_reference", "quantize_rows"]

@@ -18,7 +18,7 @@ Quantisation is symmetric with the absmax of each row / channel clamped to
 
 The output dtype is ``x.dtype``.  This module is the ground truth for the
 Pallas kernels, what the wrapper runs for ``backend="reference"`` (the default
-on CPU), and the XLA backend of ``quasar_jax.quant`` (the project's one int8
+on CPU), and the XLA backend of ``quasar_jax.model.quant`` (the project's one int8
 formula; its constants are defined only here).
 """
 

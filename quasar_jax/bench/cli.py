@@ -15,11 +15,12 @@ import sys
 
 import quasar_jax.bench
 from quasar_jax.bench.modes import DEFAULT_MODES, MODES, SPECS
-from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, add_heads_flag, check_ngram_range,
-                            explicit_flags, float_in, non_negative_int, positive_int, run_cli)
-from quasar_jax.errors import InputError
-from quasar_jax.mesh_flags import add_mesh_flags
-from quasar_jax.outputs import check_output_dir
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.flags import (DTYPES, add_drafting_flags, add_heads_flag, check_ngram_range, float_in,
+                                  non_negative_int, positive_int)
+from quasar_jax.cli.mesh_flags import add_mesh_flags
+from quasar_jax.cli.outputs import check_output_dir
+from quasar_jax.cli.runner import OneLineParser, explicit_flags, run_cli
 
 PROG = "python -m quasar_jax.bench"
 OUTPUT_FILES = ("results.json", "results.md", "plot.png", "outputs.jsonl")

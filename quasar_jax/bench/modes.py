@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from quasar_jax.modes import QuantMode
+from quasar_jax.model.modes import QuantMode
 
 MODES = ("ar-fp", "ar-int8", "ar-w8a8", "sd-fp", "quasar-w8a16", "quasar-w8a8", "qspec", "tree-fp",
          "tree-w8a16", "s4c-fp", "s4c-w8a16", "hf-ar", "hf-pld")

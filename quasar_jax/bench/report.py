@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from quasar_jax.outputs import staged_dir
+from quasar_jax.cli.outputs import staged_dir
 
 
 # ----------------------------------------------------------------------------- machine

@@ -11,17 +11,17 @@ import time
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from pallas_kernels import round_up
 from quasar_jax.bench.metrics import ModeRun, make_batches, summarize, truncate_output
 from quasar_jax.bench.modes import AR_OF_QUANT_MODE, BASELINE, SPECS, resolve_modes
 from quasar_jax.bench.report import loadavg, machine_info
 from quasar_jax.bench.runners import (HFRunner, JaxRunner, hf_generation_config, jax_generation_config,
                                       load_hf_model, shape_key)
-from quasar_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Engine
+from quasar_jax.cli.prompts import encode, load_questions, stop_ids_of
 from quasar_jax.fidelity.metrics import fidelity, pool_fidelity
-from quasar_jax.heads import resolve_heads
-from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-from quasar_jax.prompts import encode, load_questions, stop_ids_of
+from quasar_jax.speculative.buckets import CACHE_BUCKET, PROMPT_BUCKET, round_up
+from quasar_jax.speculative.engine import Engine
+from quasar_jax.speculative.heads import resolve_heads
+from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
 
 def encode_prompts(tokenizer, questions, chat: bool, max_prompt_tokens: int | None) -> list[list[int]]:

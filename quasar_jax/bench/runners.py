@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from pallas_kernels import round_up
 from quasar_jax.bench.modes import ModeSpec
-from quasar_jax.engine import Engine, GenerationConfig
+from quasar_jax.speculative.buckets import round_up
+from quasar_jax.speculative.engine import Engine, GenerationConfig
 
 
 # ----------------------------------------------------------------------------- JAX

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.flags import DTYPES, add_drafting_flags, generation_kwargs, positive_int
+from quasar_jax.cli.outputs import check_output_file, write_text_atomic
+from quasar_jax.cli.runner import OneLineParser, explicit_flags, run_cli
 import quasar_jax.fidelity
-from quasar_jax.cli import (DTYPES, OneLineParser, add_drafting_flags, explicit_flags, generation_kwargs,
-                            positive_int, run_cli)
-from quasar_jax.errors import InputError
-from quasar_jax.outputs import check_output_file, write_text_atomic
 
 PROG = "python -m quasar_jax.fidelity"
 INT8_MODES = ("w8a16", "w8a8")
@@ -49,10 +49,10 @@ def parse_modes(text: str) -> list[str]:
 
 def run(args) -> dict:
     # The model code (and JAX) load here, after the arguments and paths are known to be valid.
-    from quasar_jax.engine import Engine, GenerationConfig
+    from quasar_jax.cli.prompts import encode, load_questions, stop_ids_of
     from quasar_jax.fidelity.metrics import fidelity, ratio
-    from quasar_jax.loading import load_model, load_tokenizer, resolve_model_dir
-    from quasar_jax.prompts import encode, load_questions, stop_ids_of
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
     modes = parse_modes(args.modes)
     model_dir = resolve_model_dir(args.model)

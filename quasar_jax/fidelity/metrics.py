@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import round_up
-from quasar_jax.modes import QuantMode
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.speculative.buckets import round_up
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -25,14 +25,14 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quasar_jax.sampling import SamplingParams
+from quasar_jax.cli.text_stream import TextStream
 from quasar_jax.serving import protocol
 from quasar_jax.serving.metrics import CONTENT_TYPE_LATEST
 from quasar_jax.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
 from quasar_jax.serving.responses import Choice, Delta, Shaper
 from quasar_jax.serving.scheduler import (Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler,
                                           ShuttingDown, Tokens)
-from quasar_jax.text_stream import TextStream
+from quasar_jax.speculative.sampling import SamplingParams
 
 
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error"):

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quasar_jax.logits import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from quasar_jax.speculative.logits import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 128  # prompts x n per request

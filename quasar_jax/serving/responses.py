@@ -14,8 +14,8 @@ import dataclasses
 import json
 import math
 
-from quasar_jax.results import TokenLogprob
-from quasar_jax.text_stream import TextStream
+from quasar_jax.cli.text_stream import TextStream
+from quasar_jax.speculative.results import TokenLogprob
 
 FLOOR = -9999.0
 

@@ -42,11 +42,11 @@ from typing import Callable
 
 import numpy as np
 
-from quasar_jax.results import FINISH_CODES, TokenLogprob, token_logprobs
-from quasar_jax.sampling import SamplingParams
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
 from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
+from quasar_jax.speculative.results import FINISH_CODES, TokenLogprob, token_logprobs
+from quasar_jax.speculative.sampling import SamplingParams
 
 log = logging.getLogger("quasar_jax.serving")
 

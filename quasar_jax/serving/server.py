@@ -12,12 +12,12 @@ import time
 
 import uvicorn
 
-from quasar_jax.drafters import Drafter, QSpecDrafter
-from quasar_jax.modes import QuantMode
+from quasar_jax.model.modes import QuantMode
 from quasar_jax.serving.api import Api, create_app
 from quasar_jax.serving.scheduler import Scheduler
 from quasar_jax.serving.slots import SlotEngine
 from quasar_jax.serving.speculation import AUTO, draft_options, make_policy, parse_speculation
+from quasar_jax.speculative.drafters import Drafter, QSpecDrafter
 
 
 @dataclasses.dataclass(frozen=True)

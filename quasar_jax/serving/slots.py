@@ -24,7 +24,7 @@ ahead of time when ``SlotEngine`` is built, so requests coming and going never c
   until ``N`` steps have run, or a row that was running at entry is done, or a newly admitted row
   has its first tokens, or no row runs. Every program carries the same ``LogitsSpec`` (the
   logits stage). Returns the new state, the tokens each row appended (``[B, N*(K+1)]``, from its
-  length at entry), their logprobs and top alternatives (``quasar_jax.logits.Logprobs``, rows on
+  length at entry), their logprobs and top alternatives (``quasar_jax.speculative.logits.Logprobs``, rows on
   ``data``, fetched to the host only when a request asked) and ``n_emit`` per step (``[N, B]``).
 * ``finish(slots, mask [B])``: marks rows done (finish reason "stop"): stop strings found on the
   host, cancelled (disconnected) requests.
@@ -39,7 +39,7 @@ arrays (``sharding.put_global``), so the same calls work on every process of a m
 ``slot`` and every per-row value are device data; only (B, S, N, the Ks, prefill bucket, number
 of stop ids, drafters, verifier, mesh) are static.
 
-Feature reuse (``quasar_jax.features``): when a drafter reads the target's hidden state (S4C), the
+Feature reuse (``quasar_jax.speculative.features``): when a drafter reads the target's hidden state (S4C), the
 staging area is a ``Staging`` (the one-row cache and the hidden state of prompt position P-2,
 kept from the prefill piece that holds it, ``at``), the slot state carries ``LoopState.hidden``
 (every chunk program refreshes it, so programs of other drafters keep it current), and each chunk
@@ -57,17 +57,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from quasar_jax import logits as stage
 from quasar_jax import sharding
-from quasar_jax.drafters import Drafter
-from quasar_jax.engine import LoopState, make_program
-from quasar_jax.features import program_params, uses_hidden
-from quasar_jax.kv_cache import KVCache
-from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
-from quasar_jax.modes import QuantMode
-from quasar_jax.quant import is_quantized
-from quasar_jax.results import CACHE_FULL, LENGTH, STOP
-from quasar_jax.sampling import RowSampler, RowSampling, SamplingParams, row_keys
+from quasar_jax.model.kv_cache import KVCache
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.quant import is_quantized
+from quasar_jax.speculative import logits as stage
+from quasar_jax.speculative.drafters import Drafter
+from quasar_jax.speculative.engine import LoopState, make_program
+from quasar_jax.speculative.features import program_params, uses_hidden
+from quasar_jax.speculative.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
+from quasar_jax.speculative.results import CACHE_FULL, LENGTH, STOP
+from quasar_jax.speculative.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
 SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
 

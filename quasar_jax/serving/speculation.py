@@ -54,10 +54,10 @@ from typing import Sequence
 
 import numpy as np
 
-from quasar_jax.cli import parse_speculation
-from quasar_jax.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, is_tree_drafter
-from quasar_jax.sampling import SamplingParams
+from quasar_jax.cli.flags import parse_speculation
 from quasar_jax.serving.slots import stage_prompt
+from quasar_jax.speculative.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, is_tree_drafter
+from quasar_jax.speculative.sampling import SamplingParams
 
 AUTO = "auto"
 __all__ = ["AUTO", "AdaptivePolicy", "FixedPolicy", "acceptance_evidence", "calibrate", "draft_options",

@@ -1,6 +1,6 @@
 """Sharded decoding and serving: the device mesh, the partition rules, placement, multi-host start-up.
 
-The mesh has two axes (``quasar_jax.mesh_flags``): ``data`` splits the batch rows, ``model``
+The mesh has two axes (``quasar_jax.cli.mesh_flags``): ``data`` splits the batch rows, ``model``
 splits heads, MLP width and vocabulary (Megatron-style tensor parallelism). XLA's GSPMD
 partitioner derives every collective from the shardings of the program's inputs and outputs: no
 collective is written by hand.
@@ -28,13 +28,13 @@ One module per concern; every name is importable from ``quasar_jax.sharding``:
   ``python -m quasar_jax.sharding --preset qwen3-32b --int8 --mesh model=8 --batch 16 --cache-len 4096``.
 """
 
-from quasar_jax.sharding.rules import (BATCH_AXES, CACHE_AXES, PARAM_AXES, as_spec, attr_path, axis_rules,
-                                       logical_spec, make_mesh, param_axes, param_shardings, param_specs)
+from quasar_jax.sharding.distributed import initialize_distributed, is_primary, silence_non_primary, start
 from quasar_jax.sharding.placement import (Placer, batch_sharding, cache_sharding, fetch, host_rows, pad_rows,
                                            place_model, program_shardings, put_global, put_inputs,
                                            replicated, sharded_abstract, with_batch_shardings)
-from quasar_jax.sharding.distributed import initialize_distributed, is_primary, silence_non_primary, start
 from quasar_jax.sharding.plan import GiB, MemoryPlan, device_memory_bytes, main, memory_plan
+from quasar_jax.sharding.rules import (BATCH_AXES, CACHE_AXES, PARAM_AXES, as_spec, attr_path, axis_rules,
+                                       logical_spec, make_mesh, param_axes, param_shardings, param_specs)
 
 __all__ = ["BATCH_AXES", "CACHE_AXES", "GiB", "MemoryPlan", "PARAM_AXES", "Placer", "as_spec", "attr_path",
            "axis_rules", "batch_sharding", "cache_sharding", "device_memory_bytes", "fetch", "host_rows",

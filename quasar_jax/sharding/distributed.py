@@ -10,7 +10,7 @@ import sys
 import jax
 from jax.sharding import Mesh
 
-from quasar_jax.mesh_flags import DistributedSettings, distributed_settings
+from quasar_jax.cli.mesh_flags import DistributedSettings, distributed_settings
 from quasar_jax.sharding.rules import make_mesh
 
 

@@ -12,8 +12,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from quasar_jax.config import Qwen3Config
-from quasar_jax.quant import quantize_kernel
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.quant import quantize_kernel
 from quasar_jax.sharding.rules import CACHE_AXES, axis_rules, logical_spec, param_axes, param_shardings
 
 

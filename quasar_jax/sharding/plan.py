@@ -14,11 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from quasar_jax.cli import OneLineParser, run_cli
-from quasar_jax.config import Qwen3Config
-from quasar_jax.mesh_flags import MeshSpec, parse_mesh_spec
-from quasar_jax.model import abstract_model
-from quasar_jax.quant import abstract_quantized_model
+from quasar_jax.cli.mesh_flags import MeshSpec, parse_mesh_spec
+from quasar_jax.cli.runner import OneLineParser, run_cli
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.quant import abstract_quantized_model
+from quasar_jax.model.qwen3 import abstract_model
 from quasar_jax.sharding.rules import CACHE_AXES, attr_path, axis_rules, logical_spec, param_axes
 
 GiB = 1024**3

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from quasar_jax.config import Qwen3Config
-from quasar_jax.mesh_flags import MESH_AXES, MeshSpec, parse_mesh_spec
+from quasar_jax.cli.mesh_flags import MESH_AXES, MeshSpec, parse_mesh_spec
+from quasar_jax.model.config import Qwen3Config
 
 # Logical axes of each parameter, by the name of the module (or param) that owns it. A projection
 # lists its weight's [I, O] axes; its int8 ``scale [O]`` takes the O axis.

@@ -7,12 +7,12 @@ Sequence bookkeeping (per row b)::
 
 One loop iteration (all rows at once, static shapes, no host round trip):
 
-1. draft   ``draft [B, K], n_draft [B]`` from the ``Drafter`` (``quasar_jax.drafters``: n-gram
+1. draft   ``draft [B, K], n_draft [B]`` from the ``Drafter`` (``quasar_jax.speculative.drafters``: n-gram
            lookup, QSpec's W8A8 path, none)
 2. verify  forward ``[last, draft_0..draft_{K-1}]`` at positions ``lengths-1 .. lengths-1+K``
            (each row at its own offset) -> logits ``[B, K+1, V]``; K/V of all K+1 are written
-3. accept  the logits stage (``quasar_jax.logits``: min_tokens, logit bias, penalties counting
-           the tokens before each draft position), then the ``Sampler`` (``quasar_jax.sampling``):
+3. accept  the logits stage (``quasar_jax.speculative.logits``: min_tokens, logit bias, penalties counting
+           the tokens before each draft position), then the ``Sampler`` (``quasar_jax.speculative.sampling``):
            greedy prefix match, or exact speculative sampling with each row's own settings ->
            ``tokens [B, K+1], n_emit [B]``
 4. commit  truncate at the token budget / stop ids, append, ``lengths += n_emit``; token counts
@@ -22,12 +22,12 @@ One loop iteration (all rows at once, static shapes, no host round trip):
 
 A row stops on a stop id (EOS), on ``max_new_tokens``, or when its sequence fills the cache
 (``lengths == S``). Plain autoregressive decoding is the same loop with ``drafter="none"`` (K = 0).
-A tree drafter (``num_candidates > 1``) replaces steps 1-3 by ``quasar_jax.tree.verify_tree``: N
+A tree drafter (``num_candidates > 1``) verifies a trie instead (``quasar_jax.speculative.verify``): N
 trie nodes verified in one forward under a tree mask, the accepted path's K/V then moved to
 contiguous slots; step 4 is shared (docs/tree.md).
 The prompt's last token is not prefilled: it is the first token the loop verifies, so drafts are
 used from the first step on. For a drafter that reads the target's hidden state (S4C) the state
-carries it, refreshed by every verify forward (feature reuse: ``quasar_jax.features``).
+carries it, refreshed by every verify forward (feature reuse: ``quasar_jax.speculative.features``).
 
 The compiled program depends on (drafter, sampler kind, verifier mode, batch, prompt bucket, cache
 length S, number of stop ids, ``LogitsSpec``); ``Engine`` compiles each once (ahead of time, so compile time is
@@ -47,23 +47,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import round_up
-from quasar_jax import compile_cache, features, sharding
-from quasar_jax.drafters import Drafter, DrafterKind, QSpecDrafter, is_tree_drafter, make_drafter
-from quasar_jax.features import program_params
-from quasar_jax import logits as stage
-from quasar_jax.kv_cache import KVCache
-from quasar_jax.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
-from quasar_jax.model import Qwen3
-from quasar_jax.modes import QuantMode
-from quasar_jax.quant import is_quantized
-from quasar_jax.results import CACHE_FULL, LENGTH, STOP, GenerationResult, result_of
-from quasar_jax.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
+from quasar_jax import sharding
+from quasar_jax.cli import compile_cache
+from quasar_jax.model.kv_cache import KVCache
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.quant import is_quantized
+from quasar_jax.model.qwen3 import Qwen3
+from quasar_jax.speculative import features
+from quasar_jax.speculative import logits as stage
+from quasar_jax.speculative.buckets import CACHE_BUCKET, PROMPT_BUCKET, round_up
+from quasar_jax.speculative.drafters import Drafter, DrafterKind, QSpecDrafter, is_tree_drafter, make_drafter
+from quasar_jax.speculative.features import program_params
+from quasar_jax.speculative.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
+from quasar_jax.speculative.results import CACHE_FULL, LENGTH, STOP, GenerationResult, result_of
+from quasar_jax.speculative.sampling import (RowSampling, Sampler, SamplingParams, check_sampling, check_seed, is_int,
                                  row_keys, sampler_for)
-from quasar_jax.tree import chain_tree, verify_tree
+from quasar_jax.speculative.verify import verify_chain, verify_tree
 
-PROMPT_BUCKET = 32  # default prompt padding multiple (coarser: fewer programs, more padded prefill)
-CACHE_BUCKET = 128  # default cache lengths are rounded up to a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class GenerationConfig:
     max_len: int | None = None  # cache slots S; None = prompt + max_new_tokens rounded up
     seed: int = 0
     allow_long_context: bool = False  # allow prompt + max_new_tokens past max_position_embeddings
-    heads: object = None  # drafter "s4c": a heads directory or quasar_jax.heads.load_heads(...)
+    heads: object = None  # drafter "s4c": a heads directory or quasar_jax.speculative.heads.load_heads(...)
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -153,7 +153,7 @@ class LoopState:
     counts: jax.Array  # [B, V] int32: generated tokens per id (frequency / presence penalties)
     prompt_ids: jax.Array  # [B, V] bool: ids in the prompt (repetition penalty)
     logprobs: Logprobs  # [B, S], [B, S, NL]: raw-logits logprobs of history[b, s] (generated positions)
-    # [B, D] hidden state of position lengths-2, for drafters that read it (quasar_jax.features); else None
+    # [B, D] hidden state of position lengths-2, for drafters that read it (quasar_jax.speculative.features); else None
     hidden: jax.Array | None = None
 
 
@@ -184,20 +184,6 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         model_params, extra = features.split_params(params, drafter)
         return nnx.merge(graphdef, model_params), extra
 
-    def chain_step(model, drafter, state: LoopState, room, rows: RowSampling, step_keys, process):
-        draft, n_draft, cache = drafter.draft(model, state.history, state.lengths, state.cache)
-        n_draft = jnp.clip(jnp.minimum(n_draft, room), 0, k)
-        last = jnp.take_along_axis(state.history, state.lengths[:, None] - 1, axis=1)  # [B, 1]
-        verify_tokens = jnp.concatenate([last, draft], axis=1)  # [B, K+1]
-        positions = state.lengths[:, None] - 1 + jnp.arange(k + 1, dtype=jnp.int32)  # [B, K+1]
-        cache = cache.replace(lengths=state.lengths - 1)
-        logits, cache, *hidden = model(verify_tokens, positions, cache, mode=verifier,
-                                       return_hidden=state.hidden is not None)  # [B, K+1, V] (, [B, K+1, D])
-        tokens, n_emit = process(logits, chain_tree(draft, n_draft),
-                                 lambda scored: sampler.accept(draft, n_draft, scored, rows, step_keys))
-        emit_rows = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), tokens.shape)
-        return (tokens, n_emit, cache, logits, emit_rows, *hidden)
-
     def body(model, extra, state: LoopState, max_new, stop, rows: RowSampling) -> LoopState:
         b, s = state.history.shape
         split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]
@@ -215,13 +201,10 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
                                           penalties=spec.penalties)
 
         bound = features.bind(drafter, state.hidden, extra)
-        if is_tree_drafter(bound):  # static: tree drafts, one masked verify forward
-            tokens, n_emit, cache, raw, emit_rows, *verify_hidden = verify_tree(
-                model, bound, sampler, verifier, state.history, state.lengths, state.cache, room, rows,
-                step_keys, process=process, return_hidden=state.hidden is not None)
-        else:
-            tokens, n_emit, cache, raw, emit_rows, *verify_hidden = chain_step(model, bound, state, room, rows,
-                                                                               step_keys, process)
+        verify = verify_tree if is_tree_drafter(bound) else verify_chain  # static: trie or chain
+        tokens, n_emit, cache, raw, emit_rows, *verify_hidden = verify(
+            model, bound, sampler, verifier, state.history, state.lengths, state.cache, room, rows, step_keys,
+            process=process, return_hidden=state.hidden is not None)
         hidden = (features.reused_hidden(state.hidden, state.done, verify_hidden[0], emit_rows, n_emit)
                   if verify_hidden else None)  # feature reuse (before the stop-id cut: a row cut there is done)
 

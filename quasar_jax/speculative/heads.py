@@ -13,7 +13,7 @@ The target's LM head ``lm_head`` and embedding ``e`` are REUSED (``Qwen3.lm_logi
 ``Qwen3.embed``), so the heads hold only their blocks (~3 D^2 parameters each) and their checkpoint
 is small. ``W_out`` starts at zero: an untrained head predicts what the target predicts next.
 In a decode step ``h_t`` is the hidden state at position ``lengths - 2`` (whose logits produced the
-last committed token ``x_{t+1}``), so head 1 proposes the token after it (``quasar_jax.s4c``).
+last committed token ``x_{t+1}``), so head 1 proposes the token after it (``quasar_jax.speculative.s4c``).
 
 A heads directory (``save_heads`` / ``load_heads``)::
 
@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from quasar_jax.errors import InputError
-from quasar_jax.loading import DEMO_MODEL_DIR
-from quasar_jax.model import Linear, Qwen3, RMSNorm
-from quasar_jax.modes import QuantMode
-from quasar_jax.outputs import staged_dir, write_text_atomic
-from quasar_jax.quant import is_quantized
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.outputs import staged_dir, write_text_atomic
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.quant import is_quantized
+from quasar_jax.model.qwen3 import Linear, Qwen3, RMSNorm
+from quasar_jax.weights.loading import DEMO_MODEL_DIR
 
 META = "heads.json"
 FORMAT = 1

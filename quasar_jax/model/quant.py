@@ -1,6 +1,6 @@
 """int8 weight quantisation of the Qwen3 projections (Quasar / QSpec).
 
-One set of int8 weights serves both int8 activation modes (:class:`~quasar_jax.modes.QuantMode`),
+One set of int8 weights serves both int8 activation modes (:class:`~quasar_jax.model.modes.QuantMode`),
 chosen per call by ``mode`` and never stored in the model:
 
 * ``W8A16`` (weight-only; the verifier in QSpec/Quasar): activations stay in ``x.dtype``,
@@ -47,7 +47,7 @@ the GEMM on GPU (checked on an H100: one bf16 Triton GEMM fusion, no weight copy
 bf16 x int8 dot instead got a materialised float32 weight copy at M >= 512). On CPU XLA may
 materialise the converted weight transiently per call; the Pallas backend never does.
 
-Entry points: ``Int8Linear`` (drop-in for ``quasar_jax.model.Linear``), ``quantize_model`` (in
+Entry points: ``Int8Linear`` (drop-in for ``quasar_jax.model.qwen3.Linear``), ``quantize_model`` (in
 place, layer by layer), ``abstract_quantized_model``, ``param_bytes``, ``quantized_projection_bytes``.
 """
 
@@ -64,9 +64,9 @@ from aqt.jax.v2 import aqt_quantizer
 from aqt.jax.v2 import calibration as aqt_calibration
 from pallas_kernels import int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_matmul.reference import INT8_MAX, MIN_SCALE, absmax_bound
-from quasar_jax.config import Qwen3Config
-from quasar_jax.model import Linear, Qwen3, get_path, linear_paths, set_path
-from quasar_jax.modes import Backend, QuantMode
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.modes import Backend, QuantMode
+from quasar_jax.model.qwen3 import Linear, Qwen3, get_path, linear_paths, set_path
 
 __all__ = ["INT8_MAX", "MIN_SCALE", "Int8Linear", "ProjectionBytes", "abstract_quantized_model",
            "dequantize", "int8_matmul_pallas", "int8_matmul_xla", "is_quantized", "param_bytes",
@@ -149,7 +149,7 @@ _MATMULS = {Backend.XLA: int8_matmul_xla, Backend.PALLAS: int8_matmul_pallas}
 
 # ----------------------------------------------------------------------------- the layer
 class Int8Linear(nnx.Module):
-    """int8 drop-in for ``quasar_jax.model.Linear``: holds only ``qvalue`` and ``scale``.
+    """int8 drop-in for ``quasar_jax.model.qwen3.Linear``: holds only ``qvalue`` and ``scale``.
 
     ``qvalue`` int8 ``[I, O]`` and ``scale`` float32 ``[O]`` are ``nnx.Param``; ``backend`` (a
     ``Backend``) is a static attribute. The activation mode is an argument of every call.
@@ -196,7 +196,7 @@ def quantize_linear(linear: Any, *, backend: Backend | str = Backend.XLA,
     if isinstance(linear, Int8Linear):
         return Int8Linear(linear.qvalue[...], linear.scale[...], backend=backend)
     if not isinstance(linear, Linear):
-        raise ValueError(f"cannot quantise {name}: expected a quasar_jax.model.Linear, got "
+        raise ValueError(f"cannot quantise {name}: expected a quasar_jax.model.qwen3.Linear, got "
                          f"{type(linear).__name__}")
     return Int8Linear.from_kernel(linear.kernel[...], backend=backend, name=name)
 
@@ -220,7 +220,7 @@ def quantize_model(model: Qwen3, *, lm_head: bool = False,
     """
     backend = Backend.parse(backend, "backend")
     if not isinstance(model, Qwen3):
-        raise ValueError(f"quantize_model expects a quasar_jax.model.Qwen3, got {type(model).__name__}")
+        raise ValueError(f"quantize_model expects a quasar_jax.model.qwen3.Qwen3, got {type(model).__name__}")
     if lm_head and model.lm_head is None:
         raise ValueError("quantize_model: lm_head=True but this model ties its LM head to the float "
                          "embedding (tie_word_embeddings=True); there is no separate lm_head to quantise")

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from quasar_jax.errors import InputError
-from quasar_jax.examples import PROMPTS as MINI_PROMPTS
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.examples import PROMPTS as MINI_PROMPTS
 
 JSON_SUFFIXES = (".jsonl", ".json")
 MINI = "mini"  # --questions mini: the small Spec-Bench-style set shipped with the package
@@ -126,7 +126,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[Prompt]:
 def load_questions(files: Sequence[str | os.PathLike], num_prompts: int | None = None) -> list[Question]:
     """Spec-Bench jsonl files -> the first ``num_prompts`` questions of each category.
 
-    The name ``mini`` stands for the prompt set shipped with the package (``quasar_jax.examples``).
+    The name ``mini`` stands for the prompt set shipped with the package (``quasar_jax.cli.examples``).
 
     The first turn is the prompt; a missing/empty ``category`` becomes the file's stem. Texts
     already taken (the same question listed in two files) are skipped. The result is grouped by

@@ -30,11 +30,11 @@ import optax
 from flax import nnx
 
 from quasar_jax import sharding
-from quasar_jax.engine import Engine, GenerationConfig
-from quasar_jax.heads import DraftHeads, shift_left
-from quasar_jax.model import Qwen3
-from quasar_jax.outputs import write_text_atomic
-from quasar_jax.s4c import choose_tree
+from quasar_jax.cli.outputs import write_text_atomic
+from quasar_jax.model.qwen3 import Qwen3
+from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.heads import DraftHeads, shift_left
+from quasar_jax.speculative.s4c import choose_tree
 
 HEADS = nnx.All(nnx.Param, nnx.PathContains("heads"))  # what is trained (and has optimizer state)
 MAX_RANK = 10  # acceptance is measured for ranks 0 .. MAX_RANK-1

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from quasar_jax import sharding
-from quasar_jax.config import Qwen3Config
-from quasar_jax.errors import InputError
-from quasar_jax.model import Qwen3, abstract_model
-from quasar_jax.modes import Backend, QuantMode
-from quasar_jax.outputs import check_output_dir, staged_dir
-from quasar_jax.quant import Int8Linear, abstract_quantized_model, is_quantized
+from quasar_jax.cli.errors import InputError
+from quasar_jax.cli.outputs import check_output_dir, staged_dir
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.modes import Backend, QuantMode
+from quasar_jax.model.quant import Int8Linear, abstract_quantized_model, is_quantized
+from quasar_jax.model.qwen3 import Qwen3, abstract_model
 
 MARKER = "quasar_jax.json"
 FORMAT = 1
@@ -43,7 +43,7 @@ def is_converted_dir(path: str | Path) -> bool:
 def save_converted(model: Qwen3, out_dir: str | Path, *, source_dir: str | Path | None = None) -> Path:
     """Save ``model`` (float or quantised) with orbax; copy tokenizer files from ``source_dir``.
 
-    ``out_dir`` must be new or empty (``quasar_jax.outputs.check_output_dir``). Everything is
+    ``out_dir`` must be new or empty (``quasar_jax.cli.outputs.check_output_dir``). Everything is
     written into a hidden sibling first and renamed into place when complete, so a failed or
     interrupted save leaves nothing behind.
     """

@@ -29,14 +29,16 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from quasar_jax import checkpoint, sharding
-from quasar_jax.config import Qwen3Config
-from quasar_jax.errors import InputError
-from quasar_jax.model import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
-from quasar_jax.modes import Backend
-from quasar_jax.quant import Int8Linear, is_quantized, quantize_model
+from quasar_jax.weights import checkpoint
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-qwen3"
+from quasar_jax import sharding
+from quasar_jax.cli.errors import InputError
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.modes import Backend
+from quasar_jax.model.quant import Int8Linear, is_quantized, quantize_model
+from quasar_jax.model.qwen3 import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-qwen3"
 
 
 def _tensor_paths(module: nnx.Module) -> dict[str, tuple]:

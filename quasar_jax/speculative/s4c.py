@@ -14,13 +14,13 @@ reads it with the node's own token (Hydra / EAGLE-style coherence). The shape is
 measured per-head acceptance (:func:`choose_tree`, Medusa's greedy rule: add the path of highest
 estimated acceptance ``prod_j a_j(r_j)`` until N nodes) and stored with the heads (``heads.json``).
 
-Optionally C n-gram continuations (``quasar_jax.drafting.ngram_candidates``) join the same tree:
+Optionally C n-gram continuations (``quasar_jax.speculative.ngram.ngram_candidates``) join the same tree:
 the head tree's root-to-leaf paths and the n-gram candidates are merged by ``tree.build_trie``.
 
 The drafter reads the target's hidden state carried by the loop (``uses_hidden``) and takes the
 heads' parameters as a run-time input (``params``; ``bind`` gives the per-step drafter), so the
 compiled program does not embed them. Verification, acceptance (greedy and SpecInfer sampling) and
-the K/V move are the tree path's (``quasar_jax.tree``), unchanged.
+the K/V move are the tree path's (``quasar_jax.speculative.tree``), unchanged.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quasar_jax.drafting import check_ngram_args, ngram_candidates
-from quasar_jax.heads import LoadedHeads, head_logits
-from quasar_jax.tree import TreeDraft, build_trie
+from quasar_jax.speculative.heads import LoadedHeads, head_logits
+from quasar_jax.speculative.ngram import check_ngram_args, ngram_candidates
+from quasar_jax.speculative.tree import TreeDraft, build_trie
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def grow_tree(heads, model, shape: TreeShape, hidden: jax.Array, last: jax.Array
 class S4CDrafter:
     """Trained draft heads growing a static tree (+ optionally C n-gram candidates), depth <= K.
 
-    ``heads`` (``quasar_jax.heads.load_heads``) hashes by identity, so the compiled program is
+    ``heads`` (``quasar_jax.speculative.heads.load_heads``) hashes by identity, so the compiled program is
     keyed by it; its parameters are a run-time input (``params``).
     """
 

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quasar_jax.errors import InputError
+from quasar_jax.cli.errors import InputError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-_PACKAGED_PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+_PACKAGED_PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Feature reuse: the target's hidden state carried by the decode loop for drafters that read it.
 
-A drafter with ``uses_hidden = True`` (S4C's heads, ``quasar_jax.s4c``) drafts from the final
+A drafter with ``uses_hidden = True`` (S4C's heads, ``quasar_jax.speculative.s4c``) drafts from the final
 hidden state of position ``lengths - 2``: the position whose logits gave the last committed token.
 The loop state then carries it as ``LoopState.hidden [B, D]``; the prefill supplies it
 (:func:`prefill_hidden`) and every verify forward, chain or tree, gathers it behind the last

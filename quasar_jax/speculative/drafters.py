@@ -8,11 +8,11 @@ static ``num_draft`` (K) and one device method::
 ``draft [B, K]`` int32 holds the proposals, ``n_draft [B]`` in [0, K] how many are valid (the
 rest are ignored by acceptance). A drafter that runs the model (QSpec) may write K/V into the
 verifier's cache, but only at slots ``>= lengths - 1`` that the verify pass rewrites; it returns
-the cache it wrote. The loop (``quasar_jax.engine``) never looks inside a drafter: a new one plugs
+the cache it wrote. The loop (``quasar_jax.speculative.engine``) never looks inside a drafter: a new one plugs
 in by implementing this method.
 
 * :class:`NoDrafter` (K = 0): plain autoregressive decoding through the same loop.
-* :class:`NGramDrafter`: prompt lookup in the row's own history (``quasar_jax.drafting``).
+* :class:`NGramDrafter`: prompt lookup in the row's own history (``quasar_jax.speculative.ngram``).
 * :class:`QSpecDrafter`: QSpec self-drafting, K greedy single-token steps of the same int8
   weights on the W8A8 path (the verifier then runs W8A16).
 
@@ -20,9 +20,9 @@ A tree drafter instead has ``num_draft`` (K, the tree's depth), ``num_nodes`` (N
 
     tree, cache = drafter.draft_tree(model, history [B, S], lengths [B], cache)
 
-returning a ``quasar_jax.tree.TreeDraft``; the loop then verifies all N nodes in one forward
+returning a ``quasar_jax.speculative.tree.TreeDraft``; the loop then verifies all N nodes in one forward
 (docs/tree.md). :class:`NGramTreeDrafter` merges several n-gram continuations into one trie;
-``quasar_jax.s4c.S4CDrafter`` grows a tree with trained draft heads (docs/s4c.md).
+``quasar_jax.speculative.s4c.S4CDrafter`` grows a tree with trained draft heads (docs/s4c.md).
 
 Optional capabilities (read with ``getattr``, so existing drafters need none of them):
 
@@ -42,12 +42,12 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from quasar_jax.drafting import NGRAM_PREFER, check_ngram_args, ngram_candidates, ngram_draft
-from quasar_jax.kv_cache import KVCache
-from quasar_jax.heads import LoadedHeads, load_heads
-from quasar_jax.modes import QuantMode, Choice
-from quasar_jax.s4c import S4CDrafter, make_s4c_drafter
-from quasar_jax.tree import TreeDraft, build_trie
+from quasar_jax.model.kv_cache import KVCache
+from quasar_jax.model.modes import QuantMode, Choice
+from quasar_jax.speculative.heads import LoadedHeads, load_heads
+from quasar_jax.speculative.ngram import NGRAM_PREFER, check_ngram_args, ngram_candidates, ngram_draft
+from quasar_jax.speculative.s4c import S4CDrafter, make_s4c_drafter
+from quasar_jax.speculative.tree import TreeDraft, build_trie
 
 
 class DrafterKind(Choice):
@@ -185,7 +185,7 @@ def make_drafter(kind: DrafterKind | str, *, num_draft: int = 5, ngram_min: int 
 
     ``num_candidates`` C > 1 (n-gram) gives the tree drafter; C = 1 is the chain
     ``NGramDrafter`` (``tree_nodes`` is then unused). ``s4c`` needs ``heads`` (loaded, or a
-    directory for ``quasar_jax.heads.load_heads``); its ``num_candidates`` C >= 0 n-gram
+    directory for ``quasar_jax.speculative.heads.load_heads``); its ``num_candidates`` C >= 0 n-gram
     continuations join the heads' tree and ``tree_nodes`` cuts the heads' stored tree.
     """
     kind = DrafterKind.parse(kind, "drafter")
@@ -196,7 +196,7 @@ def make_drafter(kind: DrafterKind | str, *, num_draft: int = 5, ngram_min: int 
         raise ValueError(f"num_candidates > 1 needs drafter 'ngram' or 's4c', got drafter '{kind}'")
     if kind is DrafterKind.S4C:
         if heads is None:
-            raise ValueError("drafter 's4c' needs trained heads: heads=DIR (or quasar_jax.heads.load_heads(DIR))")
+            raise ValueError("drafter 's4c' needs trained heads: heads=DIR (or quasar_jax.speculative.heads.load_heads(DIR))")
         heads = heads if isinstance(heads, LoadedHeads) else load_heads(heads)
         return make_s4c_drafter(heads, num_draft=num_draft, tree_nodes=tree_nodes, num_candidates=num_candidates,
                                 ngram_min=ngram_min, ngram_max=ngram_max, ngram_prefer=ngram_prefer)

@@ -34,7 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from quasar_jax.tree import TreeDraft, ancestors
+from quasar_jax.speculative.tree import TreeDraft, ancestors
 
 MAX_LOGIT_BIAS = 300  # logit_bias entries per row (OpenAI's limit)
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit)

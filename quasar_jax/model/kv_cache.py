@@ -6,7 +6,7 @@ into slot ``positions[b, t]``; slots at or past ``S`` are dropped, never clamped
 Rolling back rejected draft tokens is free: the engine just sets ``lengths`` back, and the
 attention mask hides slots ``>= lengths`` that are not part of the current chunk.
 
-Tree verification (``quasar_jax.tree``) writes its T chunk tokens at contiguous scratch slots and
+Tree verification (``quasar_jax.speculative.tree``) writes its T chunk tokens at contiguous scratch slots and
 passes a ``chunk_mask [B, T, T]``; after acceptance :meth:`KVCache.move` copies the accepted
 path's K/V to contiguous slots (one gather and one scatter over all layers).
 """
@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from quasar_jax.config import Qwen3Config
+from quasar_jax.model.config import Qwen3Config
 
 
 @jax.tree_util.register_dataclass

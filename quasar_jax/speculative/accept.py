@@ -17,6 +17,14 @@ positions ``>= n_emit`` carry no meaning.
 
 The draft logits layout is ``logits[b, t]`` = verifier logits after feeding
 ``[last, draft_0, ..., draft_{K-1}]``, so position t predicts the token after draft_{t-1}.
+
+For a token trie (``quasar_jax.speculative.tree.TreeDraft``) acceptance walks from the root down at
+most K levels, at each level taking the first child (in node order) that passes:
+:func:`greedy_tree_accept`, the child whose token is the verifier's argmax at the current node
+(siblings are distinct, so at most one); :func:`speculative_tree_sample`, SpecInfer's
+multi-candidate rejection. They return ``tokens [B, K+1]`` (accepted path tokens, then the bonus /
+correction token, then zeros), ``n_emit [B] = n_accept + 1`` and ``path [B, K]`` (accepted node
+indices, -1 past n_accept).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+
+from quasar_jax.speculative.tree import TreeDraft
 
 
 def process_logits(
@@ -227,3 +237,75 @@ def speculative_sample(
         jnp.where(pos == n_accept[:, None], sampled[:, None], 0),
     ).astype(jnp.int32)
     return tokens, n_accept + 1
+
+
+# ----------------------------------------------------------------------------- tree drafts
+def _walk(tree: TreeDraft, ok: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Descend from the root taking the first child with ``ok [B, N]`` at each of K levels.
+
+    Returns ``path [B, K]`` (node per level, -1 past the end), ``n_accept [B]`` and the final node
+    ``cur [B]`` (-1 = the root).
+    """
+    b = ok.shape[0]
+    cur = jnp.full((b,), -1, jnp.int32)
+    path = []
+    for _ in range(tree.max_depth):
+        child = ok & (tree.parent == cur[:, None])  # [B, N]
+        has = jnp.any(child, axis=1)
+        cur = jnp.where(has, jnp.argmax(child, axis=1).astype(jnp.int32), cur)
+        path.append(jnp.where(has, cur, -1))
+    path = jnp.stack(path, axis=1)  # [B, K]; a walk that stops never restarts (same children)
+    return path, jnp.sum(path >= 0, axis=1).astype(jnp.int32), cur
+
+
+def _emit(tree: TreeDraft, path, n_accept, last_token) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens [B, K+1]: the path's tokens, then ``last_token [B]``, then zeros."""
+    toks = jnp.take_along_axis(tree.tokens, jnp.maximum(path, 0), axis=1)  # [B, K]
+    toks = jnp.pad(toks, ((0, 0), (0, 1)))  # [B, K+1]
+    j = jnp.arange(tree.max_depth + 1)[None, :]
+    out = jnp.where(j < n_accept[:, None], toks, jnp.where(j == n_accept[:, None], last_token[:, None], 0))
+    return out.astype(jnp.int32), n_accept + 1, path
+
+
+def greedy_tree_accept(tree: TreeDraft, valid: jax.Array, logits: jax.Array):
+    """Greedy acceptance: the longest root-to-node path whose every token is the argmax at its
+    parent, plus the argmax at its end. ``valid [B, N]``, ``logits [B, N+1, V]`` at
+    ``[root, nodes]`` -> (tokens [B, K+1], n_emit [B], path [B, K])."""
+    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N+1]
+    ok = valid & (tree.tokens == jnp.take_along_axis(g, tree.parent + 1, axis=1))
+    path, n_accept, cur = _walk(tree, ok)
+    return _emit(tree, path, n_accept, jnp.take_along_axis(g, cur[:, None] + 1, axis=1)[:, 0])
+
+
+def speculative_tree_sample(tree: TreeDraft, valid: jax.Array, probs: jax.Array, key: jax.Array):
+    """Exact multi-candidate speculative sampling (SpecInfer) for deterministic tree drafts.
+
+    At node u with children x_1 .. x_m (distinct tokens, node order) and processed distribution
+    p = probs[u]: try x_1, x_2, ... in turn, accepting x_i with probability
+    ``p(x_i) / (1 - sum_{j<i} p(x_j))`` (x_i's mass in p with the rejected siblings zeroed and
+    renormalised) and moving to x_i; if all are rejected sample from p with x_1 .. x_m zeroed,
+    renormalised. Each emitted token is then distributed exactly as p (docs/tree.md). The trials
+    are drawn for every node at once (one uniform per node); the walk reads those on its path.
+
+    ``valid [B, N]``, ``probs [B, N+1, V]``, ``key`` one key or ``[B]`` ->
+    (tokens [B, K+1], n_emit [B], path [B, K]).
+    """
+    b, n = tree.tokens.shape
+    keys = jax.vmap(jax.random.split)(row_keys(key, b))  # [B, 2]
+    u = jax.vmap(lambda kk: jax.random.uniform(kk, (n,), dtype=jnp.float32))(keys[:, 0])  # [B, N]
+    at_parent = jnp.take_along_axis(probs, (tree.parent + 1)[:, :, None], axis=1)  # [B, N, V]
+    p_node = jnp.take_along_axis(at_parent, tree.tokens[:, :, None], axis=2)[..., 0] * valid  # [B, N]
+    idx = jnp.arange(n)
+    sib_before = (tree.parent[:, :, None] == tree.parent[:, None, :]) & (idx[None, None, :] < idx[None, :, None])
+    rejected = jnp.einsum("bij,bj->bi", sib_before.astype(jnp.float32), p_node)  # [B, N]
+    ok = valid & (u * jnp.maximum(1.0 - rejected, 0.0) < p_node)  # u < p / (1 - rejected)
+    path, n_accept, cur = _walk(tree, ok)
+
+    p_cur = jnp.take_along_axis(probs, cur[:, None, None] + 1, axis=1)[:, 0]  # [B, V]
+    tried = (valid & (tree.parent == cur[:, None])).astype(jnp.int32)  # [B, N] all rejected
+    drop = jnp.zeros_like(p_cur, jnp.int32).at[jnp.arange(b)[:, None], tree.tokens].add(tried) > 0
+    resid = jnp.where(drop, 0.0, p_cur)
+    denom = jnp.sum(resid, axis=-1, keepdims=True)
+    # Zero residual mass only happens under round-off (the children held all of p): use p.
+    resid = jnp.where(denom > 0, resid / jnp.where(denom > 0, denom, 1.0), p_cur)
+    return _emit(tree, path, n_accept, jax.vmap(sample_tokens)(resid, keys[:, 1]))

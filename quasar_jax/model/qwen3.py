@@ -9,7 +9,7 @@ slot, and it attends causally to the committed slots of its row plus this call's
 ``KVCache.attention_mask``). Rows may sit at different offsets. The returned cache has
 ``lengths = positions[:, -1] + 1``; a caller that keeps fewer tokens (speculative rejection,
 right padding) sets ``lengths`` itself. ``return_hidden=True`` adds the final hidden state
-``[B, T, D]`` (the LM head's input) as a third output, for draft heads (``quasar_jax.heads``).
+``[B, T, D]`` (the LM head's input) as a third output, for draft heads (``quasar_jax.speculative.heads``).
 
 Tree verification passes ``chunk_mask [B, T, T]`` (bool): token t then attends to chunk token j
 iff ``chunk_mask[b, t, j]`` (instead of causally), its K/V goes to slot ``positions[b, 0] + t``
@@ -20,8 +20,8 @@ Numerics follow transformers' Qwen3: RMSNorm in float32 (normalised value cast b
 compute dtype before the weight multiply), RoPE cos/sin in float32 cast to the compute dtype,
 attention scores and softmax in float32, logits returned in float32.
 
-The forward takes ``mode`` (a :class:`~quasar_jax.modes.QuantMode`) and passes it to every
-projection as ``proj(x, mode=mode)``: a float ``Linear`` ignores it; ``quasar_jax.quant`` swaps the
+The forward takes ``mode`` (a :class:`~quasar_jax.model.modes.QuantMode`) and passes it to every
+projection as ``proj(x, mode=mode)``: a float ``Linear`` ignores it; ``quasar_jax.model.quant`` swaps the
 projections for int8 layers that multiply as it says ("w8a16" or "w8a8"; "float" is an error
 there). The projections are found by walking the module tree (:func:`linear_paths`), and the
 checkpoint key table is derived from the same tree, so no list of projection names exists.
@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from quasar_jax.config import Qwen3Config
-from quasar_jax.kv_cache import KVCache
-from quasar_jax.modes import QuantMode
+from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.kv_cache import KVCache
+from quasar_jax.model.modes import QuantMode
 
 _init = nnx.initializers.normal(0.02)
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from quasar_jax.errors import InputError
+from quasar_jax.cli.errors import InputError
 
 _PARTIAL: set[Path] = set()  # staging paths being written now (removed on an interrupt)
 

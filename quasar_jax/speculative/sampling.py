@@ -2,12 +2,12 @@
 
 * :class:`SamplingParams` is one row's (one request's) host-side setting: temperature (0 =
   greedy), top-k, top-p, min-p, an optional seed, and the logits stage's settings (penalties,
-  logit bias, min_tokens, logprobs; ``quasar_jax.logits``). It is validated on construction.
+  logit bias, min_tokens, logprobs; ``quasar_jax.speculative.logits``). It is validated on construction.
 * :class:`RowSampling` holds those settings for a whole batch as device arrays (``[B]`` each,
   ``[B, MAX_LOGIT_BIAS]`` for the bias), so one compiled program serves any values and the rows of
   one batch may differ.
 * A sampler turns ``(draft, n_draft, logits)`` into ``(tokens [B, K+1], n_emit [B])`` (see
-  ``quasar_jax.accept``). :class:`GreedySampler` is the all-greedy program (no sort, no random
+  ``quasar_jax.speculative.accept``). :class:`GreedySampler` is the all-greedy program (no sort, no random
   numbers). :class:`RowSampler` serves any mix: rows with temperature 0 take exactly the greedy
   rule's result (so a greedy row of a mixed batch equals the all-greedy output), the others exact
   speculative sampling with their own temperature / top-k / top-p and their own PRNG key.
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quasar_jax.accept import greedy_accept, process_logits, sample_tokens, speculative_sample
-from quasar_jax.logits import MAX_LOGIT_BIAS, MAX_LOGPROBS
-from quasar_jax.tree import TreeDraft, greedy_tree_accept, speculative_tree_sample
+from quasar_jax.speculative.accept import (greedy_accept, greedy_tree_accept, process_logits, sample_tokens,
+                                          speculative_sample, speculative_tree_sample)
+from quasar_jax.speculative.logits import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from quasar_jax.speculative.tree import TreeDraft
 
 SEED_RANGE = (-2**63, 2**63)
 
@@ -90,7 +91,7 @@ def _check_logits_stage(p: "SamplingParams") -> tuple[tuple[int, float], ...]:
 class SamplingParams:
     """One row's sampling settings (temperature 0 = greedy; ``seed=None``: the batch's seed).
 
-    The logits stage (``quasar_jax.logits``, vLLM's semantics): ``presence_penalty`` /
+    The logits stage (``quasar_jax.speculative.logits``, vLLM's semantics): ``presence_penalty`` /
     ``frequency_penalty`` in [-2, 2] over generated tokens, ``repetition_penalty`` > 0 over prompt
     and generated tokens (1 = off), ``min_tokens`` (stop ids masked until that many tokens are
     generated), ``logit_bias`` ({token id: value in [-100, 100]}, at most 300; kept as sorted
@@ -203,7 +204,7 @@ class Sampler(Protocol):
 
     def accept_tree(self, tree: TreeDraft, valid: jax.Array, logits: jax.Array, rows: RowSampling,
                     keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Tree drafts (``quasar_jax.tree``): valid [B, N], logits [B, N+1, V] ->
+        """Tree drafts (``quasar_jax.speculative.tree``): valid [B, N], logits [B, N+1, V] ->
         tokens [B, K+1], n_emit [B], path [B, K]."""
 
 
