@@ -42,10 +42,11 @@ from typing import Callable
 
 import numpy as np
 
+from quasar_jax.serving.kv_pages import OutOfPages, SlotPages
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
 from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
-from quasar_jax.speculative.results import FINISH_CODES, TokenLogprob, token_logprobs
+from quasar_jax.speculative.results import CACHE_FULL, FINISH_CODES, TokenLogprob, token_logprobs
 from quasar_jax.speculative.sampling import SamplingParams
 
 log = logging.getLogger("quasar_jax.serving")
@@ -117,14 +118,23 @@ class _Staging:
     echo: list | None  # prompt logprobs gathered so far (None: not asked)
     next_choice: int = 0  # choices admitted so far
     prefilled: bool = False  # the prompt is in the staging cache (and its logprobs delivered)
+    resume: tuple | None = None  # a preempted choice: (tokens so far, tokens produced, verify steps)
 
 
 class Scheduler:
     """Owns the slots; ``start`` runs the loop in a daemon thread."""
 
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, prefill_budget: int | None = None,
-                 metrics: ServingMetrics | None = None, policy=None, on_fatal: Callable | None = None):
+                 metrics: ServingMetrics | None = None, policy=None, on_fatal: Callable | None = None,
+                 prefix_caching: bool = True):
         self.engine = engine
+        self.prefix_caching = prefix_caching
+        # Paged KV (SlotEngine.paged): the host's pages, each slot's tokens, the preempted choices.
+        self.pages = SlotPages(engine, prefix_caching=prefix_caching) if getattr(engine, "paged", False) else None
+        self._tokens: dict[int, list[int]] = {}  # slot -> prompt + generated (paged)
+        self._offset: dict[int, tuple[int, int]] = {}  # slot -> (tokens, steps) before a resumption
+        self._resume: collections.deque = collections.deque()  # (req, choice, tokens, produced, steps)
+        self._steps: dict[int, int] = {}  # slot -> verify steps since its admission
         self.policy = policy or FixedPolicy(len(engine.ks) - 1)  # read each chunk (tests may swap it)
         self.on_fatal = on_fatal or (lambda err: None)
         self.max_queue = max_queue
@@ -185,7 +195,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduler thread
     def _idle(self) -> bool:
-        return not (self._queue or self._owner or self._staging or self._cancels)
+        return not (self._queue or self._owner or self._staging or self._cancels or self._resume)
 
     def _loop(self) -> None:
         try:
@@ -237,7 +247,8 @@ class Scheduler:
             if index is not None:
                 continue
             if self._staging is not None and self._staging.req is req:
-                self._staging = None
+                self._drop_staging()
+            self._resume = collections.deque(r for r in self._resume if r[0] is not req)
             with self._cond:
                 if req in self._queue:
                     self._queue.remove(req)
@@ -265,12 +276,9 @@ class Scheduler:
         spent = 0
         while True:
             if self._staging is None:
-                req = self._next_request(len(self._owner) < eng.b)
-                if req is None:
+                self._staging = self._start_staging()
+                if self._staging is None:
                     return
-                eng.begin(req.prompt)
-                self._staging = _Staging(req, prefill_pieces(len(req.prompt) - 1, eng.buckets),
-                                         None if req.prompt_logprobs is None else [None])
             st = self._staging
             while st.pieces and (not self._owner or spent < self.prefill_budget):
                 start, size = st.pieces.pop(0)
@@ -289,21 +297,115 @@ class Scheduler:
                 if st.echo is not None:
                     self._deliver(req, PromptLogprobs(st.echo))
                 if req.max_tokens == 0:  # the prompt's logprobs were all that was asked
-                    self._staging = None
+                    self._drop_staging()
                     self._end_choices(req, "length")
                     continue
-            row = eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling)  # the same for every choice
-            while st.next_choice < req.n and len(self._owner) < eng.b:
+            produced = st.resume[1] if st.resume else 0
+            row = eng.row_inputs(req.max_tokens - produced, req.stop_ids, req.sampling)  # the same for every choice
+            last = st.next_choice + 1 if st.resume else req.n
+            while st.next_choice < last and len(self._owner) < eng.b:
                 slot = next(s for s in range(eng.b) if s not in self._owner)
-                eng.admit(slot, row, eng.key_data(req.sampling, req.seed, st.next_choice))
+                key = eng.key_data(req.sampling, req.seed, st.next_choice)
+                if self.pages is None:
+                    eng.admit(slot, row, key)
+                else:
+                    tokens = st.resume[0] if st.resume else req.prompt
+                    eng.admit(slot, row, key, *self.pages.admit(slot, tokens))
+                    self._tokens[slot] = list(tokens)
+                    self._offset[slot] = st.resume[1:] if st.resume else (0, 0)
                 self._owner[slot] = (req, st.next_choice)
                 st.next_choice += 1
             self.metrics.slots_busy.set(len(self._owner))
-            if st.next_choice < req.n:
+            if st.next_choice < last:
                 return  # the other choices wait for free slots (the staging cache is kept)
-            self._staging = None
+            self._drop_staging()
+
+    # ------------------------------------------------------------------ staging (and its pages)
+    def _start_staging(self) -> _Staging | None:
+        """The next prompt to stage (a preempted choice first), begun on the engine; None when
+        there is none, or its pages are not free yet."""
+        eng = self.engine
+        if self._resume and len(self._owner) < eng.b:
+            req, index, tokens, produced, steps = self._resume[0]
+            cached = self._begin_pages(tokens, lookup=True)
+            if cached is None:
+                return None
+            self._resume.popleft()
+            return _Staging(req, self._pieces(tokens, cached), None, next_choice=index, prefilled=True,
+                            resume=(tokens, produced, steps))
+        req = self._next_request(len(self._owner) < eng.b)
+        if req is None:
+            return None
+        cached = 0
+        if self.pages is not None and req.max_tokens > 0:
+            cached = self._begin_pages(req.prompt, lookup=req.prompt_logprobs is None)  # echo: every position
+            if cached is None:
+                with self._cond:
+                    self._queue.appendleft(req)  # waits for pages
+                return None
+        else:
+            eng.begin(req.prompt)
+        return _Staging(req, self._pieces(req.prompt, cached), None if req.prompt_logprobs is None else [None])
+
+    def _pieces(self, tokens, cached: int) -> list[tuple[int, int]]:
+        return [(cached + a, n) for a, n in prefill_pieces(len(tokens) - 1 - cached, self.engine.buckets)]
+
+    def _begin_pages(self, tokens, lookup: bool) -> int | None:
+        """Pages for ``tokens`` on the staging row, the cached prefix loaded: the cached slots, or
+        None (out of pages while rows run: try again after they free some)."""
+        try:
+            cached = self.pages.begin(tokens, lookup)
+        except OutOfPages:
+            if self._owner:
+                return None
+            raise
+        self.engine.begin(tokens, prefix_pages=self.pages.prefix_pages()) if cached else self.engine.begin(tokens)
+        return cached
+
+    def _drop_staging(self) -> None:
+        self._staging = None
+        if self.pages is not None:
+            self.pages.end_staging()
+
+    def _reserve_pages(self) -> None:
+        """Pages for the next chunk of every running row; when the pool runs out, the youngest
+        running choice is preempted (recomputed later from its prompt and the tokens it made)."""
+        while self._owner:
+            try:
+                self.pages.reserve({s: len(self._tokens[s]) for s in self._owner})
+                return
+            except OutOfPages:
+                if len(self._owner) == 1:  # alone and still out of pages: the pool is its limit
+                    slot = next(iter(self._owner))
+                    before, steps = self._offset.get(slot, (0, 0))
+                    self.engine.finish(self._mask([slot]))
+                    self._retire(slot, Finished(FINISH_CODES[CACHE_FULL].value,
+                                                len(self._tokens[slot]) - len(self._owner[slot][0].prompt),
+                                                steps + self._steps.get(slot, 0), self._owner[slot][1]))
+                    return
+                slot = max(self._owner, key=lambda s: (self._owner[s][0].arrival, s))
+                self._preempt(slot)
+
+    def _preempt(self, slot: int) -> None:
+        req, index = self._owner.pop(slot)
+        self.engine.finish(self._mask([slot]))
+        tokens = self._tokens.pop(slot)
+        steps = self._offset.pop(slot, (0, 0))[1] + self._steps.pop(slot, 0)
+        self.pages.free(slot)
+        self.pages.preemptions += 1
+        self.metrics.slots_busy.set(len(self._owner))
+        self._resume.append((req, index, tokens, len(tokens) - len(req.prompt), steps))
+
+    def _mask(self, slots) -> np.ndarray:
+        mask = np.zeros((self.engine.b,), bool)
+        mask[list(slots)] = True
+        return mask
 
     def _chunk(self) -> None:
+        if self.pages is not None:
+            self._reserve_pages()
+            if not self._owner:
+                return
         busy = len(self._owner)
         program = self.policy.choose(busy)
         t0 = time.perf_counter()
@@ -338,14 +440,24 @@ class Scheduler:
                     lps = token_logprobs(lp.token[slot], lp.top_ids[slot], lp.top[slot], range(n),
                                          req.sampling.logprobs)
                 self._deliver(req, Tokens(groups, index, lps))
+                if self.pages is not None:
+                    self._tokens[slot] += toks
+                    self.pages.committed(slot, self._tokens[slot])
             if res.done[slot]:
                 reason = FINISH_CODES[int(res.finish[slot])].value
-                self._retire(slot, Finished(reason, int(res.new_tokens[slot]), int(res.steps[slot]), index))
+                before, steps = self._offset.get(slot, (0, 0))
+                self._retire(slot, Finished(reason, before + int(res.new_tokens[slot]),
+                                            steps + int(res.steps[slot]), index))
+            elif self.pages is not None:
+                self._steps[slot] = int(res.steps[slot])
 
     def _retire(self, slot: int, event: Finished) -> None:
         """Free ``slot`` and end its choice; the request ends with its last choice."""
         req, _ = self._owner.pop(slot)
         self.metrics.slots_busy.set(len(self._owner))
+        if self.pages is not None:
+            self.pages.free(slot)
+            self._tokens.pop(slot, None), self._offset.pop(slot, None), self._steps.pop(slot, None)
         self._end_choice(req, event)
 
     def _end_choice(self, req: Request, event: Finished) -> None:
@@ -380,8 +492,13 @@ class Scheduler:
             with self._cond:
                 reqs.update((id(r), r) for r in self._queue)
                 self._queue.clear()
+        reqs.update((id(r[0]), r[0]) for r in self._resume)
+        self._resume.clear()
         self._owner.clear()
         self._staging = None
+        if self.pages is not None:
+            self.pages = SlotPages(self.engine, prefix_caching=self.prefix_caching)
+            self._tokens.clear(), self._offset.clear(), self._steps.clear()
         self.metrics.slots_busy.set(0)
         if reset:
             try:
