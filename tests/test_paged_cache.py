@@ -101,9 +101,10 @@ def test_tpu_kernel_arguments_against_jax_reference_and_dispatch():
 def test_int8_kv_scheme():
     x = jax.random.normal(jax.random.key(3), (5, 2, 64)) * jnp.array([[0.01], [30.0]])[None]
     q, s = kv_quant.quantize(x)
-    assert q.dtype == jnp.int8 and s.shape == (5, 2) and int(jnp.max(jnp.abs(q))) == 127
+    assert q.dtype == jnp.int8 and s.dtype == jnp.bfloat16 and s.shape == (5, 2)
+    assert int(jnp.max(jnp.abs(q))) >= 126  # the scale is rounded up into bfloat16: nothing clips
     err = jnp.abs(kv_quant.dequantize(q, s, jnp.float32) - x)
-    assert bool(jnp.all(err <= s[..., None] / 2 + 1e-7))  # half a step of each vector's own scale
+    assert bool(jnp.all(err <= s.astype(jnp.float32)[..., None] / 2 + 1e-6))  # half a step of its own scale
     q0, s0 = kv_quant.quantize(jnp.zeros((1, 8)))
     assert float(s0[0]) == 1.0 and not np.asarray(q0).any()
 

@@ -86,3 +86,25 @@ def test_int8_kv_serving_equals_offline_int8_kv(model):
                                                   kv_dtype="int8")).tokens[0] for p, n in zip(PROMPTS, BUDGETS)]
     got, _, _ = _run(_engine(model, kv_pages=40, kv_dtype="int8"), 1)
     assert got == want
+
+
+def test_server_metrics_and_a_prompt_that_can_never_fit(demo_server, monkeypatch):
+    import httpx
+
+    url, pages = demo_server["url"], demo_server["scheduler"].pages
+    assert pages is not None  # the demo server runs on pages (the default on one device)
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n" * 2
+    before = pages.stats()["prefix_hit_tokens"]
+    for _ in range(2):  # the second finds the first's prompt pages
+        r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": prompt, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+    assert pages.stats()["prefix_hit_tokens"] >= before + pages.page_size
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for name in ("quasar_kv_pages_used", "quasar_kv_pages_free", "quasar_kv_prefix_queried_tokens",
+                 "quasar_kv_prefix_hit_tokens", "quasar_kv_evictions", "quasar_kv_preemptions"):
+        assert name in text
+    monkeypatch.setattr(pages.tables.pool, "num_pages", 2)
+    r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": prompt, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "KV pages" in message and "holds 2" in message

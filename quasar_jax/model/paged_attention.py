@@ -3,7 +3,7 @@
 ``attend_pages(q, pages, scales, table, vis, ...)`` attends the queries ``q [B, T, H, E]`` of one
 layer over the pages a row uses. ``pages [P, page, 2G, E]`` is one layer's pool in the layout of
 JAX's TPU ragged paged attention kernel (K of KV head g at combined head 2g, V at 2g+1);
-``scales [P, page, 2G]`` (float32) when the pages are int8 (``quasar_jax.model.kv_quant``), else
+``scales [P, page, 2G]`` (bfloat16) when the pages are int8 (``quasar_jax.model.kv_quant``), else
 ``None``; ``table [B, M]`` the pages of each row (slot s of row b lives at
 ``pages[table[b, s // page], s % page]``); ``vis`` the :class:`Visibility` of the call.
 

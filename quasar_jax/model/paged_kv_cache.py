@@ -2,8 +2,8 @@
 
 Layout: ``kv`` is a tuple of L arrays ``[P, page, 2G, E]`` (pages, slot in page, combined K/V
 head, head dim; K of KV head g at 2g and V at 2g+1, the layout of JAX's TPU ragged paged
-attention kernel); ``scale`` the matching tuple of ``[P, page, 2G]`` float32 scales when the pages
-are int8 (``quasar_jax.model.kv_quant``: one scale per token and KV head), else ``None``;
+attention kernel); ``scale`` the matching tuple of ``[P, page, 2G]`` bfloat16 scales when the pages
+are int8 (``quasar_jax.model.kv_quant``: one bfloat16 scale per token and KV head), else ``None``;
 ``page_table [B, M]`` the pages of each row: slot ``s`` of row ``b`` lives at
 ``kv[l][page_table[b, s // page], s % page]``; ``lengths [B]`` the committed slots of each row.
 A row's slots run ``0 .. M * page - 1`` (``max_len``); the allocation of pages to rows (and their
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.kv_cache import KVCache
-from quasar_jax.model.kv_quant import kv_storage_dtype, quantize
+from quasar_jax.model.kv_quant import SCALE_DTYPE, kv_storage_dtype, quantize
 from quasar_jax.model.paged_attention import Visibility, attend_pages
 
 DEFAULT_PAGE_SIZE = 16  # the TPU kernel's usual page (tpu-inference serves with 16-128)
@@ -37,7 +37,7 @@ DEFAULT_PAGE_SIZE = 16  # the TPU kernel's usual page (tpu-inference serves with
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
     kv: tuple  # L x [P, page, 2G, E]
-    scale: tuple | None  # L x [P, page, 2G] float32 (int8 pages) or None
+    scale: tuple | None  # L x [P, page, 2G] bfloat16 (int8 pages) or None
     page_table: jax.Array  # [B, M] int32
     lengths: jax.Array  # [B] int32: committed slots per row
 
@@ -50,7 +50,7 @@ class PagedKVCache:
         store = kv_storage_dtype(kv_dtype, dtype)
         shape = (num_pages, page_size, 2 * cfg.num_key_value_heads, cfg.head_dim)
         kv = tuple(jnp.zeros(shape, store) for _ in range(cfg.num_hidden_layers))
-        scale = (tuple(jnp.ones(shape[:-1], jnp.float32) for _ in range(cfg.num_hidden_layers))
+        scale = (tuple(jnp.ones(shape[:-1], SCALE_DTYPE) for _ in range(cfg.num_hidden_layers))
                  if store == jnp.int8 else None)
         table = jnp.asarray(page_table, jnp.int32)
         return cls(kv=kv, scale=scale, page_table=table, lengths=jnp.zeros((table.shape[0],), jnp.int32))
@@ -174,5 +174,5 @@ class CacheSpec:
 def cache_bytes_per_token(cfg: Qwen3Config, kv_dtype: str, model_dtype=jnp.bfloat16) -> int:
     """Bytes of K/V (and scales) one token takes in every layer."""
     store = kv_storage_dtype(kv_dtype, model_dtype)
-    per_head = cfg.head_dim * store.itemsize + (4 if store == jnp.int8 else 0)
+    per_head = cfg.head_dim * store.itemsize + (jnp.dtype(SCALE_DTYPE).itemsize if store == jnp.int8 else 0)
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * per_head

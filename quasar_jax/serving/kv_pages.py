@@ -57,7 +57,10 @@ class SlotPages:
 
     def begin(self, prompt: Sequence[int], lookup: bool = True) -> int:
         t, row = self.tables, self.staging
-        cached = t.admit(row, prompt, reusable=len(prompt) - 1 if lookup else 0)
+        # The last prompt token is verified, never prefilled; a drafter reading the hidden state of
+        # position P-2 (S4C) needs that position prefilled.
+        reusable = len(prompt) - 1 - (1 if getattr(self.engine, "hidden", False) else 0)
+        cached = t.admit(row, prompt, reusable=reusable if lookup else 0)
         try:
             t.reserve(row, cached, len(prompt) - 1)
         except OutOfPages:

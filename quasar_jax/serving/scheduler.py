@@ -140,6 +140,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget or engine.buckets[-1]
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
+        if self.pages is not None:
+            self.metrics.watch_pages(lambda: self.pages.stats())
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: collections.deque[tuple[Request, int | None]] = collections.deque()

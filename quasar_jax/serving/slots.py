@@ -371,6 +371,9 @@ class SlotEngine:
         self._finish = aot(finish, (state, host["mask"]), state_sh, (0,))
         self.state = self._empty()
         self.key_data(SamplingParams(), 0, index=1)  # compile the host-side key helpers now, not at the first request
+        if paged:  # the page ops' transfers too (a copy to the dropped page P changes nothing)
+            self._put(self._row_table(()))
+            self.set_pages(self._table, [(0, self.num_pages)])
 
     def _put(self, tree):
         """Host values -> device arguments (replicated global arrays on a mesh)."""
