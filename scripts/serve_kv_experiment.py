@@ -11,9 +11,9 @@ greedy, ``ignore_eos`` so every request makes its full budget), side by side in 
   conversation so far + its answer + a new ~32-token question), the conversations concurrent,
   their turns in sequence: the hit rate of every turn.
 * ``capacity``: the KV memory of ``--dense-slots`` dense slots of ``--capacity-len`` positions
-  (bfloat16 K/V); requests of uniform 64-512 total tokens, all at once: the peak of requests in
-  flight (``quasar_slots_busy`` sampled during the run) for the dense cache, pages in bfloat16 and
-  pages in int8.
+  (bfloat16 K/V); requests of uniform 64-512 total tokens: how many are resident at once in the
+  dense cache, in bfloat16 pages and in int8 pages (the server's allocator, no model run: on the
+  CPU admission is prefill-bound, so a live peak measures prefill speed, not memory).
 
 Writes ``OUT.json`` (every figure) and ``OUT.md`` (the tables).
 
@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -154,8 +153,8 @@ def shared_prefix(args, model, tok, stop_ids, vocab) -> list[dict]:
 
 def multi_turn(args, model, tok, stop_ids, vocab) -> list[dict]:
     rng = random.Random(args.seed + 1)
-    convs = [random_ids(rng, rng.randint(64, 128), vocab) for _ in range(args.conversations)]
-    max_len = 128 + args.turns * (48 + args.output_tokens) + 64
+    convs = [random_ids(rng, rng.randint(192, 320), vocab) for _ in range(args.conversations)]  # system + turn 1
+    max_len = 320 + args.turns * (48 + args.output_tokens) + 64
     rows = []
     with Server(model, tok, stop_ids, slots=args.slots, max_len=max_len, chunk_steps=args.chunk_steps,
                 speculation="auto", num_draft=args.num_draft) as srv:
@@ -173,40 +172,38 @@ def multi_turn(args, model, tok, stop_ids, vocab) -> list[dict]:
 
 
 def capacity(args, model, tok, stop_ids, vocab) -> list[dict]:
+    """Requests resident at once in the KV memory of ``--dense-slots x --capacity-len`` bfloat16
+    K/V: the dense cache holds ``--dense-slots`` whatever their lengths; pages hold each request's
+    total tokens plus one chunk's reach (``serving.kv_pages.chunk_reach`` for K = ``--num-draft``,
+    N = ``--chunk-steps``), counted with the server's own allocator (``quasar_jax.paging``) on
+    uniform 64-512-token requests until it runs out."""
     from quasar_jax.model.paged_kv_cache import cache_bytes_per_token
+    from quasar_jax.paging import OutOfPages, PageTables
 
     rng = random.Random(args.seed + 2)
-    totals = [rng.randint(64, 512) for _ in range(args.capacity_requests)]
-    prompts = [random_ids(rng, t - args.capacity_output, vocab) for t in totals]
+    totals = [rng.randint(64, 512) for _ in range(4096)]
     memory = args.dense_slots * args.capacity_len * cache_bytes_per_token(model.config, "bfloat16")
-    rows = []
-    for layout, kv_dtype in (("dense", "bfloat16"), ("paged", "bfloat16"), ("paged", "int8")):
-        page = 16
-        per_page = page * cache_bytes_per_token(model.config, kv_dtype)
-        pages = memory // per_page
-        slots = args.dense_slots if layout == "dense" else min(args.capacity_requests, 256)
-        cfg = dict(slots=slots, max_len=args.capacity_len, chunk_steps=args.chunk_steps, speculation=0,
-                   num_draft=args.num_draft, kv_layout=layout, kv_dtype=kv_dtype, page_size=page)
-        if layout == "paged":
-            cfg["kv_pages"] = int(pages)
-        with Server(model, tok, stop_ids, **cfg) as srv:
-            peak, stop = [0], threading.Event()
-
-            def sample():
-                while not stop.is_set():
-                    peak[0] = max(peak[0], int(srv.scheduler.metrics.slots_busy._value.get()))
-                    time.sleep(0.05)
-            th = threading.Thread(target=sample, daemon=True)
-            th.start()
-            before = scrape(srv.url)
-            res, wall = asyncio.run(run_all(srv.url, prompts, args.capacity_output, len(prompts)))
-            stop.set(), th.join()
-            row = {"layout": layout, "kv_dtype": kv_dtype, "slots": slots,
-                   "kv_pages": int(pages) if layout == "paged" else None, "kv_bytes": int(memory),
-                   "peak_in_flight": peak[0], "output_tokens_per_s": sum(r["tokens"] for r in res) / wall,
-                   "wall_s": wall, **hits(before, scrape(srv.url))}
-            print(json.dumps({"workload": "capacity", **row}), flush=True)
-            rows.append(row)
+    k, n, page = args.num_draft, args.chunk_steps, 16
+    reach = (n - 1) * (k + 1) + k + 1
+    rows = [{"layout": "dense", "kv_dtype": "bfloat16", "kv_bytes": int(memory), "kv_pages": None,
+             "requests_resident": args.dense_slots, "mean_total_tokens": float(np.mean(totals))}]
+    for kv_dtype in ("bfloat16", "int8"):
+        pages = int(memory // (page * cache_bytes_per_token(model.config, kv_dtype)))
+        tables = PageTables(pages, page, len(totals), -(-args.capacity_len // page), prefix_caching=False)
+        fit = 0
+        for row, total in enumerate(totals):
+            prompt = random_ids(rng, total - args.output_tokens // 2, vocab)
+            tables.admit(row, prompt, reusable=len(prompt) - 1)
+            try:
+                tables.reserve(row, 0, min(total - 1 + reach, args.capacity_len))
+            except OutOfPages:
+                break
+            fit += 1
+        rows.append({"layout": "paged", "kv_dtype": kv_dtype, "kv_bytes": int(memory), "kv_pages": pages,
+                     "requests_resident": fit, "mean_total_tokens": float(np.mean(totals[:fit]))})
+    for r in rows:
+        r["vs_dense"] = r["requests_resident"] / args.dense_slots
+        print(json.dumps({"workload": "capacity", **r}), flush=True)
     return rows
 
 
@@ -225,11 +222,10 @@ def tables(report: dict) -> str:
             out.append(f"| {r['turn']} | {r['prompt_tokens_mean']:.0f} | {r['hit_rate'] or 0:.3f} |")
         out.append("")
     if "capacity" in report:
-        out += ["| layout | KV dtype | slots | KV pages | peak requests in flight | output tok/s | preemptions |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+        out += ["| layout | KV dtype | KV pages | requests resident | vs dense |", "| --- | --- | --- | --- | --- |"]
         for r in report["capacity"]:
-            out.append(f"| {r['layout']} | {r['kv_dtype']} | {r['slots']} | {r['kv_pages'] or '-'} | "
-                       f"{r['peak_in_flight']} | {r['output_tokens_per_s']:.1f} | {int(r['preemptions'])} |")
+            out.append(f"| {r['layout']} | {r['kv_dtype']} | {r['kv_pages'] or '-'} | {r['requests_resident']} | "
+                       f"{r['vs_dense']:.2f}x |")
     return "\n".join(out) + "\n"
 
 
@@ -245,12 +241,14 @@ def main(argv=None) -> int:
     report = {"machine": args.machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "args": vars(args)}
     runners = {"shared-prefix": shared_prefix, "multi-turn": multi_turn, "capacity": capacity}
-    for name in args.workloads:
-        report[name] = runners[name](args, model, tok, stop_ids, vocab)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(tables(report))
+    if out.with_suffix(".json").exists():  # workloads of an earlier run are kept (rerun one alone)
+        report = {**json.loads(out.with_suffix(".json").read_text()), **report}
+    for name in args.workloads:  # written after each workload
+        report[name] = runners[name](args, model, tok, stop_ids, vocab)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(tables(report))
     print(tables(report))
     return 0
 
