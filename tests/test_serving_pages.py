@@ -9,7 +9,8 @@ import pytest
 
 from slot_driver import run_requests
 from quasar_jax.model.paged_kv_cache import CacheSpec
-from quasar_jax.serving.scheduler import Request, Scheduler
+from quasar_jax.serving.paged_scheduler import PagedScheduler
+from quasar_jax.serving.scheduler import Request
 from quasar_jax.serving.slots import SlotEngine
 from quasar_jax.serving.speculation import FixedPolicy, draft_options
 from quasar_jax.speculative.drafters import make_drafter
@@ -51,7 +52,7 @@ def tight(model):
 
 
 def _run(engine, program, **kw):
-    scheduler = Scheduler(engine, policy=FixedPolicy(program), **kw).start()
+    scheduler = PagedScheduler(engine, policy=FixedPolicy(program), **kw).start()
     try:
         got, ends = run_requests(scheduler, [Request(prompt=p, max_tokens=n) for p, n in zip(PROMPTS, BUDGETS)])
     finally:

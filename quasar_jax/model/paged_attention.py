@@ -26,6 +26,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
 from quasar_jax.model.kv_cache import visible
 from quasar_jax.model.kv_quant import dequantize
@@ -109,8 +110,6 @@ def ragged_kernel_attention(q, pages, table, vis: Visibility, *, impl=None, **ke
     ``impl`` replaces the kernel by a function of its signature (the tests pass JAX's
     ``ref_ragged_paged_attention``: the kernel itself does not run in Pallas' TPU interpreter on
     CPU in jax 0.10.2, which fails on its reshaped refs)."""
-    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
-
     b, t, h, e = q.shape
     kv_lens = (vis.positions[:, -1] + 1).astype(jnp.int32)
     cu_q_lens = (jnp.arange(b + 1, dtype=jnp.int32) * t)

@@ -123,6 +123,21 @@ class PagedKVCache:
         scale = None if self.scale is None else tuple(moved(x) for x in self.scale)
         return dataclasses.replace(self, kv=tuple(moved(x) for x in self.kv), scale=scale)
 
+    def copy_pages(self, src: jax.Array, dst: jax.Array) -> "PagedKVCache":
+        """Copy pages ``src [C]`` to pages ``dst [C]`` in every layer (``dst >= P`` dropped)."""
+        return self.put_pages(self, src, dst)
+
+    def put_pages(self, other: "PagedKVCache", src: jax.Array, dst: jax.Array) -> "PagedKVCache":
+        """Pages ``src [C]`` of ``other`` (a pool of the same page shape and dtype) into this
+        pool's pages ``dst [C]`` in every layer (``dst >= P`` dropped; all reads first)."""
+        ids = jnp.clip(src, 0, other.num_pages - 1)
+
+        def put(x, y):
+            return x.at[dst].set(y[ids], mode="drop")
+
+        scale = None if self.scale is None else tuple(map(put, self.scale, other.scale))
+        return dataclasses.replace(self, kv=tuple(map(put, self.kv, other.kv)), scale=scale)
+
     def attention_mask(self, positions: jax.Array, chunk_mask: jax.Array | None = None) -> Visibility:
         """What the call's queries see (evaluated block by block by the attention)."""
         return Visibility(positions=positions, lengths=self.lengths, chunk_mask=chunk_mask)

@@ -23,6 +23,7 @@ staging row (the prompt being prefilled). The scheduler calls:
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 from quasar_jax.paging import OutOfPages, PageTables
@@ -46,6 +47,10 @@ class SlotPages:
         self.preemptions = 0
         self._cached = 0
         self._copies: list[tuple[int, int]] = []
+        self.tokens: dict[int, list[int]] = {}  # slot -> its tokens (prompt + generated)
+        self.before: dict[int, tuple[int, int]] = {}  # slot -> (tokens generated, verify steps) before it resumed
+        self.steps: dict[int, int] = {}  # slot -> verify steps since its admission
+        self.resume: deque = deque()  # preempted choices: (owner, tokens, tokens generated, verify steps)
 
     @property
     def page_size(self) -> int:
@@ -71,11 +76,48 @@ class SlotPages:
         self._cached = cached
         return cached
 
+    def stage(self, prompt: Sequence[int], lookup: bool, busy: bool) -> int | None:
+        """``begin`` here and on the engine (the cached pages loaded into its staging row) -> the
+        cached slots; None when out of pages while other rows run (``busy``: try again later)."""
+        try:
+            cached = self.begin(prompt, lookup)
+        except OutOfPages:
+            if busy:
+                return None
+            raise
+        if cached:
+            self.engine.begin(prompt, prefix_pages=self.prefix_pages())
+        else:
+            self.engine.begin(prompt)
+        return cached
+
+    def make_room(self, owner: dict, prompt_len) -> tuple[list[int], int | None]:
+        """``reserve`` for the running slots of ``owner`` (``slot -> (request, choice)``,
+        requests with ``arrival``), preempting the youngest until it succeeds: each leaves
+        ``owner`` for ``resume`` (with its tokens, ``prompt_len(request)`` telling how many it
+        made). -> (the slots preempted, a lone slot the whole pool cannot hold or None)."""
+        victims = []
+        while owner:
+            try:
+                self.reserve({s: len(self.tokens[s]) for s in owner})
+                return victims, None
+            except OutOfPages:
+                if len(owner) == 1:
+                    return victims, next(iter(owner))
+                slot = max(owner, key=lambda s: (owner[s][0].arrival, s))
+                choice = owner.pop(slot)
+                self.resume.append((choice, *self.totals(slot, prompt_len(choice[0]))))
+                self.free(slot)
+                self.preemptions += 1
+                victims.append(slot)
+        return victims, None
+
     def prefix_pages(self) -> list[int]:
         return self.tables.pages(self.staging)[:self._cached // self.page_size]
 
-    def admit(self, slot: int, prompt: Sequence[int]) -> tuple[list[int], int]:
+    def admit(self, slot: int, prompt: Sequence[int], before: tuple[int, int] = (0, 0)) -> tuple[list[int], int]:
         t = self.tables
+        self.tokens[slot], self.before[slot], self.steps[slot] = list(prompt), tuple(before), 0
         t.fork(self.staging, slot)
         t.commit(self.staging, prompt, len(prompt) - 1)  # the prompt's full pages, once written
         t.commit(slot, prompt, len(prompt) - 1)
@@ -92,11 +134,24 @@ class SlotPages:
         self.engine.set_pages(self.tables.table[:self.engine.b], self._copies)
         self._copies = []
 
-    def committed(self, slot: int, tokens: Sequence[int]) -> None:
-        self.tables.commit(slot, tokens, len(tokens) - 1)
+    def committed(self, slot: int, new: Sequence[int], steps: int) -> None:
+        """``new`` tokens appended to ``slot`` (``steps`` verify steps since its admission)."""
+        self.tokens[slot] += new
+        self.steps[slot] = steps
+        self.tables.commit(slot, self.tokens[slot], len(self.tokens[slot]) - 1)
+
+    def totals(self, slot: int, prompt_len: int) -> tuple[list[int], int, int]:
+        """(tokens, tokens generated, verify steps) of the choice in ``slot`` since its request began."""
+        tokens = self.tokens[slot]
+        return tokens, len(tokens) - prompt_len, self.before[slot][1] + self.steps[slot]
 
     def free(self, slot: int) -> None:
         self.tables.free(slot)
+        self.tokens.pop(slot, None), self.before.pop(slot, None), self.steps.pop(slot, None)
+
+    def reset(self) -> None:
+        """Every page free, nothing cached or waiting (after a failure: the slots were reset)."""
+        self.__init__(self.engine, prefix_caching=self.tables.prefix_caching)
 
     def stats(self) -> dict:
         return {**self.tables.stats(), "preemptions": self.preemptions}

@@ -42,11 +42,11 @@ from typing import Callable
 
 import numpy as np
 
-from quasar_jax.serving.kv_pages import OutOfPages, SlotPages
+from quasar_jax.serving.kv_pages import SlotPages
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
 from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
-from quasar_jax.speculative.results import CACHE_FULL, FINISH_CODES, TokenLogprob, token_logprobs
+from quasar_jax.speculative.results import FINISH_CODES, TokenLogprob, token_logprobs
 from quasar_jax.speculative.sampling import SamplingParams
 
 log = logging.getLogger("quasar_jax.serving")
@@ -125,23 +125,14 @@ class Scheduler:
     """Owns the slots; ``start`` runs the loop in a daemon thread."""
 
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, prefill_budget: int | None = None,
-                 metrics: ServingMetrics | None = None, policy=None, on_fatal: Callable | None = None,
-                 prefix_caching: bool = True):
+                 metrics: ServingMetrics | None = None, policy=None, on_fatal: Callable | None = None):
         self.engine = engine
-        self.prefix_caching = prefix_caching
-        # Paged KV (SlotEngine.paged): the host's pages, each slot's tokens, the preempted choices.
-        self.pages = SlotPages(engine, prefix_caching=prefix_caching) if getattr(engine, "paged", False) else None
-        self._tokens: dict[int, list[int]] = {}  # slot -> prompt + generated (paged)
-        self._offset: dict[int, tuple[int, int]] = {}  # slot -> (tokens, steps) before a resumption
-        self._resume: collections.deque = collections.deque()  # (req, choice, tokens, produced, steps)
-        self._steps: dict[int, int] = {}  # slot -> verify steps since its admission
+        self.pages: SlotPages | None = None  # paged KV: PagedScheduler's pages
         self.policy = policy or FixedPolicy(len(engine.ks) - 1)  # read each chunk (tests may swap it)
         self.on_fatal = on_fatal or (lambda err: None)
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget or engine.buckets[-1]
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
-        if self.pages is not None:
-            self.metrics.watch_pages(lambda: self.pages.stats())
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: collections.deque[tuple[Request, int | None]] = collections.deque()
@@ -197,7 +188,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduler thread
     def _idle(self) -> bool:
-        return not (self._queue or self._owner or self._staging or self._cancels or self._resume)
+        return not (self._queue or self._owner or self._staging or self._cancels or (self.pages and self.pages.resume))
 
     def _loop(self) -> None:
         try:
@@ -250,7 +241,8 @@ class Scheduler:
                 continue
             if self._staging is not None and self._staging.req is req:
                 self._drop_staging()
-            self._resume = collections.deque(r for r in self._resume if r[0] is not req)
+            if self.pages is not None:
+                self.pages.resume = collections.deque(r for r in self.pages.resume if r[0][0] is not req)
             with self._cond:
                 if req in self._queue:
                     self._queue.remove(req)
@@ -312,9 +304,7 @@ class Scheduler:
                     eng.admit(slot, row, key)
                 else:
                     tokens = st.resume[0] if st.resume else req.prompt
-                    eng.admit(slot, row, key, *self.pages.admit(slot, tokens))
-                    self._tokens[slot] = list(tokens)
-                    self._offset[slot] = st.resume[1:] if st.resume else (0, 0)
+                    eng.admit(slot, row, key, *self.pages.admit(slot, tokens, st.resume[1:] if st.resume else (0, 0)))
                 self._owner[slot] = (req, st.next_choice)
                 st.next_choice += 1
             self.metrics.slots_busy.set(len(self._owner))
@@ -322,92 +312,27 @@ class Scheduler:
                 return  # the other choices wait for free slots (the staging cache is kept)
             self._drop_staging()
 
-    # ------------------------------------------------------------------ staging (and its pages)
     def _start_staging(self) -> _Staging | None:
-        """The next prompt to stage (a preempted choice first), begun on the engine; None when
-        there is none, or its pages are not free yet."""
-        eng = self.engine
-        if self._resume and len(self._owner) < eng.b:
-            req, index, tokens, produced, steps = self._resume[0]
-            cached = self._begin_pages(tokens, lookup=True)
-            if cached is None:
-                return None
-            self._resume.popleft()
-            return _Staging(req, self._pieces(tokens, cached), None, next_choice=index, prefilled=True,
-                            resume=(tokens, produced, steps))
-        req = self._next_request(len(self._owner) < eng.b)
-        if req is None:
-            return None
-        cached = 0
-        if self.pages is not None and req.max_tokens > 0:
-            cached = self._begin_pages(req.prompt, lookup=req.prompt_logprobs is None)  # echo: every position
-            if cached is None:
-                with self._cond:
-                    self._queue.appendleft(req)  # waits for pages
-                return None
-        else:
-            eng.begin(req.prompt)
-        return _Staging(req, self._pieces(req.prompt, cached), None if req.prompt_logprobs is None else [None])
-
-    def _pieces(self, tokens, cached: int) -> list[tuple[int, int]]:
-        return [(cached + a, n) for a, n in prefill_pieces(len(tokens) - 1 - cached, self.engine.buckets)]
-
-    def _begin_pages(self, tokens, lookup: bool) -> int | None:
-        """Pages for ``tokens`` on the staging row, the cached prefix loaded: the cached slots, or
-        None (out of pages while rows run: try again after they free some)."""
-        try:
-            cached = self.pages.begin(tokens, lookup)
-        except OutOfPages:
-            if self._owner:
-                return None
-            raise
-        self.engine.begin(tokens, prefix_pages=self.pages.prefix_pages()) if cached else self.engine.begin(tokens)
-        return cached
+        """The next queued prompt, begun on the engine (``PagedScheduler`` also finds its pages)."""
+        req = self._next_request(len(self._owner) < self.engine.b)
+        if req is not None:
+            self.engine.begin(req.prompt)
+            return _Staging(req, prefill_pieces(len(req.prompt) - 1, self.engine.buckets),
+                            None if req.prompt_logprobs is None else [None])
+        return None
 
     def _drop_staging(self) -> None:
         self._staging = None
         if self.pages is not None:
             self.pages.end_staging()
 
-    def _reserve_pages(self) -> None:
-        """Pages for the next chunk of every running row; when the pool runs out, the youngest
-        running choice is preempted (recomputed later from its prompt and the tokens it made)."""
-        while self._owner:
-            try:
-                self.pages.reserve({s: len(self._tokens[s]) for s in self._owner})
-                return
-            except OutOfPages:
-                if len(self._owner) == 1:  # alone and still out of pages: the pool is its limit
-                    slot = next(iter(self._owner))
-                    before, steps = self._offset.get(slot, (0, 0))
-                    self.engine.finish(self._mask([slot]))
-                    self._retire(slot, Finished(FINISH_CODES[CACHE_FULL].value,
-                                                len(self._tokens[slot]) - len(self._owner[slot][0].prompt),
-                                                steps + self._steps.get(slot, 0), self._owner[slot][1]))
-                    return
-                slot = max(self._owner, key=lambda s: (self._owner[s][0].arrival, s))
-                self._preempt(slot)
-
-    def _preempt(self, slot: int) -> None:
-        req, index = self._owner.pop(slot)
-        self.engine.finish(self._mask([slot]))
-        tokens = self._tokens.pop(slot)
-        steps = self._offset.pop(slot, (0, 0))[1] + self._steps.pop(slot, 0)
-        self.pages.free(slot)
-        self.pages.preemptions += 1
-        self.metrics.slots_busy.set(len(self._owner))
-        self._resume.append((req, index, tokens, len(tokens) - len(req.prompt), steps))
-
-    def _mask(self, slots) -> np.ndarray:
-        mask = np.zeros((self.engine.b,), bool)
-        mask[list(slots)] = True
-        return mask
+    def _before_chunk(self) -> None:
+        """Nothing on a dense cache (``PagedScheduler`` reserves the chunk's pages)."""
 
     def _chunk(self) -> None:
-        if self.pages is not None:
-            self._reserve_pages()
-            if not self._owner:
-                return
+        self._before_chunk()
+        if not self._owner:
+            return
         busy = len(self._owner)
         program = self.policy.choose(busy)
         t0 = time.perf_counter()
@@ -443,15 +368,12 @@ class Scheduler:
                                          req.sampling.logprobs)
                 self._deliver(req, Tokens(groups, index, lps))
                 if self.pages is not None:
-                    self._tokens[slot] += toks
-                    self.pages.committed(slot, self._tokens[slot])
+                    self.pages.committed(slot, toks, int(res.steps[slot]))
             if res.done[slot]:
                 reason = FINISH_CODES[int(res.finish[slot])].value
-                before, steps = self._offset.get(slot, (0, 0))
+                before, steps = self.pages.before[slot] if self.pages is not None else (0, 0)
                 self._retire(slot, Finished(reason, before + int(res.new_tokens[slot]),
                                             steps + int(res.steps[slot]), index))
-            elif self.pages is not None:
-                self._steps[slot] = int(res.steps[slot])
 
     def _retire(self, slot: int, event: Finished) -> None:
         """Free ``slot`` and end its choice; the request ends with its last choice."""
@@ -459,7 +381,6 @@ class Scheduler:
         self.metrics.slots_busy.set(len(self._owner))
         if self.pages is not None:
             self.pages.free(slot)
-            self._tokens.pop(slot, None), self._offset.pop(slot, None), self._steps.pop(slot, None)
         self._end_choice(req, event)
 
     def _end_choice(self, req: Request, event: Finished) -> None:
@@ -494,13 +415,11 @@ class Scheduler:
             with self._cond:
                 reqs.update((id(r), r) for r in self._queue)
                 self._queue.clear()
-        reqs.update((id(r[0]), r[0]) for r in self._resume)
-        self._resume.clear()
+        reqs.update((id(r[0][0]), r[0][0]) for r in (self.pages.resume if self.pages is not None else ()))
         self._owner.clear()
         self._staging = None
         if self.pages is not None:
-            self.pages = SlotPages(self.engine, prefix_caching=self.prefix_caching)
-            self._tokens.clear(), self._offset.clear(), self._steps.clear()
+            self.pages.reset()
         self.metrics.slots_busy.set(0)
         if reset:
             try:

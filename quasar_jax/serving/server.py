@@ -17,6 +17,8 @@ from flax import nnx
 from quasar_jax.model.modes import QuantMode
 from quasar_jax.model.paged_kv_cache import CacheSpec, KVLayout, cache_bytes_per_token
 from quasar_jax.serving.api import Api, create_app
+from quasar_jax.sharding.plan import device_memory_bytes
+from quasar_jax.serving.paged_scheduler import PagedScheduler
 from quasar_jax.serving.scheduler import Scheduler
 from quasar_jax.serving.slots import SlotEngine
 from quasar_jax.serving.speculation import AUTO, draft_options, make_policy, parse_speculation
@@ -77,8 +79,6 @@ class ServeConfig:
             return self.kv_pages
         if self.kv_memory_fraction is None:
             return self.slots * -(-self.max_len // self.page_size)
-        from quasar_jax.sharding.plan import device_memory_bytes
-
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
         per_page = self.page_size * cache_bytes_per_token(model.config, self.kv_dtype, model.dtype)
         return max(1, int((device_memory_bytes() - weights) * self.kv_memory_fraction) // per_page)
@@ -108,9 +108,10 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
     (``make_engine``; on process 0 of a group, wrapped in ``lockstep.Leader``)."""
     cfg = cfg.for_stop_ids(stop_ids)
     engine = engine if engine is not None else make_engine(model, cfg)
-    scheduler = Scheduler(engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk,
-                          policy=make_policy(engine, cfg.speculation), on_fatal=on_fatal,
-                          prefix_caching=cfg.prefix_caching).start()
+    paged = {"prefix_caching": cfg.prefix_caching} if getattr(engine, "paged", False) else None
+    scheduler = (PagedScheduler if paged else Scheduler)(
+        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk, policy=make_policy(engine, cfg.speculation),
+        on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
               default_max_tokens=cfg.default_max_tokens)
     app = create_app(api, on_shutdown=scheduler.stop)

@@ -64,27 +64,15 @@ from quasar_jax.model.paged_kv_cache import CacheSpec, KVLayout, PagedKVCache
 from quasar_jax.model.quant import is_quantized
 from quasar_jax.speculative import logits as stage
 from quasar_jax.speculative.drafters import Drafter
-from quasar_jax.speculative.engine import LoopState, make_program
+from quasar_jax.speculative.engine import make_program
 from quasar_jax.speculative.features import program_params, uses_hidden
 from quasar_jax.speculative.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
-from quasar_jax.speculative.results import CACHE_FULL, LENGTH, STOP
+from quasar_jax.serving.slot_state import SlotState, Staging, empty_loop, set_row
+from quasar_jax.speculative.results import CACHE_FULL, STOP
 from quasar_jax.speculative.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
 SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotState:
-    """All device state of the slots (dimension letters of docs/CONVENTIONS.md)."""
-
-    loop: LoopState  # B rows; a done row is a free (or finishing) slot
-    max_new: jax.Array  # [B] int32 token budgets
-    stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
-    rows: RowSampling  # [B] sampling settings
-
-    def inputs(self) -> dict:
-        """The per-row inputs of ``step`` (every field but ``loop``; each leaf ``[B, ...]``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loop"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,19 +120,6 @@ def stage_prompt(engine, prompt, *, prefix_pages=(), cached: int = 0) -> None:
         engine.prefill(cached + start, size)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Staging:
-    """One request's prefill: its K/V and (drafters with ``uses_hidden``) the hidden state of
-    prompt position P-2 (``[1, D]``, zeros until the piece holding it is prefilled)."""
-
-    cache: KVCache | PagedKVCache  # pages: one row's own M pages (copied into the pool by admit)
-    hidden: jax.Array | None = None
-
-
-def _set_row(full, slot, one):
-    """Row ``slot`` of every ``[B, ...]`` leaf of ``full`` := the leaf of ``one`` (scalars kept)."""
-    return jax.tree.map(lambda a, v: a.at[slot].set(v) if a.ndim else a, full, one)
 
 
 class SlotEngine:
@@ -219,7 +194,7 @@ class SlotEngine:
                                      dtype, cspec.kv_dtype)
 
         def empty() -> SlotState:
-            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, spec, hidden=carry, cache=empty_cache(b)),
+            return SlotState(loop=empty_loop(cfg, dtype, b, s, k, spec, hidden=carry, cache=empty_cache(b)),
                              max_new=jnp.ones((b,), jnp.int32), stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
 
@@ -230,21 +205,12 @@ class SlotEngine:
 
         def load_prefix(st: SlotState, staged: Staging, table_row, n_pages) -> Staging:
             """Pages ``table_row[:n_pages]`` of the pool (a cached prefix) into the staging row."""
-            pool, one = st.loop.cache, staged.cache
-            keep = (jnp.arange(m) < n_pages)[:, None, None]
-            ids = jnp.clip(table_row, 0, num_pages - 1)
-            kv = tuple(jnp.where(keep[..., None], x[ids], y) for x, y in zip(pool.kv, one.kv))
-            scale = None if one.scale is None else tuple(jnp.where(keep, x[ids], y)
-                                                         for x, y in zip(pool.scale, one.scale))
-            return dataclasses.replace(staged, cache=one.replace(kv=kv, scale=scale))
+            at = jnp.arange(m)
+            cache = staged.cache.put_pages(st.loop.cache, table_row, jnp.where(at < n_pages, at, m))
+            return dataclasses.replace(staged, cache=cache)
 
-        def copy_pages(st: SlotState, src, dst) -> SlotState:
-            """Copy pool pages ``src [C]`` to ``dst [C]`` (copy on write; ``dst = P`` entries dropped)."""
-            pool = st.loop.cache
-            ids = jnp.clip(src, 0, num_pages - 1)
-            kv = tuple(x.at[dst].set(x[ids], mode="drop") for x in pool.kv)
-            scale = None if pool.scale is None else tuple(x.at[dst].set(x[ids], mode="drop") for x in pool.scale)
-            return dataclasses.replace(st, loop=dataclasses.replace(st.loop, cache=pool.replace(kv=kv, scale=scale)))
+        def copy_pages(st: SlotState, src, dst) -> SlotState:  # copy on write
+            return dataclasses.replace(st, loop=dataclasses.replace(st.loop, cache=st.loop.cache.copy_pages(src, dst)))
 
         def prefill(params, staged: Staging, tokens, start, next_tokens, want, at):
             """``at``: the piece index of prompt position P-2 (its hidden state is kept)."""
@@ -267,25 +233,22 @@ class SlotEngine:
             (those before are the cached prefix the row shares, never written)."""
             full, cache1 = prompt_len >= s, staged.cache
             fresh = dataclasses.replace(  # a one-row state: counters zero, its own key
-                _empty_loop(cfg, dtype, 1, s, k, spec, hidden=carry), hidden=staged.hidden,
+                empty_loop(cfg, dtype, 1, s, k, spec, hidden=carry), hidden=staged.hidden,
                 history=history_row[None], lengths=prompt_len[None],
                 done=full[None], finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32)[None],
                 keys=jax.random.wrap_key_data(key_data)[None], cache=None,
                 prompt_ids=stage.prompt_mask(history_row[None], prompt_len[None], st.loop.prompt_ids.shape[1]))
             fresh = jax.tree.map(lambda x: x[0] if x.ndim else x, fresh)
-            loop = _set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
+            loop = set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
             cache = st.loop.cache
             if paged:
-                dst = jnp.where(jnp.arange(m) >= from_page, table_row, num_pages)  # [M]
-                kv = tuple(x.at[dst].set(y[:m], mode="drop") for x, y in zip(cache.kv, cache1.kv))
-                scale = None if cache.scale is None else tuple(
-                    x.at[dst].set(y[:m], mode="drop") for x, y in zip(cache.scale, cache1.scale))
-                cache = cache.replace(kv=kv, scale=scale, page_table=cache.page_table.at[slot].set(table_row),
-                                      lengths=loop.lengths - 1)
+                at = jnp.arange(m)
+                cache = cache.put_pages(cache1, at, jnp.where(at >= from_page, table_row, num_pages)).replace(
+                    page_table=cache.page_table.at[slot].set(table_row), lengths=loop.lengths - 1)
             else:
                 cache = cache.replace(k=cache.k.at[:, slot].set(cache1.k[:, 0]),
                                       v=cache.v.at[:, slot].set(cache1.v[:, 0]), lengths=loop.lengths - 1)
-            inputs = {name: _set_row(value, slot, row[name]) for name, value in st.inputs().items()}
+            inputs = {name: set_row(value, slot, row[name]) for name, value in st.inputs().items()}
             return dataclasses.replace(st, loop=dataclasses.replace(loop, cache=cache), **inputs)
 
         def chunk_program(step, kp: int):
@@ -483,18 +446,3 @@ class SlotEngine:
         when it has one; choices after the first fold their index in (different, reproducible)."""
         key = row_keys([sampling], seed)[0]
         return np.asarray(jax.random.key_data(key if index == 0 else jax.random.fold_in(key, index)))
-
-
-def _empty_loop(cfg, dtype, b: int, s: int, k: int, spec: LogitsSpec, *, hidden: bool = False,
-                cache=None) -> LoopState:
-    """A ``LoopState`` with every row done (every slot free); ``hidden``: it carries ``[B, D]``."""
-    zeros = jnp.zeros((b,), jnp.int32)
-    v = cfg.vocab_size if spec.penalties else 0
-    return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
-                     cache=KVCache.init(cfg, b, s, dtype) if cache is None else cache, done=jnp.ones((b,), bool),
-                     finish=jnp.full((b,), LENGTH, jnp.int32), new_tokens=zeros, steps=zeros,
-                     emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
-                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32),
-                     counts=jnp.zeros((b, v), jnp.int32), prompt_ids=jnp.zeros((b, v), bool),
-                     logprobs=stage.empty_logprobs(b, s, spec.max_logprobs),
-                     hidden=jnp.zeros((b, cfg.hidden_size), dtype) if hidden else None)
