@@ -16,7 +16,7 @@ import sys
 
 from quasar_jax.cli.errors import InputError
 from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
-                                  add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
+                                  add_kv_flags, add_model_flags, add_prompt_flags, add_sampling_flags, add_verifier_flag,
                                   check_drafter_flags, generation_kwargs, positive_int)
 from quasar_jax.cli.mesh_flags import add_mesh_flags
 from quasar_jax.cli.prompts import Prompt, check_prompt, decode_text, read_prompt_file
@@ -29,6 +29,7 @@ PROG = "python -m quasar_jax.decode"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     add_model_flags(p)
+    add_kv_flags(p)
     add_mesh_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable; default: read stdin)")
@@ -141,7 +142,7 @@ def run(args, given: set[str]) -> int:
                        quantize_lm_head=args.quantize_lm_head, backend=args.backend, mesh=mesh)
     stop = () if args.ignore_eos else stop_ids_of(tokenizer, model_dir)
     config = dataclasses.replace(config, stop_ids=stop)
-    engine = Engine(model, mesh=mesh)
+    engine = Engine(model, mesh=mesh, page_size=args.page_size)
     backend = args.backend if config.verifier.is_int8 else "none"  # what runs the int8 matmuls
 
     for start in range(0, len(prompts), args.batch_size):

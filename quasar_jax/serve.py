@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags,
+from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_kv_flags,
                                   add_model_flags, add_verifier_flag, argparse_type, check_drafter_flags,
                                   float_in, parse_speculation, positive_int)
 from quasar_jax.cli.mesh_flags import add_mesh_flags
@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: chunk programs for K = 0, 2 and --num-draft (the tree too with "
                         "--num-candidates), one picked before each chunk from the busy slots and the "
                         "recent acceptance; off: no drafts (K = 0); K: always K drafts (default: auto)")
+    add_kv_flags(p)
+    p.add_argument("--kv-layout", choices=("paged", "dense"), default=None,
+                   help="paged: one pool of KV pages for all slots (prefix caching, preemption); dense: "
+                        "a --max-len strip per slot (default: paged on one device, dense on a mesh)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-pages", type=positive_int, default=None,
+                    help="KV pages in the pool (default: the memory of the dense cache, slots x max-len)")
+    kv.add_argument("--kv-memory-fraction", type=float_in(0.0, 1.0, True), default=None,
+                    help="size the pool to this fraction of the device memory left after the weights "
+                         "(as vLLM's gpu_memory_utilization)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse cached prompt prefixes (default: on)")
     add_mesh_flags(p)
     p.add_argument("--peer-timeout", type=float_in(0.0, 86400.0, True), default=60.0,
                    help="multi-host: seconds without an answer from the other processes before the "
@@ -99,7 +111,10 @@ def run(args, given: set[str]) -> int:
     stop_ids = stop_ids_of(tokenizer, model_dir)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-                      speculation=args.speculation, mesh=mesh).for_stop_ids(stop_ids)
+                      speculation=args.speculation, mesh=mesh, kv_layout=args.kv_layout,
+                      page_size=args.page_size, kv_pages=args.kv_pages,
+                      kv_memory_fraction=args.kv_memory_fraction, kv_dtype=args.kv_dtype,
+                      prefix_caching=not args.no_prefix_caching).for_stop_ids(stop_ids)
     model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
                        int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
                        backend=args.backend, mesh=mesh)

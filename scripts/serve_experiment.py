@@ -77,6 +77,8 @@ def parse_args(argv=None):
                    help="serve the model with its query heads zero-padded to this many per layer (the same "
                         "function, e.g. the demo model's 6 heads as 8, so that model=4 divides them)")
     p.add_argument("--machine", default=f"{platform.machine()} CPU, {os.cpu_count()} cores")
+    p.add_argument("--kv-layout", choices=["paged", "dense"], default=None,
+                   help="the servers' KV layout (default: the server's: paged on one device)")
     p.add_argument("--out", default="runs/serving")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="run nothing: merge these reports (their meshes and modes) into --out's JSON, table and plot")
@@ -249,7 +251,7 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
         model = load_model(model_dir, dtype=jnp.float32, int8=verifier != "float", mesh=mesh_obj)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, max_queue=max(64, len(reqs)), speculation=speculation,
-                      mesh=mesh_obj)
+                      mesh=mesh_obj, kv_layout=args.kv_layout)
     t0 = time.perf_counter()
     app, _, scheduler = build(model, tokenizer, cfg, model_name="m", stop_ids=stop_ids)
     compile_s = time.perf_counter() - t0

@@ -25,6 +25,7 @@ PLANTED = [
     ("quasar_jax/decode.py", "import quasar_jax.serving.api", {"serving"}),
     ("pallas_kernels/__init__.py", "import quasar_jax.model.modes", {"layers", "kernels"}),
     ("quasar_jax/sharding/rules.py", "import quasar_jax.weights.loading", {"layers"}),
+    ("quasar_jax/paging/pool.py", "import quasar_jax.model.kv_quant", {"layers", "paging"}),
 ]
 
 

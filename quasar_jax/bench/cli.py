@@ -16,7 +16,7 @@ import sys
 import quasar_jax.bench
 from quasar_jax.bench.modes import DEFAULT_MODES, MODES, SPECS
 from quasar_jax.cli.errors import InputError
-from quasar_jax.cli.flags import (DTYPES, add_drafting_flags, add_heads_flag, check_ngram_range, float_in,
+from quasar_jax.cli.flags import (DTYPES, add_drafting_flags, add_heads_flag, add_kv_flags, check_ngram_range, float_in,
                                   non_negative_int, positive_int)
 from quasar_jax.cli.mesh_flags import add_mesh_flags
 from quasar_jax.cli.outputs import check_output_dir
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad prompts to a multiple of N tokens (default: the engine's 32); a "
                         "coarser bucket compiles fewer programs")
     p.add_argument("--no-fidelity", action="store_true", help="skip the float-vs-int8 fidelity pass")
+    add_kv_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--out", required=True, help="output directory (new, empty, or an earlier bench output)")
     return p

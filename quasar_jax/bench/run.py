@@ -119,8 +119,10 @@ def run_benchmark(args, progress: bool = True) -> dict:
         t0 = time.perf_counter()  # the same int8 weights as decode --verifier / fidelity
         model_q = load_model(model_dir, dtype=dtype, int8=True, backend=args.backend, mesh=mesh)
         int8_load_s = time.perf_counter() - t0
-    engines = {"float": Engine(model_fp, prompt_bucket=bucket, mesh=mesh),
-               "int8": Engine(model_q, prompt_bucket=bucket, mesh=mesh) if model_q is not None else None}
+    page = getattr(args, "page_size", 16)
+    engines = {"float": Engine(model_fp, prompt_bucket=bucket, mesh=mesh, page_size=page),
+               "int8": Engine(model_q, prompt_bucket=bucket, mesh=mesh, page_size=page)
+               if model_q is not None else None}
     hf_model = load_hf_model(model_dir, args.seed) if any(SPECS[m].kind == "hf" for m in modes) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
 

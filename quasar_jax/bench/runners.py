@@ -28,7 +28,7 @@ def jax_generation_config(args, spec: ModeSpec, stop_ids: Sequence[int], max_len
         verifier=spec.verifier, num_candidates=args.num_candidates if spec.tree else 1,
         tree_nodes=args.tree_nodes if spec.tree else None, heads=heads if s4c else None,
         temperature=args.temperature, stop_ids=tuple(stop_ids), max_len=max_len,
-        seed=args.seed)
+        seed=args.seed, kv_dtype=getattr(args, "kv_dtype", "auto"))
 
 
 def shape_key(prompt_ids: Sequence[Sequence[int]], rows: Sequence[int], bucket: int) -> tuple:

@@ -83,6 +83,19 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="quantise the LM head to int8 too (untied models; default: off)")
 
 
+KV_DTYPES = ("auto", "bfloat16", "float32", "int8")  # quasar_jax.model.kv_quant.KV_DTYPES (no JAX here)
+
+
+def add_kv_flags(p: argparse.ArgumentParser, *, page_size: bool = True) -> None:
+    """--kv-dtype (and --page-size)."""
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                   help="what the KV cache stores: auto (the compute dtype), bfloat16, float32, or int8 "
+                        "(a scale per token and KV head; paged layout) (default: auto)")
+    if page_size:
+        p.add_argument("--page-size", type=positive_int, default=16,
+                       help="slots per KV page (default: 16)")
+
+
 def add_drafter_flag(p: argparse.ArgumentParser, *, note: str = "") -> None:
     """--drafter {none,ngram,qspec,s4c}, --heads."""
     p.add_argument("--drafter", choices=DRAFTERS, default="ngram",
@@ -142,7 +155,7 @@ def generation_kwargs(args: argparse.Namespace, **overrides) -> dict:
     (each flag's dest is the field's name)."""
     check_ngram_range(args)
     fields = ("max_new_tokens", "num_draft", "ngram_min", "ngram_max", "ngram_prefer", "temperature",
-              "top_k", "top_p", "seed", "max_len", "num_candidates", "tree_nodes")
+              "top_k", "top_p", "seed", "max_len", "num_candidates", "tree_nodes", "kv_dtype")
     return {**{f: getattr(args, f) for f in fields if hasattr(args, f)}, **overrides}
 
 

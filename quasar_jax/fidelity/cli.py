@@ -10,7 +10,7 @@ import argparse
 import json
 
 from quasar_jax.cli.errors import InputError
-from quasar_jax.cli.flags import DTYPES, add_drafting_flags, generation_kwargs, positive_int
+from quasar_jax.cli.flags import DTYPES, add_drafting_flags, add_kv_flags, generation_kwargs, positive_int
 from quasar_jax.cli.outputs import check_output_file, write_text_atomic
 from quasar_jax.cli.runner import OneLineParser, explicit_flags, run_cli
 import quasar_jax.fidelity
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default: 8)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    add_kv_flags(p, page_size=False)
     p.add_argument("--json", help="also write the results to this file (default: none)")
     return p
 
@@ -55,6 +56,7 @@ def run(args) -> dict:
     from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
     modes = parse_modes(args.modes)
+    kv = args.kv_dtype
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     questions = load_questions(args.questions, args.num_prompts)
@@ -65,6 +67,7 @@ def run(args) -> dict:
     engines = {"float": Engine(model_fp), "int8": Engine(model_q)}
 
     def generate(engine, **kw):
+        kw.setdefault("kv_dtype", "auto" if kv == "int8" else kv)  # the mode rows: the model's KV
         cfg = GenerationConfig(**generation_kwargs(args, stop_ids=stop, **kw))
         tokens, new, steps = [], 0, 0
         for i in range(0, len(prompts), args.batch_size):
@@ -80,9 +83,22 @@ def run(args) -> dict:
     for mode in modes:
         ar_q, _ = generate(engines["int8"], drafter="none", verifier=mode)
         _, tau_q = generate(engines["int8"], drafter="ngram", verifier=mode)
-        f = fidelity(model_fp, model_q, mode, prompts, ar_fp, ar_q_outputs=ar_q)
+        mode_kv = "auto" if kv == "int8" else kv
+        f = fidelity(model_fp, model_q, mode, prompts, ar_fp, ar_q_outputs=ar_q, kv_fp=mode_kv, kv_q=mode_kv)
         f.pop("per_prompt")
         results["modes"][mode] = {**f, "tau_quasar": tau_q, "tau_sd_fp": tau_fp}
+    if kv == "int8":  # int8 KV against bfloat16 KV: alone (float weights) and with the w8a16 verifier
+        results["kv_int8"] = {}
+        ar_bf, _ = generate(engines["float"], drafter="none", kv_dtype="bfloat16")
+        _, tau_bf = generate(engines["float"], drafter="ngram", kv_dtype="bfloat16")
+        for name, model, engine, mode in (("float", model_fp, engines["float"], "float"),
+                                          ("w8a16", model_q, engines["int8"], "w8a16")):
+            ar_kv, _ = generate(engine, drafter="none", verifier=mode, kv_dtype="int8")
+            _, tau_kv = generate(engine, drafter="ngram", verifier=mode, kv_dtype="int8")
+            f = fidelity(model_fp, model, mode, prompts, ar_bf, ar_q_outputs=ar_kv, kv_fp="bfloat16", kv_q="int8")
+            f.pop("per_prompt")
+            results["kv_int8"][name] = {**f, "tau_int8_kv": tau_kv, "tau_bf16_kv": tau_bf,
+                                        "tau_ratio": ratio(tau_kv, tau_bf)}
     return results
 
 
@@ -93,6 +109,13 @@ def format_table(results: dict) -> str:
         lines.append(f"| {mode} | {r['top1_agreement']:.4f} | {r['mean_kl']:.2e} | "
                      f"{r['mean_common_prefix']:.1f} / {r['mean_ar_fp_tokens']:.1f} | "
                      f"{r['tau_quasar']:.3f} | {r['tau_sd_fp']:.3f} |")
+    if results.get("kv_int8"):
+        lines += ["", "| int8 KV vs bfloat16 KV | top-1 agreement | mean KL | common greedy prefix | "
+                  "tau int8 KV | tau bf16 KV | tau ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in results["kv_int8"].items():
+            lines.append(f"| {name} weights | {r['top1_agreement']:.4f} | {r['mean_kl']:.2e} | "
+                         f"{r['mean_common_prefix']:.1f} / {r['mean_ar_fp_tokens']:.1f} | "
+                         f"{r['tau_int8_kv']:.3f} | {r['tau_bf16_kv']:.3f} | {r['tau_ratio']:.3f} |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.paged_kv_cache import CacheSpec, KVLayout
 from quasar_jax.speculative.buckets import round_up
 
 
@@ -31,12 +32,15 @@ def ratio(a, b):
 
 def fidelity(model_fp, model_q, mode: QuantMode | str, prompts_ids: Sequence[Sequence[int]],
              ar_fp_outputs: Sequence[Sequence[int]], *,
-             ar_q_outputs: Sequence[Sequence[int]] | None = None, bucket: int = 32) -> dict:
+             ar_q_outputs: Sequence[Sequence[int]] | None = None, bucket: int = 32,
+             kv_fp: str = "auto", kv_q: str = "auto") -> dict:
     """Float-vs-int8 fidelity along the float model's greedy trajectories.
 
     For each prompt, ONE teacher-forced forward of ``prompt + ar_fp_output[:-1]`` through both
     models (``model_q`` called in int8 ``mode``, w8a16 or w8a8) gives the next-token distributions at
-    every generated position (n positions for n generated tokens). Returns::
+    every generated position (n positions for n generated tokens). ``kv_fp`` / ``kv_q`` are the
+    KV dtypes of the two forwards (``--kv-dtype``; int8 on pages): ``model_q`` may be the float
+    model with ``mode="float"`` to measure the KV cache's quantization alone. Returns::
 
         top1_agreement        fraction of positions where argmax p_q == argmax p_fp (pooled)
         mean_kl               mean over positions of KL(p_fp || p_q) in nats
@@ -60,8 +64,8 @@ def fidelity(model_fp, model_q, mode: QuantMode | str, prompts_ids: Sequence[Seq
         m_fp, m_q = nnx.merge(g_fp, p_fp), nnx.merge(g_q, p_q)
         n = tokens.shape[1]
         pos = jnp.arange(n, dtype=jnp.int32)[None]
-        logits_fp, _ = m_fp(tokens, pos, m_fp.init_cache(1, n))
-        logits_q, _ = m_q(tokens, pos, m_q.init_cache(1, n), **quant_kw)
+        logits_fp, _ = m_fp(tokens, pos, _cache(kv_fp, m_fp, n))
+        logits_q, _ = m_q(tokens, pos, _cache(kv_q, m_q, n), **quant_kw)
         lp_fp = jax.nn.log_softmax(logits_fp[0], axis=-1)  # [L, V] float32
         lp_q = jax.nn.log_softmax(logits_q[0], axis=-1)
         kl = jnp.sum(jnp.exp(lp_fp) * (lp_fp - lp_q), axis=-1)  # [L]
@@ -89,6 +93,11 @@ def fidelity(model_fp, model_q, mode: QuantMode | str, prompts_ids: Sequence[Seq
                                    if ar_fp_outputs else None)
     result["per_prompt"] = per_prompt
     return result
+
+
+def _cache(kv_dtype: str, model, n: int):
+    layout = KVLayout.PAGED if kv_dtype == "int8" else KVLayout.DENSE
+    return CacheSpec(layout, kv_dtype=kv_dtype).init(model.config, 1, n, model.dtype)
 
 
 def pool_fidelity(per_prompt: Sequence[dict]) -> dict:

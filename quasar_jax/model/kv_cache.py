@@ -75,27 +75,52 @@ class KVCache:
         return dataclasses.replace(self, k=moved(self.k), v=moved(self.v))
 
     def attention_mask(self, positions: jax.Array, chunk_mask: jax.Array | None = None) -> jax.Array:
-        """Visibility ``[B, T, S]`` of cache slots for the queries at ``positions [B, T]``.
-
-        Slot ``s`` is visible to query ``(b, t)`` when ``s <= positions[b, t]`` (causal) and it is
-        either committed (``s < lengths[b]``) or part of this call's chunk (``s >= positions[b, 0]``).
-
-        With ``chunk_mask [B, T, T]`` (bool) the chunk occupies slots ``c0 .. c0+T-1``
-        (``c0 = positions[b, 0]``, token t at slot c0+t) and chunk slot ``c0+j`` is visible to query
-        t iff ``chunk_mask[b, t, j]``; slots outside the chunk follow the rule above.
-        """
+        """Visibility ``[B, T, S]`` of cache slots for the queries at ``positions [B, T]``
+        (:func:`visible` over every slot, with this cache's ``lengths``)."""
         slots = jnp.arange(self.max_len)[None, None, :]  # [1, 1, S]
-        causal = slots <= positions[:, :, None]
-        committed = slots < self.lengths[:, None, None]
-        if chunk_mask is None:
-            in_chunk = slots >= positions[:, :1, None]
-            return causal & (committed | in_chunk)
-        t = chunk_mask.shape[-1]
-        rel = slots - positions[:, :1, None]  # [B, 1, S] chunk index of each slot
-        in_chunk = (rel >= 0) & (rel < t)
-        idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (positions.shape[0], positions.shape[1], self.max_len))
-        seen = jnp.take_along_axis(chunk_mask.astype(bool), idx, axis=2)  # [B, T, S]
-        return jnp.where(in_chunk, seen, causal & committed)
+        return visible(slots, positions, self.lengths, chunk_mask)
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array,
+               mask: jax.Array) -> tuple[jax.Array, "KVCache"]:
+        """Write ``k, v [B, T, G, E]`` of ``layer`` at ``slots [B, T]``, then attend the queries
+        ``q [B, T, H, E]`` over the whole ``[S]`` strip under ``mask`` (:meth:`attention_mask`)
+        -> ``(out [B, T, H, E], cache)``. Scores and softmax in float32."""
+        cache = self.write(layer, k, v, slots)
+        b, t, h, e = q.shape
+        g = k.shape[2]
+        keys, values = cache.k[layer], cache.v[layer]  # [B, S, G, E]
+        q = q.reshape(b, t, g, h // g, e)  # [B, T, G, R, E]
+        scores = jnp.einsum("btgre,bsge->bgrts", q, keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (e ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # [B, G, R, T, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bgrts,bsge->btgre", probs, values.astype(q.dtype)).reshape(b, t, h, e)
+        return out, cache
+
+
+def visible(slots: jax.Array, positions: jax.Array, lengths: jax.Array,
+            chunk_mask: jax.Array | None = None) -> jax.Array:
+    """Visibility ``[B, T, n]`` of cache ``slots [B or 1, 1, n]`` for the queries at ``positions [B, T]``.
+
+    Slot ``s`` is visible to query ``(b, t)`` when ``s <= positions[b, t]`` (causal) and it is
+    either committed (``s < lengths[b]``) or part of this call's chunk (``s >= positions[b, 0]``).
+
+    With ``chunk_mask [B, T, T]`` (bool) the chunk occupies slots ``c0 .. c0+T-1``
+    (``c0 = positions[b, 0]``, token t at slot c0+t) and chunk slot ``c0+j`` is visible to query
+    t iff ``chunk_mask[b, t, j]``; slots outside the chunk follow the rule above. One rule for
+    the dense strip and for every block of pages (``quasar_jax.model.paged_kv_cache``).
+    """
+    causal = slots <= positions[:, :, None]
+    committed = slots < lengths[:, None, None]
+    if chunk_mask is None:
+        in_chunk = slots >= positions[:, :1, None]
+        return causal & (committed | in_chunk)
+    b, t = positions.shape
+    rel = slots - positions[:, :1, None]  # [B, 1, n] chunk index of each slot
+    in_chunk = (rel >= 0) & (rel < t)
+    idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (b, t, slots.shape[-1]))
+    seen = jnp.take_along_axis(chunk_mask.astype(bool), idx, axis=2)  # [B, T, n]
+    return jnp.where(in_chunk, seen, causal & committed)
 
 
 # Row-batched gather / scatter on ``[L, B, S, G, E]`` with index tuples ``idx [B, T, n]`` (B is a

@@ -97,15 +97,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x, mode=mode).reshape(b, t, g, e)  # [B, T, G, E]
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
-        cache = cache.write(layer, k, v, slots)
-        keys, values = cache.k[layer], cache.v[layer]  # [B, S, G, E]
-
-        q = q.reshape(b, t, g, h // g, e)  # [B, T, G, R, E]
-        scores = jnp.einsum("btgre,bsge->bgrts", q, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * (e ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # [B, G, R, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bgrts,bsge->btgre", probs, values.astype(x.dtype)).reshape(b, t, h * e)
+        out, cache = cache.attend(layer, q, k, v, slots, mask)  # [B, T, H, E]: dense strip or pages
+        out = out.astype(x.dtype).reshape(b, t, h * e)
         return self.o_proj(out, mode=mode), cache
 
 

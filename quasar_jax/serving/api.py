@@ -103,6 +103,11 @@ class Api:
         if room < 1:
             raise ApiError(400, f"the prompt has {longest} tokens; this server's cache holds {self.max_len} "
                                 "(prompt + completion)", prompt_param, "context_length_exceeded")
+        pages = getattr(self.scheduler, "pages", None)
+        if pages is not None and pages.pages_needed(longest) > pages.tables.num_pages:
+            raise ApiError(400, f"the prompt has {longest} tokens and needs {pages.pages_needed(longest)} KV pages "
+                                f"of {pages.page_size} slots; this server's pool holds {pages.tables.num_pages}",
+                           prompt_param, "context_length_exceeded")
         if asked is None:
             max_tokens = room if chat else min(self.default_max_tokens, room)
         elif asked == 0 and not echo:

@@ -44,5 +44,19 @@ class ServingMetrics:
         for outcome in ("finished", "cancelled", "rejected", "invalid", "error"):
             self.requests.labels(outcome)
 
+    def watch_pages(self, stats) -> None:
+        """Paged KV: gauges read from ``stats()`` (``quasar_jax.serving.kv_pages.SlotPages.stats``)
+        at every scrape (the token, eviction and preemption figures are running totals)."""
+        r = self.registry
+        for key, text in (("pages_used", "KV pages held by running requests or staging"),
+                          ("pages_free", "KV pages free or evictable (cached, unreferenced)"),
+                          ("pages_cached", "Unreferenced KV pages kept for prefix hits"),
+                          ("pages_total", "KV pages in the pool"),
+                          ("prefix_queried_tokens", "Prompt tokens looked up in the prefix cache (total)"),
+                          ("prefix_hit_tokens", "Prompt tokens found in the prefix cache (total)"),
+                          ("evictions", "Cached KV pages evicted (total)"),
+                          ("preemptions", "Running requests preempted for lack of KV pages (total)")):
+            Gauge(f"quasar_kv_{key}", text, registry=r).set_function(lambda key=key: stats()[key])
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

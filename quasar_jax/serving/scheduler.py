@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from quasar_jax.serving.kv_pages import SlotPages
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
 from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
@@ -117,6 +118,7 @@ class _Staging:
     echo: list | None  # prompt logprobs gathered so far (None: not asked)
     next_choice: int = 0  # choices admitted so far
     prefilled: bool = False  # the prompt is in the staging cache (and its logprobs delivered)
+    resume: tuple | None = None  # a preempted choice: (tokens so far, tokens produced, verify steps)
 
 
 class Scheduler:
@@ -125,6 +127,7 @@ class Scheduler:
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, prefill_budget: int | None = None,
                  metrics: ServingMetrics | None = None, policy=None, on_fatal: Callable | None = None):
         self.engine = engine
+        self.pages: SlotPages | None = None  # paged KV: PagedScheduler's pages
         self.policy = policy or FixedPolicy(len(engine.ks) - 1)  # read each chunk (tests may swap it)
         self.on_fatal = on_fatal or (lambda err: None)
         self.max_queue = max_queue
@@ -185,7 +188,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduler thread
     def _idle(self) -> bool:
-        return not (self._queue or self._owner or self._staging or self._cancels)
+        return not (self._queue or self._owner or self._staging or self._cancels or (self.pages and self.pages.resume))
 
     def _loop(self) -> None:
         try:
@@ -237,7 +240,9 @@ class Scheduler:
             if index is not None:
                 continue
             if self._staging is not None and self._staging.req is req:
-                self._staging = None
+                self._drop_staging()
+            if self.pages is not None:
+                self.pages.resume = collections.deque(r for r in self.pages.resume if r[0][0] is not req)
             with self._cond:
                 if req in self._queue:
                     self._queue.remove(req)
@@ -265,12 +270,9 @@ class Scheduler:
         spent = 0
         while True:
             if self._staging is None:
-                req = self._next_request(len(self._owner) < eng.b)
-                if req is None:
+                self._staging = self._start_staging()
+                if self._staging is None:
                     return
-                eng.begin(req.prompt)
-                self._staging = _Staging(req, prefill_pieces(len(req.prompt) - 1, eng.buckets),
-                                         None if req.prompt_logprobs is None else [None])
             st = self._staging
             while st.pieces and (not self._owner or spent < self.prefill_budget):
                 start, size = st.pieces.pop(0)
@@ -289,21 +291,48 @@ class Scheduler:
                 if st.echo is not None:
                     self._deliver(req, PromptLogprobs(st.echo))
                 if req.max_tokens == 0:  # the prompt's logprobs were all that was asked
-                    self._staging = None
+                    self._drop_staging()
                     self._end_choices(req, "length")
                     continue
-            row = eng.row_inputs(req.max_tokens, req.stop_ids, req.sampling)  # the same for every choice
-            while st.next_choice < req.n and len(self._owner) < eng.b:
+            produced = st.resume[1] if st.resume else 0
+            row = eng.row_inputs(req.max_tokens - produced, req.stop_ids, req.sampling)  # the same for every choice
+            last = st.next_choice + 1 if st.resume else req.n
+            while st.next_choice < last and len(self._owner) < eng.b:
                 slot = next(s for s in range(eng.b) if s not in self._owner)
-                eng.admit(slot, row, eng.key_data(req.sampling, req.seed, st.next_choice))
+                key = eng.key_data(req.sampling, req.seed, st.next_choice)
+                if self.pages is None:
+                    eng.admit(slot, row, key)
+                else:
+                    tokens = st.resume[0] if st.resume else req.prompt
+                    eng.admit(slot, row, key, *self.pages.admit(slot, tokens, st.resume[1:] if st.resume else (0, 0)))
                 self._owner[slot] = (req, st.next_choice)
                 st.next_choice += 1
             self.metrics.slots_busy.set(len(self._owner))
-            if st.next_choice < req.n:
+            if st.next_choice < last:
                 return  # the other choices wait for free slots (the staging cache is kept)
-            self._staging = None
+            self._drop_staging()
+
+    def _start_staging(self) -> _Staging | None:
+        """The next queued prompt, begun on the engine (``PagedScheduler`` also finds its pages)."""
+        req = self._next_request(len(self._owner) < self.engine.b)
+        if req is not None:
+            self.engine.begin(req.prompt)
+            return _Staging(req, prefill_pieces(len(req.prompt) - 1, self.engine.buckets),
+                            None if req.prompt_logprobs is None else [None])
+        return None
+
+    def _drop_staging(self) -> None:
+        self._staging = None
+        if self.pages is not None:
+            self.pages.end_staging()
+
+    def _before_chunk(self) -> None:
+        """Nothing on a dense cache (``PagedScheduler`` reserves the chunk's pages)."""
 
     def _chunk(self) -> None:
+        self._before_chunk()
+        if not self._owner:
+            return
         busy = len(self._owner)
         program = self.policy.choose(busy)
         t0 = time.perf_counter()
@@ -338,14 +367,20 @@ class Scheduler:
                     lps = token_logprobs(lp.token[slot], lp.top_ids[slot], lp.top[slot], range(n),
                                          req.sampling.logprobs)
                 self._deliver(req, Tokens(groups, index, lps))
+                if self.pages is not None:
+                    self.pages.committed(slot, toks, int(res.steps[slot]))
             if res.done[slot]:
                 reason = FINISH_CODES[int(res.finish[slot])].value
-                self._retire(slot, Finished(reason, int(res.new_tokens[slot]), int(res.steps[slot]), index))
+                before, steps = self.pages.before[slot] if self.pages is not None else (0, 0)
+                self._retire(slot, Finished(reason, before + int(res.new_tokens[slot]),
+                                            steps + int(res.steps[slot]), index))
 
     def _retire(self, slot: int, event: Finished) -> None:
         """Free ``slot`` and end its choice; the request ends with its last choice."""
         req, _ = self._owner.pop(slot)
         self.metrics.slots_busy.set(len(self._owner))
+        if self.pages is not None:
+            self.pages.free(slot)
         self._end_choice(req, event)
 
     def _end_choice(self, req: Request, event: Finished) -> None:
@@ -380,8 +415,11 @@ class Scheduler:
             with self._cond:
                 reqs.update((id(r), r) for r in self._queue)
                 self._queue.clear()
+        reqs.update((id(r[0][0]), r[0][0]) for r in (self.pages.resume if self.pages is not None else ()))
         self._owner.clear()
         self._staging = None
+        if self.pages is not None:
+            self.pages.reset()
         self.metrics.slots_busy.set(0)
         if reset:
             try:

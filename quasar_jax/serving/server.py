@@ -10,10 +10,15 @@ import socket
 import threading
 import time
 
+import jax
 import uvicorn
+from flax import nnx
 
 from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.paged_kv_cache import CacheSpec, KVLayout, cache_bytes_per_token
 from quasar_jax.serving.api import Api, create_app
+from quasar_jax.sharding.plan import device_memory_bytes
+from quasar_jax.serving.paged_scheduler import PagedScheduler
 from quasar_jax.serving.scheduler import Scheduler
 from quasar_jax.serving.slots import SlotEngine
 from quasar_jax.serving.speculation import AUTO, draft_options, make_policy, parse_speculation
@@ -35,6 +40,13 @@ class ServeConfig:
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     speculation: str | int = AUTO  # auto | off (0) | K: the chunk programs (serving.speculation)
     mesh: object = None  # None (one device), "data=D,model=M", a MeshSpec or a jax Mesh
+    # The KV cache: paged (one pool; on one device) or dense (a [max_len] strip per slot; on a mesh).
+    kv_layout: str | None = None  # None: paged on one device, dense on a mesh
+    page_size: int = 16
+    kv_pages: int | None = None  # None: from kv_memory_fraction, else the dense cache's memory
+    kv_memory_fraction: float | None = None  # of the device memory left after the weights
+    kv_dtype: str = "auto"
+    prefix_caching: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "verifier", QuantMode.parse(self.verifier, "verifier"))
@@ -46,6 +58,30 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        layout = self.kv_layout or (KVLayout.DENSE if self.mesh is not None else KVLayout.PAGED)
+        CacheSpec(layout, self.page_size, self.kv_dtype)  # validates
+        object.__setattr__(self, "kv_layout", KVLayout(layout))
+        if self.kv_layout is KVLayout.PAGED and self.mesh is not None:
+            raise ValueError("the paged KV cache serves on one device: use kv_layout 'dense' on a mesh")
+        if self.kv_pages is not None and self.kv_pages < 1:
+            raise ValueError(f"kv_pages must be >= 1, got {self.kv_pages}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+    @property
+    def cache_spec(self) -> CacheSpec:
+        return CacheSpec(self.kv_layout, self.page_size, self.kv_dtype)
+
+    def num_kv_pages(self, model) -> int:
+        """Pages of the pool: ``kv_pages``, else ``kv_memory_fraction`` of the device memory left
+        after the weights, else as many as the dense cache of ``slots x max_len`` would hold."""
+        if self.kv_pages is not None:
+            return self.kv_pages
+        if self.kv_memory_fraction is None:
+            return self.slots * -(-self.max_len // self.page_size)
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+        per_page = self.page_size * cache_bytes_per_token(model.config, self.kv_dtype, model.dtype)
+        return max(1, int((device_memory_bytes() - weights) * self.kv_memory_fraction) // per_page)
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -61,7 +97,8 @@ def make_engine(model, cfg: ServeConfig) -> SlotEngine:
     """The slots and every program (one chunk program per speculation option), compiled."""
     return SlotEngine(model, draft_options(cfg.drafter, cfg.speculation), cfg.verifier, slots=cfg.slots,
                       max_len=cfg.max_len, num_stop=cfg.num_stop, chunk_steps=cfg.chunk_steps,
-                      prefill_buckets=cfg.prefill_buckets, mesh=cfg.mesh)
+                      prefill_buckets=cfg.prefill_buckets, mesh=cfg.mesh, cache_spec=cfg.cache_spec,
+                      kv_pages=cfg.num_kv_pages(model) if cfg.kv_layout is KVLayout.PAGED else None)
 
 
 def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tuple[int, ...], engine=None,
@@ -71,8 +108,10 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
     (``make_engine``; on process 0 of a group, wrapped in ``lockstep.Leader``)."""
     cfg = cfg.for_stop_ids(stop_ids)
     engine = engine if engine is not None else make_engine(model, cfg)
-    scheduler = Scheduler(engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk,
-                          policy=make_policy(engine, cfg.speculation), on_fatal=on_fatal).start()
+    paged = {"prefix_caching": cfg.prefix_caching} if getattr(engine, "paged", False) else None
+    scheduler = (PagedScheduler if paged else Scheduler)(
+        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk, policy=make_policy(engine, cfg.speculation),
+        on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
               default_max_tokens=cfg.default_max_tokens)
     app = create_app(api, on_shutdown=scheduler.stop)

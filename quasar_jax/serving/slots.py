@@ -60,30 +60,19 @@ from jax.sharding import NamedSharding
 from quasar_jax import sharding
 from quasar_jax.model.kv_cache import KVCache
 from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.paged_kv_cache import CacheSpec, KVLayout, PagedKVCache
 from quasar_jax.model.quant import is_quantized
 from quasar_jax.speculative import logits as stage
 from quasar_jax.speculative.drafters import Drafter
-from quasar_jax.speculative.engine import LoopState, make_program
+from quasar_jax.speculative.engine import make_program
 from quasar_jax.speculative.features import program_params, uses_hidden
 from quasar_jax.speculative.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
-from quasar_jax.speculative.results import CACHE_FULL, LENGTH, STOP
+from quasar_jax.serving.slot_state import SlotState, Staging, empty_loop, set_row
+from quasar_jax.speculative.results import CACHE_FULL, STOP
 from quasar_jax.speculative.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
 SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotState:
-    """All device state of the slots (dimension letters of docs/CONVENTIONS.md)."""
-
-    loop: LoopState  # B rows; a done row is a free (or finishing) slot
-    max_new: jax.Array  # [B] int32 token budgets
-    stop: jax.Array  # [B, NS] int32 stop ids (-1 = none)
-    rows: RowSampling  # [B] sampling settings
-
-    def inputs(self) -> dict:
-        """The per-row inputs of ``step`` (every field but ``loop``; each leaf ``[B, ...]``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loop"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,27 +107,19 @@ def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     return pieces
 
 
-def stage_prompt(engine, prompt) -> None:
+def stage_prompt(engine, prompt, *, prefix_pages=(), cached: int = 0) -> None:
     """``begin(prompt)`` then every prefill piece: the prompt staged whole, ready to ``admit``.
-    A function, not a method, so that a ``lockstep.Leader`` records each op it calls."""
-    engine.begin(prompt)
-    for start, size in prefill_pieces(len(prompt) - 1, engine.buckets):
-        engine.prefill(start, size)
+    A function, not a method, so that a ``lockstep.Leader`` records each op it calls. On pages,
+    ``cached`` prompt slots are found in ``prefix_pages`` (prefix caching): only the rest is
+    prefilled."""
+    if cached:
+        engine.begin(prompt, prefix_pages=prefix_pages)
+    else:
+        engine.begin(prompt)
+    for start, size in prefill_pieces(len(prompt) - 1 - cached, engine.buckets):
+        engine.prefill(cached + start, size)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Staging:
-    """One request's prefill: its K/V and (drafters with ``uses_hidden``) the hidden state of
-    prompt position P-2 (``[1, D]``, zeros until the piece holding it is prefilled)."""
-
-    cache: KVCache
-    hidden: jax.Array | None = None
-
-
-def _set_row(full, slot, one):
-    """Row ``slot`` of every ``[B, ...]`` leaf of ``full`` := the leaf of ``one`` (scalars kept)."""
-    return jax.tree.map(lambda a, v: a.at[slot].set(v) if a.ndim else a, full, one)
 
 
 class SlotEngine:
@@ -152,7 +133,12 @@ class SlotEngine:
 
     def __init__(self, model, drafters: Drafter | Sequence[Drafter], verifier: QuantMode | str, *, slots: int,
                  max_len: int, num_stop: int = 4, chunk_steps: int = 8, prefill_buckets: tuple[int, ...] = (32, 128),
-                 mesh=None, spec: LogitsSpec = SERVING_SPEC):
+                 mesh=None, spec: LogitsSpec = SERVING_SPEC, cache_spec: CacheSpec = CacheSpec(KVLayout.DENSE),
+                 kv_pages: int | None = None):
+        """``cache_spec``: a dense ``[L, B, S, G, E]`` cache (the default) or one pool of
+        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged, one device; the host's
+        ``quasar_jax.serving.kv_pages.SlotPages`` allocates them and sends the page tables with
+        every ``chunk``)."""
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
             raise ValueError(f"verifier '{verifier}' does not match the model's weights "
@@ -174,6 +160,15 @@ class SlotEngine:
             if callable(getattr(d, "check_model", None)):
                 d.check_model(model)  # e.g. S4C heads trained for another model
         self.model, self.verifier, self.spec = model, verifier, spec
+        self.cache_spec, self.paged = cache_spec, cache_spec.layout is KVLayout.PAGED
+        if self.paged:
+            if self.mesh is not None:
+                raise ValueError("the paged KV cache serves on one device (no mesh yet)")
+            if not isinstance(kv_pages, int) or kv_pages < 1:
+                raise ValueError(f"a paged slot engine needs kv_pages >= 1, got {kv_pages!r}")
+        self.page_size = cache_spec.page_size
+        self.max_pages = -(-max_len // cache_spec.page_size)  # M: pages a row can address
+        self.num_pages = kv_pages if self.paged else slots * self.max_pages
         self.hidden = any(uses_hidden(d) for d in self.drafters)  # the state carries [B, D]
         self.b, self.s, self.n, self.ns = slots, max_len, chunk_steps, num_stop
         self.ks = tuple(d.num_draft for d in self.drafters)  # K of each chunk program
@@ -190,14 +185,32 @@ class SlotEngine:
         cfg, dtype, carry = self.model.config, self.model.dtype, self.hidden
         spec, n_top = self.spec, self.spec.max_logprobs or 0
         steps = [make_program(graphdef, d, RowSampler(), verifier, spec=spec)[1] for d in self.drafters]
+        cspec, paged, m, num_pages = self.cache_spec, self.paged, self.max_pages, self.num_pages
+
+        def empty_cache(rows: int):
+            if not paged:
+                return KVCache.init(cfg, rows, s, dtype)
+            return PagedKVCache.init(cfg, jnp.full((rows, m), num_pages, jnp.int32), num_pages, cspec.page_size,
+                                     dtype, cspec.kv_dtype)
 
         def empty() -> SlotState:
-            return SlotState(loop=_empty_loop(cfg, dtype, b, s, k, spec, hidden=carry),
+            return SlotState(loop=empty_loop(cfg, dtype, b, s, k, spec, hidden=carry, cache=empty_cache(b)),
                              max_new=jnp.ones((b,), jnp.int32), stop=jnp.full((b, self.ns), -1, jnp.int32),
                              rows=RowSampling.of([SamplingParams()] * b))
 
         def staging() -> Staging:
-            return Staging(KVCache.init(cfg, 1, s, dtype), jnp.zeros((1, cfg.hidden_size), dtype) if carry else None)
+            one = (PagedKVCache.contiguous(cfg, 1, s, cspec.page_size, dtype, cspec.kv_dtype) if paged
+                   else KVCache.init(cfg, 1, s, dtype))
+            return Staging(one, jnp.zeros((1, cfg.hidden_size), dtype) if carry else None)
+
+        def load_prefix(st: SlotState, staged: Staging, table_row, n_pages) -> Staging:
+            """Pages ``table_row[:n_pages]`` of the pool (a cached prefix) into the staging row."""
+            at = jnp.arange(m)
+            cache = staged.cache.put_pages(st.loop.cache, table_row, jnp.where(at < n_pages, at, m))
+            return dataclasses.replace(staged, cache=cache)
+
+        def copy_pages(st: SlotState, src, dst) -> SlotState:  # copy on write
+            return dataclasses.replace(st, loop=dataclasses.replace(st.loop, cache=st.loop.cache.copy_pages(src, dst)))
 
         def prefill(params, staged: Staging, tokens, start, next_tokens, want, at):
             """``at``: the piece index of prompt position P-2 (its hidden state is kept)."""
@@ -214,26 +227,37 @@ class SlotEngine:
                               lambda: stage.empty_logprobs(1, c, n_top))
             return Staging(cache1, hidden), lp
 
-        def admit(st: SlotState, staged: Staging, slot, history_row, prompt_len, row: dict, key_data) -> SlotState:
+        def admit(st: SlotState, staged: Staging, slot, history_row, prompt_len, row: dict, key_data,
+                  table_row, from_page) -> SlotState:
+            """Pages: the staging row's pages ``from_page ..`` go to the pool pages ``table_row``
+            (those before are the cached prefix the row shares, never written)."""
             full, cache1 = prompt_len >= s, staged.cache
             fresh = dataclasses.replace(  # a one-row state: counters zero, its own key
-                _empty_loop(cfg, dtype, 1, s, k, spec, hidden=carry), hidden=staged.hidden,
+                empty_loop(cfg, dtype, 1, s, k, spec, hidden=carry), hidden=staged.hidden,
                 history=history_row[None], lengths=prompt_len[None],
                 done=full[None], finish=jnp.where(full, CACHE_FULL, 0).astype(jnp.int32)[None],
                 keys=jax.random.wrap_key_data(key_data)[None], cache=None,
                 prompt_ids=stage.prompt_mask(history_row[None], prompt_len[None], st.loop.prompt_ids.shape[1]))
             fresh = jax.tree.map(lambda x: x[0] if x.ndim else x, fresh)
-            loop = _set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
+            loop = set_row(dataclasses.replace(st.loop, cache=None), slot, fresh)
             cache = st.loop.cache
-            cache = cache.replace(k=cache.k.at[:, slot].set(cache1.k[:, 0]), v=cache.v.at[:, slot].set(cache1.v[:, 0]),
-                                  lengths=loop.lengths - 1)
-            inputs = {name: _set_row(value, slot, row[name]) for name, value in st.inputs().items()}
+            if paged:
+                at = jnp.arange(m)
+                cache = cache.put_pages(cache1, at, jnp.where(at >= from_page, table_row, num_pages)).replace(
+                    page_table=cache.page_table.at[slot].set(table_row), lengths=loop.lengths - 1)
+            else:
+                cache = cache.replace(k=cache.k.at[:, slot].set(cache1.k[:, 0]),
+                                      v=cache.v.at[:, slot].set(cache1.v[:, 0]), lengths=loop.lengths - 1)
+            inputs = {name: set_row(value, slot, row[name]) for name, value in st.inputs().items()}
             return dataclasses.replace(st, loop=dataclasses.replace(loop, cache=cache), **inputs)
 
         def chunk_program(step, kp: int):
             m = n * (kp + 1)
 
-            def chunk(params, st: SlotState):
+            def chunk(params, st: SlotState, table):
+                if paged:  # the host's page tables for this chunk (pages reserved for its reach)
+                    st = dataclasses.replace(st, loop=dataclasses.replace(
+                        st.loop, cache=st.loop.cache.replace(page_table=table)))
                 start_done, start_len, start_it = st.loop.done, st.loop.lengths, st.loop.iteration
                 fresh = ~start_done & (st.loop.new_tokens == 0)  # admitted since the last chunk
 
@@ -274,7 +298,9 @@ class SlotEngine:
         self.key_spec = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
         state_sh = cache1_sh = out_sh = lp_sh = None
         host = {"scalar": sds((), i32), "piece": {c: sds((1, c), i32) for c in self.buckets}, "want": sds((), bool),
-                "history": sds((s,), i32), "row": self.row_spec, "key": self.key_spec, "mask": sds((b,), jnp.bool_)}
+                "history": sds((s,), i32), "row": self.row_spec, "key": self.key_spec, "mask": sds((b,), jnp.bool_),
+                "table_row": sds((m,), i32), "table": sds((b, m) if paged else (b, 0), i32),
+                "pages": sds((b * m,), i32)}
         if self.mesh is not None:
             mesh, rules = self.mesh, sharding.axis_rules(cfg, self.mesh)
             state_sh = sharding.with_batch_shardings(state, mesh, cfg)
@@ -297,12 +323,20 @@ class SlotEngine:
         self._prefill = {c: aot(prefill, (p, cache1, host["piece"][c], host["scalar"], host["piece"][c], host["want"],
                                           host["scalar"]), (cache1_sh, out_sh), (1,)) for c in self.buckets}
         self._admit = aot(admit, (state, cache1, host["scalar"], host["history"], host["scalar"], host["row"],
-                                  host["key"]), state_sh, (0,))
-        self._chunk = [aot(chunk_program(step, d.num_draft), (pp, state), (state_sh, out_sh, lp_sh and lp_sh[d.num_draft]),
-                           (1,)) for step, d, pp in zip(steps, self.drafters, self._params)]
+                                  host["key"], host["table_row"], host["scalar"]), state_sh, (0,))
+        self._chunk = [aot(chunk_program(step, d.num_draft), (pp, state, host["table"]),
+                           (state_sh, out_sh, lp_sh and lp_sh[d.num_draft]), (1,))
+                       for step, d, pp in zip(steps, self.drafters, self._params)]
+        if paged:
+            self._load_prefix = aot(load_prefix, (state, cache1, host["table_row"], host["scalar"]), None, (1,))
+            self._copy_pages = aot(copy_pages, (state, host["pages"], host["pages"]), None, (0,))
+        self._table = np.zeros((b, m) if paged else (b, 0), np.int32)
         self._finish = aot(finish, (state, host["mask"]), state_sh, (0,))
         self.state = self._empty()
         self.key_data(SamplingParams(), 0, index=1)  # compile the host-side key helpers now, not at the first request
+        if paged:  # the page ops' transfers too (a copy to the dropped page P changes nothing)
+            self._put(self._row_table(()))
+            self.set_pages(self._table, [(0, self.num_pages)])
 
     def _put(self, tree):
         """Host values -> device arguments (replicated global arrays on a mesh)."""
@@ -317,9 +351,18 @@ class SlotEngine:
         self.state = self._empty()
         self._staging, self._staged = None, []
 
-    def begin(self, prompt: Sequence[int] = ()) -> None:
-        """Start staging a prompt (its tokens now, or by ``extend``) in a fresh one-row cache."""
+    def begin(self, prompt: Sequence[int] = (), prefix_pages: Sequence[int] = ()) -> None:
+        """Start staging a prompt (its tokens now, or by ``extend``) in a fresh one-row cache; on
+        pages, ``prefix_pages`` (a cached prefix of the prompt) are loaded into it first."""
         self._staging, self._staged = self._new_staging(), [int(t) for t in prompt]
+        if len(prefix_pages):
+            self._staging = self._load_prefix(self.state, self._staging, *self._put(
+                (self._row_table(prefix_pages), np.int32(len(prefix_pages)))))
+
+    def _row_table(self, pages: Sequence[int]) -> np.ndarray:
+        row = np.full((self.max_pages,), self.num_pages, np.int32)
+        row[:len(pages)] = pages
+        return row
 
     def extend(self, tokens: Sequence[int]) -> None:
         """More tokens of the staged prompt."""
@@ -339,20 +382,35 @@ class SlotEngine:
             (piece[:1], np.int32(start), piece[1:], np.bool_(logprobs), np.int32(len(self._staged) - 2 - start))))
         return jax.tree.map(lambda x: x[0], sharding.fetch(lp)) if logprobs else None
 
-    def admit(self, slot: int, row: dict, key_data: np.ndarray) -> None:
-        """The staged prompt into slot ``slot`` with per-row inputs ``row`` (``row_inputs``)."""
+    def admit(self, slot: int, row: dict, key_data: np.ndarray, pages: Sequence[int] = (), from_page: int = 0) -> None:
+        """The staged prompt into slot ``slot`` with per-row inputs ``row`` (``row_inputs``); on
+        pages, into the row's ``pages`` (the staging's pages ``from_page ..`` are copied there)."""
         history = np.zeros((self.s,), np.int32)
         history[:len(self._staged)] = self._staged
-        args = self._put((np.int32(slot), history, np.int32(len(self._staged)), row, key_data))
+        if self.paged:
+            self._table[slot] = self._row_table(pages)
+        args = self._put((np.int32(slot), history, np.int32(len(self._staged)), row, key_data,
+                          self._row_table(pages), np.int32(from_page)))
         self.state = self._admit(self.state, self._staging, *args)  # the staging stays (until ``begin``)
 
     def chunk(self, program: int = 0, logprobs: bool = False) -> ChunkResult:
         """Run chunk program ``program`` (index into ``drafters``); ``logprobs``: also fetch the
         appended tokens' logprobs (when a request asked; the same on every process)."""
-        self.state, out, lp = self._chunk[program](self._params[program], self.state)
+        self.state, out, lp = self._chunk[program](self._params[program], self.state, self._put(self._table))
         out, lp = sharding.fetch((out, lp if logprobs else None))
         tokens, appended, emits, done, finish, new_tokens, steps, iters = out
         return ChunkResult(tokens, appended, emits, done, finish, new_tokens, steps, int(iters), lp)
+
+    def set_pages(self, table: np.ndarray, copies: Sequence[tuple[int, int]] = ()) -> None:
+        """Pages: the page tables ``[B, M]`` the next chunks use, after the page ``copies``
+        ``(src, dst)`` (copy on write) are made in the pool."""
+        self._table = np.asarray(table, np.int32).copy()
+        for i in range(0, len(copies), self.b * self.max_pages):
+            part = list(copies[i:i + self.b * self.max_pages])
+            src = np.zeros((self.b * self.max_pages,), np.int32)
+            dst = np.full((self.b * self.max_pages,), self.num_pages, np.int32)
+            src[:len(part)], dst[:len(part)] = zip(*part)
+            self.state = self._copy_pages(self.state, *self._put((src, dst)))
 
     def finish(self, mask: np.ndarray) -> None:
         """Mark the rows of ``mask [B]`` done (finish reason stop)."""
@@ -388,17 +446,3 @@ class SlotEngine:
         when it has one; choices after the first fold their index in (different, reproducible)."""
         key = row_keys([sampling], seed)[0]
         return np.asarray(jax.random.key_data(key if index == 0 else jax.random.fold_in(key, index)))
-
-
-def _empty_loop(cfg, dtype, b: int, s: int, k: int, spec: LogitsSpec, *, hidden: bool = False) -> LoopState:
-    """A ``LoopState`` with every row done (every slot free); ``hidden``: it carries ``[B, D]``."""
-    zeros = jnp.zeros((b,), jnp.int32)
-    v = cfg.vocab_size if spec.penalties else 0
-    return LoopState(history=jnp.zeros((b, s), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
-                     cache=KVCache.init(cfg, b, s, dtype), done=jnp.ones((b,), bool),
-                     finish=jnp.full((b,), LENGTH, jnp.int32), new_tokens=zeros, steps=zeros,
-                     emitted_hist=jnp.zeros((b, k + 2), jnp.int32),
-                     keys=jax.random.split(jax.random.key(0), b), iteration=jnp.zeros((), jnp.int32),
-                     counts=jnp.zeros((b, v), jnp.int32), prompt_ids=jnp.zeros((b, v), bool),
-                     logprobs=stage.empty_logprobs(b, s, spec.max_logprobs),
-                     hidden=jnp.zeros((b, cfg.hidden_size), dtype) if hidden else None)

@@ -50,7 +50,9 @@ from flax import nnx
 from quasar_jax import sharding
 from quasar_jax.cli import compile_cache
 from quasar_jax.model.kv_cache import KVCache
+from quasar_jax.model.kv_quant import KV_DTYPES
 from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheSpec, KVLayout, PagedKVCache
 from quasar_jax.model.quant import is_quantized
 from quasar_jax.model.qwen3 import Qwen3
 from quasar_jax.speculative import features
@@ -94,6 +96,7 @@ class GenerationConfig:
     seed: int = 0
     allow_long_context: bool = False  # allow prompt + max_new_tokens past max_position_embeddings
     heads: object = None  # drafter "s4c": a heads directory or quasar_jax.speculative.heads.load_heads(...)
+    kv_dtype: str = "auto"  # what the KV cache stores: auto (the model's dtype) | bfloat16 | float32 | int8
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -113,6 +116,8 @@ class GenerationConfig:
         if isinstance(drafter, QSpecDrafter) and self.verifier is not QuantMode.W8A16:
             raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier='w8a16'")
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.max_len is not None and (not is_int(self.max_len) or self.max_len < 2):
             raise ValueError(f"max_len must be an integer >= 2, got {self.max_len!r}")
 
@@ -141,7 +146,7 @@ class LoopState:
 
     history: jax.Array  # [B, S] int32: prompt + generated tokens
     lengths: jax.Array  # [B] int32: valid tokens in history
-    cache: KVCache  # K/V of history[:, :lengths-1]
+    cache: KVCache | PagedKVCache  # K/V of history[:, :lengths-1]
     done: jax.Array  # [B] bool
     finish: jax.Array  # [B] int32: 0 running, else the index of a FinishReason in FINISH_CODES
     new_tokens: jax.Array  # [B] int32: tokens generated so far
@@ -159,13 +164,15 @@ class LoopState:
 
 # ----------------------------------------------------------------------------- the device program
 def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMode,
-                 stream: Callable | None = None, *, spec: LogitsSpec = LogitsSpec()):
+                 stream: Callable | None = None, *, spec: LogitsSpec = LogitsSpec(),
+                 cache_spec: CacheSpec = CacheSpec()):
     """The device functions of one (drafter, sampler, verifier, logits spec), to be jitted by the
     caller.
 
     Returns ``(init, step, run)``. Per-row inputs: ``max_new [B]`` token budgets, ``stop [B, NS]``
     stop ids (-1 = none), ``rows`` the ``RowSampling`` arrays, ``keys [B]`` PRNG keys. ``spec``
-    says whether the state carries token counts (penalties) and logprob buffers.
+    says whether the state carries token counts (penalties) and logprob buffers; ``cache_spec``
+    how ``init`` lays out the cache (dense strips or pages; its dtype).
 
     * ``init(params, prompt [B, P], prompt_lens [B], S, keys)`` prefills and gives the first
       ``LoopState``;
@@ -244,7 +251,7 @@ def make_program(graphdef, drafter: Drafter, sampler: Sampler, verifier: QuantMo
         model, _ = merged(params)
         b, p = prompt.shape
         s = max_len_static
-        cache = KVCache.init(model.config, b, s, model.dtype)
+        cache = cache_spec.init(model.config, b, s, model.dtype)
         hidden = jnp.zeros((b, model.config.hidden_size), model.dtype) if carry_hidden else None
         if p > 1:
             positions = jnp.broadcast_to(jnp.arange(p - 1, dtype=jnp.int32), (b, p - 1))
@@ -284,15 +291,23 @@ class Engine:
     so calls that differ only in those reuse it.
     """
 
-    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET, mesh=None):
+    def __init__(self, model: Qwen3, *, prompt_bucket: int = PROMPT_BUCKET, mesh=None,
+                 kv_layout: KVLayout | str | None = None, page_size: int = DEFAULT_PAGE_SIZE):
         """``mesh``: a ``Mesh`` with axes ("data", "model"), a spec ("data=2,model=4"), or ``None``
-        (one device). Params are placed by ``quasar_jax.sharding``'s rules; rows pad to ``data``."""
+        (one device). Params are placed by ``quasar_jax.sharding``'s rules; rows pad to ``data``.
+        ``kv_layout``: ``paged`` (pages of ``page_size`` slots; attention reads only the pages a
+        row uses) or ``dense`` (a strip of S slots per row); ``None`` = paged on one device, dense
+        on a mesh (the partition rules shard the dense cache)."""
         if not is_int(prompt_bucket) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}")
         compile_cache.enable()  # on by default (QUASAR_JAX_COMPILE_CACHE=off to disable)
         self.model = model
         self.prompt_bucket = prompt_bucket  # prompts are right-padded to a multiple of this
         self.mesh = sharding.make_mesh(mesh)
+        if kv_layout is None:
+            kv_layout = KVLayout.DENSE if self.mesh is not None else KVLayout.PAGED
+        CacheSpec(kv_layout, page_size)  # validates
+        self.kv_layout, self.page_size = KVLayout(kv_layout), page_size
         if self.mesh is not None:
             sharding.place_model(model, self.mesh)  # the model now refers to the sharded arrays
         self.graphdef, self.params = nnx.split(model)
@@ -320,14 +335,15 @@ class Engine:
         return stop
 
     def _program(self, drafter: Drafter, sampler: Sampler, verifier: QuantMode, b: int, p: int,
-                 s: int, n_stop: int, stream: bool, spec: LogitsSpec = LogitsSpec()):
-        key = (drafter, sampler, verifier, b, p, s, n_stop, stream, spec)
+                 s: int, n_stop: int, stream: bool, spec: LogitsSpec = LogitsSpec(),
+                 cache_spec: CacheSpec = CacheSpec()):
+        key = (drafter, sampler, verifier, b, p, s, n_stop, stream, spec, cache_spec)
         if key in self._compiled:
             return self._compiled[key], self._program_params[key], 0.0
         if callable(getattr(drafter, "check_model", None)):
             drafter.check_model(self.model)  # e.g. S4C heads trained for another model
         _, _, run = make_program(self.graphdef, drafter, sampler, verifier,
-                                 self._stream if stream else None, spec=spec)
+                                 self._stream if stream else None, spec=spec, cache_spec=cache_spec)
         i32 = jnp.int32
         inputs = (jax.ShapeDtypeStruct((b, p), i32), jax.ShapeDtypeStruct((b,), i32),
                   jax.ShapeDtypeStruct((b,), i32), jax.ShapeDtypeStruct((b, n_stop), i32),
@@ -410,8 +426,9 @@ class Engine:
         stop = np.tile(np.asarray(cfg.stop_ids or (-1,), np.int32), (bp, 1))  # [B, NS]
         max_new = np.where(np.arange(bp) < b, cfg.max_new_tokens, 1).astype(np.int32)  # pad rows: 1
         drafter = cfg.make_drafter()
+        cache_spec = CacheSpec(self.kv_layout, self.page_size, cfg.kv_dtype)
         program, params, compile_s = self._program(drafter, sampler_for(rows), cfg.verifier, bp, p, s,
-                                           stop.shape[1], stream is not None, spec)
+                                           stop.shape[1], stream is not None, spec, cache_spec)
         inputs = (prompt, np.asarray(lens, np.int32), max_new, stop, RowSampling.of(rows),
                   row_keys(rows, cfg.seed))
         inputs = sharding.put_inputs(inputs, self.mesh, self.model.config)
