@@ -269,3 +269,44 @@ def test_expert_parallel_equals_one_device(hf_moe):
     out = subprocess.run([sys.executable, "-c", SHARDED, str(path)], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- memory plan, bytes model
+def test_memory_plan_of_the_moe_presets():
+    from quasar_jax.sharding import memory_plan
+
+    cfg = Qwen3Config.preset("qwen3-30b-a3b")
+    one = memory_plan(cfg, "data=1,model=1", dtype="bfloat16", batch=1, cache_len=16)
+    assert one.params_bytes == 2 * cfg.num_params()
+    eight = memory_plan(cfg, "model=8", dtype="bfloat16", batch=1, cache_len=16)
+    d, v = cfg.hidden_size, cfg.vocab_size
+    replicated = 2 * cfg.num_hidden_layers * (2 * d + 2 * cfg.head_dim + cfg.num_experts * d  # norms, router
+                                              + 2 * d * cfg.num_key_value_heads * cfg.head_dim) + 2 * d  # k/v: M % G
+    assert eight.params_bytes == (one.params_bytes - replicated) // 8 + replicated
+    int8 = memory_plan(cfg, "model=8", dtype="bfloat16", int8=True, batch=1, cache_len=16)
+    assert 0.5 < int8.params_bytes / eight.params_bytes < 0.55
+    assert not memory_plan(Qwen3Config.preset("qwen3-235b-a22b"), "model=8", int8=False, device_gb=48).fits
+    mixed = Qwen3Config(**{**cfg.__dict__, "num_hidden_layers": 4, "mlp_only_layers": (1,)})
+    assert memory_plan(mixed, "data=1,model=1").params_bytes == 2 * mixed.num_params()
+
+
+def test_experts_touched_and_bytes_model(hf_moe):
+    from quasar_jax.bench.experts import routing, touched, uniform_touched, verify_bytes
+
+    routes = np.array([[[0, 1], [1, 2], [0, 1], [3, 4]]])  # [1 layer, 4 tokens, k=2]
+    assert touched(routes, 1) == 2 and touched(routes, 2) == (3 + 3 + 4) / 3 and touched(routes, 4) == 5
+    assert touched(routes, 2, start=2) == 4
+    assert uniform_touched(8, 2, 1) == 2 and abs(uniform_touched(8, 2, 50) - 8) < 1e-4
+    for shape in ("x6k2_norm_dense1", "x4k1_step2_tied"):
+        cfg = Qwen3Config.from_json(hf_moe(shape)[0])
+        head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # untied: embedding not read
+        assert verify_bytes(cfg, cfg.num_experts, int8=False, dtype_bytes=4).total == 4 * (cfg.num_params() - head)
+    import torch
+
+    d, hf = hf_moe("x6k2_norm_dense1")
+    r = routing(load_model(d), list(range(20)))
+    assert r.shape == (2, 20, 2)  # layers 0 and 2 are sparse
+    with torch.no_grad():  # transformers' router logits of the same tokens
+        logits = hf(torch.arange(20)[None], output_router_logits=True).router_logits
+    for layer, ref in enumerate(logits):
+        np.testing.assert_array_equal(r[layer], torch.topk(ref.reshape(20, -1), 2).indices.numpy())

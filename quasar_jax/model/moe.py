@@ -226,6 +226,7 @@ class SparseMoeBlock(nnx.Module):
         self.impl: str | None = None  # None: default_impl()
         self.expert_mesh = None  # a Mesh whose "model" axis splits the experts (set by placement)
         self.sow_aux = False  # training: sow the load-balancing loss as nnx.Intermediate "aux_loss"
+        self.sow_routing = False  # measurement: sow each token's experts [B, T, k] as "routing"
 
     def __call__(self, x: jax.Array, *, mode: QuantMode) -> jax.Array:
         """``x [B, T, D]`` -> ``[B, T, D]``."""
@@ -237,6 +238,9 @@ class SparseMoeBlock(nnx.Module):
         if self.sow_aux:
             self.sow(nnx.Intermediate, "aux_loss", load_balance_loss(x.reshape(b * t, d), self.gate.weight[...],
                                                                       self.top_k))
+        if self.sow_routing:
+            chosen = route(x.reshape(b * t, d), self.gate.weight[...], self.top_k, self.norm_topk_prob)[1]
+            self.sow(nnx.Intermediate, "routing", chosen.reshape(b, t, self.top_k))
         mesh = self.expert_mesh
         if mesh is None or mesh.shape["model"] == 1:
             return moe_forward(x.reshape(b * t, d), self.gate.weight[...], self.experts, **kw).reshape(b, t, d)

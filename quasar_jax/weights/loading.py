@@ -49,6 +49,7 @@ from quasar_jax.model.quant import Int8ExpertLinear, Int8Linear, is_quantized, q
 from quasar_jax.model.qwen3 import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-qwen3"
+DEMO_MOE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-qwen3-moe"  # "demo-moe"
 
 
 def _tensor_paths(module: nnx.Module) -> dict[str, tuple]:
@@ -140,12 +141,13 @@ def merge_experts(tensors, cfg: Qwen3Config):
 
 # ------------------------------------------------------------------------ resolving a model name
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """``"demo"``, a local directory, or a hub id -> local directory with ``config.json``."""
+    """``"demo"``, ``"demo-moe"``, a local directory, or a hub id -> local directory with ``config.json``."""
     name = str(name_or_path)
-    if name == "demo":
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"the demo model is not installed at {DEMO_MODEL_DIR}")
-        return DEMO_MODEL_DIR
+    demos = {"demo": DEMO_MODEL_DIR, "demo-moe": DEMO_MOE_MODEL_DIR}
+    if name in demos:
+        if not (demos[name] / "config.json").is_file():
+            raise FileNotFoundError(f"the {name} model is not installed at {demos[name]}")
+        return demos[name]
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
