@@ -310,3 +310,26 @@ def test_experts_touched_and_bytes_model(hf_moe):
         logits = hf(torch.arange(20)[None], output_router_logits=True).router_logits
     for layer, ref in enumerate(logits):
         np.testing.assert_array_equal(r[layer], torch.topk(ref.reshape(20, -1), 2).indices.numpy())
+
+
+def test_two_processes_decode_like_one_device(hf_moe):
+    """Experts split over a mesh that spans two processes (4 CPU devices each, gloo collectives)."""
+    from test_sharding import ROOT, _free_port, _python_env
+
+    ckpt = hf_moe("x8k3_kv1")[0]
+    config = dict(max_new_tokens=12, num_draft=3)
+    port, request = _free_port(), json.dumps({"prompts": PROMPTS, "config": config})
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(ckpt), str(port),
+                               str(pid), "data=2,model=4", request], cwd=ROOT, env=_python_env(4),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=300))
+        finally:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-4000:]
+    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert got["processes"] == 2 and got["devices"] == 8
+    assert got["tokens"] == Engine(load_model(ckpt)).generate(PROMPTS, GenerationConfig(**config)).tokens
