@@ -47,6 +47,10 @@ the GEMM on GPU (checked on an H100: one bf16 Triton GEMM fusion, no weight copy
 bf16 x int8 dot instead got a materialised float32 weight copy at M >= 512). On CPU XLA may
 materialise the converted weight transiently per call; the Pallas backend never does.
 
+Mixture-of-experts layers: ``Int8ExpertLinear`` (drop-in for ``quasar_jax.model.moe.ExpertLinear``)
+holds ``qvalue [X, I, O]`` and ``scale [X, O]``, each expert quantised by the same AQT quantiser
+(vmapped) and multiplied by the same formula inside the grouped matmuls; routers stay float.
+
 Entry points: ``Int8Linear`` (drop-in for ``quasar_jax.model.qwen3.Linear``), ``quantize_model`` (in
 place, layer by layer), ``abstract_quantized_model``, ``param_bytes``, ``quantized_projection_bytes``.
 """
