@@ -333,3 +333,28 @@ def test_two_processes_decode_like_one_device(hf_moe):
     got = json.loads(outs[0][0].strip().splitlines()[-1])
     assert got["processes"] == 2 and got["devices"] == 8
     assert got["tokens"] == Engine(load_model(ckpt)).generate(PROMPTS, GenerationConfig(**config)).tokens
+
+
+# ----------------------------------------------------------------------------- the shipped demo-moe
+def test_demo_moe_files_size_and_transformers_parity():
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    from quasar_jax.weights.loading import DEMO_MODEL_DIR, DEMO_MOE_MODEL_DIR, load_tokenizer, resolve_model_dir
+
+    assert resolve_model_dir("demo-moe") == DEMO_MOE_MODEL_DIR
+    names = {p.name for p in DEMO_MOE_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "training_log.json"} <= names
+    size = sum(p.stat().st_size for p in DEMO_MOE_MODEL_DIR.rglob("*") if p.is_file())
+    assert size <= 26 * 10**6, f"demo-moe is {size / 1e6:.1f} MB"
+    cfg = Qwen3Config.from_json(DEMO_MOE_MODEL_DIR)
+    assert cfg.num_experts == 8 and cfg.num_experts_per_tok == 2 and cfg.moe_layers == tuple(range(4))
+    # the same tokenizer as the dense demo (same corpus, same training)
+    assert (DEMO_MOE_MODEL_DIR / "tokenizer.json").read_bytes() == (DEMO_MODEL_DIR / "tokenizer.json").read_bytes()
+    tok = load_tokenizer("demo-moe")
+    ids = tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n", add_special_tokens=False)
+    hf = Qwen3MoeForCausalLM.from_pretrained(str(DEMO_MOE_MODEL_DIR), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.as_tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(_logits(load_model("demo-moe"), np.asarray([ids])), ref, atol=1e-4, rtol=0)
