@@ -37,6 +37,9 @@ RUN_SETTINGS = ("model", "dtype", "prompt", "prompt_file", "text", "num_prompts"
                 "max_new_tokens", "num_heads", "steps", "batch_size", "lr", "warmup", "seed", "val_fraction")
 
 
+DEMOS = ("demo", "demo-moe")  # the shipped models, trained on the same corpus
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo", help="'demo', a local HF or converted directory, or a hub id "
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="prompts, one per line, or Spec-Bench .jsonl (as decode)")
     src.add_argument("--text", action="append", metavar="PATH",
                      help="a text file, or a directory of *.py / *.txt files, whose token windows are the "
-                          "prompts (repeatable; default for --model demo: the demo model's training corpus)")
+                          "prompts (repeatable; default for --model demo or demo-moe: the demo models' "
+                          "training corpus)")
     p.add_argument("--num-prompts", type=positive_int, default=512,
                    help="prompts drawn from --text (default: 512)")
     p.add_argument("--prompt-tokens", type=int_at_least(2), default=64,
@@ -77,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args, given: set[str]) -> None:
     if args.plan:
         raise InputError("--plan applies only to decode")
-    if args.text is None and args.prompt is None and args.prompt_file is None and args.model != "demo":
-        raise InputError("no prompts: give --prompt, --prompt-file or --text (only --model demo has a default corpus)")
+    if args.text is None and args.prompt is None and args.prompt_file is None and args.model not in DEMOS:
+        raise InputError("no prompts: give --prompt, --prompt-file or --text (only --model demo and demo-moe have a "
+                         "default corpus)")
     if args.text is None:
         for flag in ("--num-prompts", "--prompt-tokens"):
             if flag in given and (args.prompt or args.prompt_file):

@@ -26,6 +26,12 @@ Examples::
 
     python scripts/train_demo_model.py --out /tmp/demo               # CPU default, ~40 min on 2 cores
     python scripts/train_demo_model.py --preset gpu --out /tmp/demo  # the shipped model's settings
+    python scripts/train_demo_model.py --preset moe-cpu --out /tmp/demo-moe  # the MoE demo (8 experts, top 2)
+
+Mixture of experts (``--num-experts > 0``): every layer is sparse (``--experts-per-tok`` of
+``--num-experts`` experts of width ``--moe-intermediate-size``, top-k weights renormalised); the
+loss adds ``--aux-loss-coef`` times the mean over layers of the Switch load-balancing loss
+(``quasar_jax.model.moe.load_balance_loss``), so that the routing spreads over the experts.
 
 The shipped model was trained on a copy of CPython 3.11.7's standard library (``--stdlib-dir``),
 see docs/demo_model.md.
@@ -54,6 +60,7 @@ from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from quasar_jax.model.config import Qwen3Config  # noqa: E402
+from quasar_jax.model.moe import SparseMoeBlock  # noqa: E402
 from quasar_jax.model.qwen3 import Qwen3, count_params  # noqa: E402
 from quasar_jax.training.corpus import EXCLUDED_DIRS, list_corpus, read_texts  # noqa: E402
 from quasar_jax.weights.loading import load_model, save_pretrained  # noqa: E402
@@ -87,6 +94,12 @@ PRESETS = {
                 num_key_value_heads=2, head_dim=64, intermediate_size=768,
                 steps=800, batch_size=32, seq_len=512, lr=1.5e-3, warmup=150, eval_every=200,
                 eval_max_seqs=None),
+    # the MoE demo: 8 experts, top 2, 12.3M parameters (24.6 MB in bfloat16), 4.9M read per token
+    "moe-cpu": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=64, intermediate_size=768, num_experts=8,
+                    experts_per_tok=2, moe_intermediate_size=384,
+                    steps=900, batch_size=16, seq_len=256, lr=2e-3, warmup=60, eval_every=150,
+                    eval_max_seqs=128),
 }
 SAMPLE_PROMPT = "def fibonacci(n):"
 
@@ -138,24 +151,27 @@ def make_schedule(lr: float, warmup: int, steps: int, min_ratio: float):
         decay_steps=max(warmup + 1, steps), end_value=lr * min_ratio)
 
 
-def build_steps(graphdef, tx):
-    def loss_fn(params, batch):  # batch [B, T+1] int32
+def build_steps(graphdef, tx, aux_loss_coef: float = 0.0):
+    def loss_fn(params, batch):  # batch [B, T+1] int32 -> (loss with the MoE aux loss, cross-entropy)
         model = nnx.merge(graphdef, params)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         logits, _ = model(tokens, positions, model.init_cache(b, t))  # [B, T, V] float32
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        aux = [x for x in jax.tree.leaves(nnx.pop(model, nnx.Intermediate))]  # MoE layers' aux losses
+        total = ce + aux_loss_coef * sum(aux) / len(aux) if aux else ce
+        return total, ce
 
     @jax.jit
     def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
     @jax.jit
     def eval_step(params, batch):
-        return loss_fn(params, batch)
+        return loss_fn(params, batch)[1]
 
     return train_step, eval_step
 
@@ -220,6 +236,10 @@ def parse_args(argv=None):
     p.add_argument("--num-kv-heads", type=int)
     p.add_argument("--head-dim", type=int)
     p.add_argument("--intermediate-size", type=int)
+    p.add_argument("--num-experts", type=int, help="experts per layer (0: a dense model)")
+    p.add_argument("--experts-per-tok", type=int, help="experts routed per token (MoE)")
+    p.add_argument("--moe-intermediate-size", type=int, help="width of one expert (MoE)")
+    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="weight of the MoE load-balancing loss")
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--max-position-embeddings", type=int, default=2048)
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -282,7 +302,10 @@ def main(argv=None) -> dict:
         num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
         intermediate_size=args.intermediate_size, rms_norm_eps=1e-6, rope_theta=args.rope_theta,
         tie_word_embeddings=True, max_position_embeddings=args.max_position_embeddings,
-        bos_token_id=None, eos_token_id=(eos_id,))
+        bos_token_id=None, eos_token_id=(eos_id,),
+        **(dict(num_experts=args.num_experts, num_experts_per_tok=args.experts_per_tok,
+                moe_intermediate_size=args.moe_intermediate_size, norm_topk_prob=True)
+           if args.num_experts else {}))
     if args.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings")
     model = Qwen3(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
@@ -295,9 +318,12 @@ def main(argv=None) -> dict:
         optax.clip_by_global_norm(args.clip),
         optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=args.weight_decay,
                     mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
-    graphdef, params = nnx.split(model)
+    for block in (layer.mlp for layer in model.layers):
+        if isinstance(block, SparseMoeBlock):
+            block.sow_aux = True  # the load-balancing loss, read back in loss_fn
+    graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
-    train_step, eval_step = build_steps(graphdef, tx)
+    train_step, eval_step = build_steps(graphdef, tx, args.aux_loss_coef)
 
     val_data = windows(val_stream, args.seq_len, args.eval_max_seqs)
     train_probe = windows(train_stream, args.seq_len, len(val_data))  # same size as val
@@ -358,12 +384,15 @@ def main(argv=None) -> dict:
     final_train = mean_loss(eval_step, params, train_probe, eval_bs)
     final_val = evals[-1]["val_loss"]
     nnx.update(model, params)
+    for block in (layer.mlp for layer in model.layers):
+        if isinstance(block, SparseMoeBlock):
+            block.sow_aux = False
     generation_config = {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": eos_id,
                          "do_sample": False, "max_new_tokens": 256}
     save_pretrained(model, out, dtype=jnp.bfloat16, tokenizer=tokenizer,
                     generation_config=generation_config)
     shipped = load_model(out, dtype=jnp.float32)
-    _, shipped_params = nnx.split(shipped)
+    _, shipped_params = nnx.split(shipped, nnx.Param)
     shipped_val = mean_loss(eval_step, shipped_params, val_data, eval_bs)
     sample = greedy_complete(shipped, tokenizer, SAMPLE_PROMPT, args.sample_tokens)
     print(f"final: train loss {final_train:.4f}, val loss {final_val:.4f} (ppl "

@@ -73,8 +73,8 @@ def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --backend, --quantize-lm-head."""
     p.add_argument("--model", default="demo",
-                   help="'demo' (the model shipped with the package), a local Hugging Face or "
-                        "converted directory, or a hub id (default: demo)")
+                   help="'demo' (the model shipped with the package), 'demo-moe' (its mixture-of-experts "
+                        "sibling), a local Hugging Face or converted directory, or a hub id (default: demo)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype of the float weights and activations (default: float32)")
     p.add_argument("--backend", choices=BACKENDS, default="xla",

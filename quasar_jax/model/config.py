@@ -1,9 +1,17 @@
-"""Qwen3 dense model configuration, read from a Hugging Face ``config.json`` or a preset.
+"""Qwen3 model configuration (dense ``qwen3`` and mixture-of-experts ``qwen3_moe``), read from a
+Hugging Face ``config.json`` or a preset.
 
 Both spellings of the RoPE base are accepted: the hub's top-level ``rope_theta`` and
-transformers-5's ``rope_parameters: {rope_theta, rope_type}``. Features this implementation does
-not have (sliding-window attention, RoPE scaling, attention bias, MoE) are rejected with a
-``ValueError`` naming the feature instead of being silently ignored.
+transformers-5's ``rope_parameters: {rope_theta, rope_type}``; likewise both spellings of the
+expert count: the hub's ``num_experts`` and transformers-5's ``num_local_experts``. Features this
+implementation does not have (sliding-window attention, RoPE scaling, attention bias) are rejected
+with a ``ValueError`` naming the feature instead of being silently ignored.
+
+Mixture of experts (``Qwen3MoeForCausalLM``): ``num_experts`` experts of width
+``moe_intermediate_size``, ``num_experts_per_tok`` routed per token, the top-k weights renormalised
+when ``norm_topk_prob``. Layer ``i`` is sparse iff ``num_experts > 0``, ``i`` is not in
+``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0`` (transformers' rule); the other
+layers keep the dense MLP of width ``intermediate_size``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,13 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    # mixture of experts (num_experts == 0: a dense model; the other fields are then unused)
+    num_experts: int = 0  # X: experts per sparse layer
+    num_experts_per_tok: int = 0  # k: experts routed per token
+    moe_intermediate_size: int = 0  # width of one expert's MLP
+    norm_topk_prob: bool = False  # renormalise the top-k router weights to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in _REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
@@ -48,6 +63,36 @@ class Qwen3Config:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_experts:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+                value = getattr(self, name)
+                if not _is_int(value) or value <= 0:
+                    raise ValueError(f"config field {name} must be a positive integer for a mixture of "
+                                     f"experts, got {value!r}")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                                 f"({self.num_experts})")
+        elif not _is_int(self.num_experts) or self.num_experts < 0:
+            raise ValueError(f"config field num_experts must be a non-negative integer, got {self.num_experts!r}")
+        bad = [i for i in self.mlp_only_layers if not _is_int(i) or not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"config field mlp_only_layers holds {bad[0]!r}, not a layer index in "
+                             f"[0, {self.num_hidden_layers})")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer is a sparse mixture-of-experts layer."""
+        return any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """transformers' rule: sparse iff experts exist, ``layer`` is not in ``mlp_only_layers``
+        and ``(layer + 1) % decoder_sparse_step == 0``."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
 
     @property
     def q_per_kv(self) -> int:  # R
@@ -58,10 +103,21 @@ class Qwen3Config:
         d, f, e = self.hidden_size, self.intermediate_size, self.head_dim
         h, g = self.num_attention_heads, self.num_key_value_heads
         attn = d * h * e + 2 * d * g * e + h * e * d + 2 * e
-        mlp = 3 * d * f
-        layer = attn + mlp + 2 * d
+        dense = 3 * d * f
+        sparse = self.num_experts * (3 * d * self.moe_intermediate_size + d)  # experts + router
+        n_sparse = len(self.moe_layers)
+        layers = self.num_hidden_layers * (attn + 2 * d) + n_sparse * sparse + (
+            self.num_hidden_layers - n_sparse) * dense
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_hidden_layers * layer + d + head
+        return self.vocab_size * d + layers + d + head
+
+    def num_active_params(self) -> int:
+        """Parameters one token reads (its ``num_experts_per_tok`` experts, not all of them)."""
+        if not self.num_experts:
+            return self.num_params()
+        d, k = self.hidden_size, self.num_experts_per_tok
+        unread = (self.num_experts - k) * 3 * d * self.moe_intermediate_size
+        return self.num_params() - len(self.moe_layers) * unread
 
     # ---------------------------------------------------------------- reading
     @classmethod
@@ -75,11 +131,10 @@ class Qwen3Config:
             raise InputError(f"{source}: config must be a JSON object, got {type(cfg).__name__}")
         v = {name: _read_field(cfg, name, kind, source) for name, kind in _SCHEMA.items()}
         model_type = v["model_type"] or "qwen3"
-        if model_type != "qwen3":
-            raise InputError(f"{source}: unsupported model_type {model_type!r}: only dense 'qwen3' is implemented")
-        for key in ("num_experts", "num_local_experts", "moe_intermediate_size"):
-            if cfg.get(key):
-                raise InputError(f"{source}: unsupported config feature: mixture of experts ({key}={cfg[key]!r})")
+        if model_type not in ("qwen3", "qwen3_moe"):
+            raise InputError(f"{source}: unsupported model_type {model_type!r}: only 'qwen3' and "
+                             "'qwen3_moe' are implemented")
+        moe = _read_moe(v, model_type, source)
         if v["attention_bias"]:
             raise InputError(f"{source}: unsupported config feature: attention_bias=True")
         if v["use_sliding_window"]:
@@ -123,7 +178,7 @@ class Qwen3Config:
                 rope_theta=float(theta),
                 tie_word_embeddings=bool(v["tie_word_embeddings"]),
                 max_position_embeddings=40960 if v["max_position_embeddings"] is None else v["max_position_embeddings"],
-                bos_token_id=v["bos_token_id"], eos_token_id=eos)
+                bos_token_id=v["bos_token_id"], eos_token_id=eos, **moe)
         except ValueError as err:
             raise InputError(f"{source}: {err}") from None
 
@@ -157,10 +212,16 @@ class Qwen3Config:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The fields of a transformers-5 style ``config.json`` for this model."""
+        """The fields of a transformers-5 style ``config.json`` for this model (a mixture of
+        experts writes the hub's ``num_experts`` spelling, which transformers 4 and 5 both read)."""
+        moe = {} if not self.num_experts else {
+            "num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+            "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
+            "decoder_sparse_step": self.decoder_sparse_step, "mlp_only_layers": list(self.mlp_only_layers)}
         return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
+            "architectures": ["Qwen3MoeForCausalLM" if self.num_experts else "Qwen3ForCausalLM"],
+            "model_type": "qwen3_moe" if self.num_experts else "qwen3",
+            **moe,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -194,7 +255,33 @@ _SCHEMA = {
     "tie_word_embeddings": "bool", "attention_bias": "bool", "use_sliding_window": "bool",
     "bos_token_id": "token id", "eos_token_id": "token ids",
     "layer_types": "list of str", "rope_parameters": "object", "rope_scaling": "object",
+    "num_experts": "non-negative int", "num_local_experts": "non-negative int",
+    "num_experts_per_tok": "positive int", "moe_intermediate_size": "positive int",
+    "norm_topk_prob": "bool", "decoder_sparse_step": "positive int", "mlp_only_layers": "list of int",
 }
+
+
+def _read_moe(v: dict, model_type: str, source: str) -> dict:
+    """The mixture-of-experts fields of a checked config (``{}`` for a dense model)."""
+    hub, tf5 = v["num_experts"], v["num_local_experts"]
+    if hub is not None and tf5 is not None and hub != tf5:
+        raise InputError(f"{source}: num_experts ({hub}) and num_local_experts ({tf5}) disagree")
+    experts = hub if hub is not None else tf5
+    if model_type == "qwen3":
+        if experts:
+            raise InputError(f"{source}: model_type 'qwen3' is dense but the config has experts "
+                             f"(num_experts={experts}); a mixture of experts is model_type 'qwen3_moe'")
+        return {}
+    for name in ("num_experts_per_tok", "moe_intermediate_size"):
+        if experts and v[name] is None:
+            raise InputError(f"{source}: required field {name!r} is missing (model_type 'qwen3_moe')")
+    if not experts:  # a qwen3_moe config without experts is a dense model
+        return {}
+    return dict(num_experts=experts, num_experts_per_tok=v["num_experts_per_tok"],
+                moe_intermediate_size=v["moe_intermediate_size"],
+                norm_topk_prob=bool(v["norm_topk_prob"]),
+                decoder_sparse_step=1 if v["decoder_sparse_step"] is None else v["decoder_sparse_step"],
+                mlp_only_layers=tuple(v["mlp_only_layers"] or ()))
 
 
 def _is_int(x) -> bool:
@@ -212,6 +299,10 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, str)
     if kind == "positive int":
         return _is_int(value) and value > 0
+    if kind == "non-negative int":
+        return _is_int(value) and value >= 0
+    if kind == "list of int":
+        return isinstance(value, list) and all(_is_int(t) for t in value)
     if kind == "positive number":
         return _is_number(value) and value > 0
     if kind == "bool":
@@ -234,7 +325,8 @@ def _read_field(cfg: dict, name: str, kind: str, source: str):
         return value
     article = "an" if kind[0] in "aeiou" else "a"
     what = {"token ids": "a token id or a list of token ids", "object": "a JSON object",
-            "list of str": "a list of strings", "str": "a string", "bool": "true or false"}.get(
+            "list of str": "a list of strings", "str": "a string", "bool": "true or false",
+            "list of int": "a list of integers"}.get(
                 kind, f"{article} {kind.replace('int', 'integer')}")
     raise InputError(f"{source}: field {name!r} must be {what}, got {json.dumps(value)[:60]}")
 

@@ -47,6 +47,10 @@ the GEMM on GPU (checked on an H100: one bf16 Triton GEMM fusion, no weight copy
 bf16 x int8 dot instead got a materialised float32 weight copy at M >= 512). On CPU XLA may
 materialise the converted weight transiently per call; the Pallas backend never does.
 
+Mixture-of-experts layers: ``Int8ExpertLinear`` (drop-in for ``quasar_jax.model.moe.ExpertLinear``)
+holds ``qvalue [X, I, O]`` and ``scale [X, O]``, each expert quantised by the same AQT quantiser
+(vmapped) and multiplied by the same formula inside the grouped matmuls; routers stay float.
+
 Entry points: ``Int8Linear`` (drop-in for ``quasar_jax.model.qwen3.Linear``), ``quantize_model`` (in
 place, layer by layer), ``abstract_quantized_model``, ``param_bytes``, ``quantized_projection_bytes``.
 """
@@ -63,12 +67,13 @@ from flax import nnx
 from aqt.jax.v2 import aqt_quantizer
 from aqt.jax.v2 import calibration as aqt_calibration
 from pallas_kernels import int8_matmul, int8_matmul_reference
-from pallas_kernels.int8_matmul.reference import INT8_MAX, MIN_SCALE, absmax_bound
+from pallas_kernels.int8_matmul.reference import INT8_MAX, MIN_SCALE, absmax_bound, quantize_rows
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.modes import Backend, QuantMode
+from quasar_jax.model.moe import ExpertLinear, dot_precision
 from quasar_jax.model.qwen3 import Linear, Qwen3, get_path, linear_paths, set_path
 
-__all__ = ["INT8_MAX", "MIN_SCALE", "Int8Linear", "ProjectionBytes", "abstract_quantized_model",
+__all__ = ["INT8_MAX", "MIN_SCALE", "Int8ExpertLinear", "Int8Linear", "ProjectionBytes", "abstract_quantized_model",
            "dequantize", "int8_matmul_pallas", "int8_matmul_xla", "is_quantized", "param_bytes",
            "quantize_kernel", "quantize_linear", "quantize_model", "quantized_projection_bytes"]
 
@@ -189,12 +194,92 @@ class Int8Linear(nnx.Module):
         return _MATMULS[self.backend](x, self.qvalue[...], self.scale[...], mode=mode)
 
 
+# ----------------------------------------------------------------------------- experts
+@jax.jit
+def _quantize_experts_impl(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jax.vmap(lambda w: _quantize_kernel_impl(w, False))(kernel)
+
+
+def quantize_expert_kernel(kernel: jax.Array, *, name: str = "experts") -> tuple[jax.Array, jax.Array]:
+    """``kernel [X, I, O]`` float -> ``(qvalue [X, I, O] int8, scale [X, O] float32)``: each expert
+    quantised as :func:`quantize_kernel` quantises a ``Linear`` (the same AQT quantiser, vmapped)."""
+    shape = getattr(kernel, "shape", None)
+    if shape is None or len(shape) != 3 or not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ValueError(f"cannot quantise {name}: expected a floating rank-3 expert kernel [X, I, O], "
+                         f"got {getattr(kernel, 'dtype', type(kernel).__name__)} {tuple(shape or ())}")
+    return _quantize_experts_impl(jnp.asarray(kernel))
+
+
+class Int8ExpertLinear(nnx.Module):
+    """int8 drop-in for ``quasar_jax.model.moe.ExpertLinear``: ``qvalue [X, I, O]`` int8 and
+    ``scale [X, O]`` float32; the matmul is ``Int8Linear``'s formula per expert (W8A16: float
+    activations times the int8 weight cast at the dot, then the scale; W8A8: per-row int8
+    activations, int32 accumulation, ``* x_scale * scale`` in that order). ``backend`` is kept for
+    symmetry with ``Int8Linear``; grouped matmuls always run in XLA (``ragged_dot`` / blocked)."""
+
+    def __init__(self, qvalue: jax.Array, scale: jax.Array, *, backend: Backend | str = Backend.XLA):
+        backend = Backend.parse(backend, "backend")
+        if getattr(qvalue, "ndim", None) != 3 or jnp.dtype(qvalue.dtype) != jnp.int8:
+            raise ValueError(f"Int8ExpertLinear qvalue must be int8 [X, I, O], got "
+                             f"{getattr(qvalue, 'dtype', type(qvalue).__name__)} {tuple(getattr(qvalue, 'shape', ()))}")
+        if tuple(scale.shape) != (qvalue.shape[0], qvalue.shape[2]):
+            raise ValueError(f"Int8ExpertLinear scale must have shape {(qvalue.shape[0], qvalue.shape[2])}, "
+                             f"got {tuple(scale.shape)}")
+        self.qvalue = nnx.Param(qvalue)
+        self.scale = nnx.Param(scale.astype(jnp.float32))
+        self.backend = backend
+
+    @classmethod
+    def from_kernel(cls, kernel: jax.Array, *, backend: Backend | str = Backend.XLA,
+                    name: str = "experts") -> "Int8ExpertLinear":
+        return cls(*quantize_expert_kernel(kernel, name=name), backend=backend)
+
+    @property
+    def num_experts(self) -> int:
+        return self.qvalue.shape[0]
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return (self.qvalue[...].astype(jnp.float32) * self.scale[...][:, None, :]).astype(dtype)
+
+    def ragged(self, x, row_expert, group_sizes, *, mode: QuantMode) -> jax.Array:
+        """``x [M, I]`` sorted by expert -> ``[M, O]`` in ``x.dtype`` (``jax.lax.ragged_dot``)."""
+        scale = jnp.take(self.scale[...], jnp.minimum(row_expert, self.num_experts - 1), axis=0)  # [M, O]
+        if int8_mode(mode) is QuantMode.W8A8:
+            x_q, x_scale = quantize_rows(x)
+            acc = jax.lax.ragged_dot(x_q, self.qvalue[...], group_sizes, preferred_element_type=jnp.int32)
+            y = acc.astype(jnp.float32) * x_scale[:, None] * scale
+        else:
+            acc = jax.lax.ragged_dot(x, self.qvalue[...].astype(x.dtype), group_sizes,
+                                     precision=dot_precision(x.dtype), preferred_element_type=jnp.float32)
+            y = acc * scale
+        return y.astype(x.dtype)
+
+    def blocked(self, xb, block_expert, *, mode: QuantMode) -> jax.Array:
+        """``xb [nb, b, I]``, ``block_expert [nb]`` -> ``[nb, b, O]`` in ``xb.dtype``."""
+        q = jnp.take(self.qvalue[...], block_expert, axis=0)  # [nb, I, O] int8
+        scale = jnp.take(self.scale[...], block_expert, axis=0)[:, None, :]  # [nb, 1, O]
+        if int8_mode(mode) is QuantMode.W8A8:
+            x_q, x_scale = quantize_rows(xb)  # [nb, b, I], [nb, b]
+            acc = jnp.einsum("nbi,nio->nbo", x_q, q, preferred_element_type=jnp.int32)
+            y = acc.astype(jnp.float32) * x_scale[..., None] * scale
+        else:
+            acc = jnp.einsum("nbi,nio->nbo", xb, q.astype(xb.dtype), precision=dot_precision(xb.dtype),
+                             preferred_element_type=jnp.float32)
+            y = acc * scale
+        return y.astype(xb.dtype)
+
+
 def quantize_linear(linear: Any, *, backend: Backend | str = Backend.XLA,
-                    name: str = "module") -> Int8Linear:
-    """A float ``Linear`` -> ``Int8Linear`` (an ``Int8Linear`` is re-wrapped with ``backend``)."""
+                    name: str = "module") -> Int8Linear | Int8ExpertLinear:
+    """A float ``Linear`` -> ``Int8Linear``, an ``ExpertLinear`` -> ``Int8ExpertLinear`` (an int8
+    layer is re-wrapped with ``backend``)."""
     backend = Backend.parse(backend, "backend")
     if isinstance(linear, Int8Linear):
         return Int8Linear(linear.qvalue[...], linear.scale[...], backend=backend)
+    if isinstance(linear, Int8ExpertLinear):
+        return Int8ExpertLinear(linear.qvalue[...], linear.scale[...], backend=backend)
+    if isinstance(linear, ExpertLinear):
+        return Int8ExpertLinear.from_kernel(linear.kernel[...], backend=backend, name=name)
     if not isinstance(linear, Linear):
         raise ValueError(f"cannot quantise {name}: expected a quasar_jax.model.qwen3.Linear, got "
                          f"{type(linear).__name__}")
@@ -253,8 +338,8 @@ def _nbytes(x: Any) -> int:
 
 
 def is_quantized(model: nnx.Module) -> bool:
-    """Whether any layer of ``model`` is an ``Int8Linear``."""
-    return any(isinstance(m, Int8Linear) for _, m in nnx.iter_modules(model))
+    """Whether any layer of ``model`` is an ``Int8Linear`` (or ``Int8ExpertLinear``)."""
+    return any(isinstance(m, (Int8Linear, Int8ExpertLinear)) for _, m in nnx.iter_modules(model))
 
 
 def param_bytes(model: nnx.Module) -> int:
@@ -276,7 +361,7 @@ def quantized_projection_bytes(model: nnx.Module) -> ProjectionBytes:
     """Bytes of all ``Int8Linear`` layers vs. the bf16 kernels they replace."""
     quantized = bf16 = count = 0
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Int8ExpertLinear)):
             quantized += _nbytes(module.qvalue) + _nbytes(module.scale)
             bf16 += int(module.qvalue.size) * 2
             count += 1

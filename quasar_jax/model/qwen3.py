@@ -1,4 +1,4 @@
-"""Qwen3 dense decoder in Flax NNX.
+"""Qwen3 decoder in Flax NNX (dense; the sparse layers of a mixture of experts are ``quasar_jax.model.moe``).
 
 One entry point serves prefill, single-token decode and multi-token verification:
 
@@ -39,6 +39,7 @@ from flax import nnx
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.kv_cache import KVCache
 from quasar_jax.model.modes import QuantMode
+from quasar_jax.model.moe import ExpertLinear, SparseMoeBlock
 
 _init = nnx.initializers.normal(0.02)
 
@@ -115,11 +116,13 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3Config, *, dtype, rngs: nnx.Rngs, layer: int = 0):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        # a sparse layer of a mixture of experts (quasar_jax.model.moe) or the dense MLP
+        self.mlp = (SparseMoeBlock(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe_layer(layer)
+                    else MLP(cfg, dtype=dtype, rngs=rngs))
 
     def __call__(self, x, positions, slots, cache, layer: int, mask, *, mode: QuantMode):
         with jax.named_scope(f"layer_{layer}/attention"):
@@ -132,15 +135,15 @@ class DecoderLayer(nnx.Module):
 
 
 class Qwen3(nnx.Module):
-    """Qwen3 dense causal LM. Attribute names mirror the Hugging Face checkpoint keys."""
+    """Qwen3 causal LM (dense or mixture of experts). Attribute names mirror the Hugging Face checkpoint keys."""
 
     def __init__(self, cfg: Qwen3Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs, layer=i)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
@@ -198,11 +201,13 @@ def forward(model: Qwen3, tokens, positions, cache, *, mode: QuantMode = QuantMo
 def linear_paths(module: nnx.Module, *, lm_head: bool = True) -> list[tuple]:
     """Attribute paths of the float ``Linear`` layers under ``module``, in module-tree order.
 
-    The projections of a ``Qwen3`` are every ``Linear`` but its untied head ``("lm_head",)``,
-    which is included only with ``lm_head=True``. This walk is the one place that finds them.
+    The projections of a ``Qwen3`` are every ``Linear`` (and every ``ExpertLinear``, the stacked
+    weights of a mixture of experts; the router is not a projection) but its untied head
+    ``("lm_head",)``, which is included only with ``lm_head=True``. This walk is the one place
+    that finds them.
     """
     return [path for path, m in nnx.iter_modules(module)
-            if isinstance(m, Linear) and (lm_head or path != ("lm_head",))]
+            if isinstance(m, (Linear, ExpertLinear)) and (lm_head or path != ("lm_head",))]
 
 
 def get_path(module: nnx.Module, path: tuple):

@@ -13,6 +13,7 @@ logical axis     used by                        mesh axis
 ``kv_heads``     k/v_proj out, KV cache G       ``model`` if G % M == 0; replicated if M % G == 0
 ``mlp``          gate/up out, down in           ``model`` (F % M == 0)
 ``vocab``        embedding rows, LM head out    ``model`` (V % M == 0)
+``expert``       MoE experts [X, I, O]          ``model`` (X % M == 0; a ``shard_map`` + ``psum``)
 ``embed`` etc.   D, norms, S, E, L              replicated
 ===============  ============================  ==========================
 

@@ -13,14 +13,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from quasar_jax.model.config import Qwen3Config
-from quasar_jax.model.quant import quantize_kernel
+from quasar_jax.model.moe import set_expert_mesh
+from quasar_jax.model.quant import quantize_expert_kernel, quantize_kernel
 from quasar_jax.sharding.rules import CACHE_AXES, axis_rules, logical_spec, param_axes, param_shardings
 
 
 def place_model(model, mesh: Mesh):
-    """Put every param of ``model`` on its shards (in place; a no-op for those already there)."""
+    """Put every param of ``model`` on its shards (in place; a no-op for those already there), and
+    point its mixture-of-experts layers at ``mesh`` (experts split over ``model``)."""
     _, state = nnx.split(model)
     nnx.update(model, jax.device_put(state, param_shardings(state, mesh, model.config)))
+    set_expert_mesh(model, mesh)
     return model
 
 
@@ -40,15 +43,16 @@ class Placer:
                                             lambda idx: np.asarray(host[idx], dtype=dtype))
 
     def quantize(self, path: tuple, kernel: jax.Array):
-        """``kernel [I, O]`` (sharded) -> ``(qvalue, scale)`` on their shards, computed in place."""
-        q_sh = self.sharding(path[:-1] + ("qvalue",), 2)
-        s_sh = self.sharding(path[:-1] + ("scale",), 1)
-        return _sharded_quantizer(q_sh, s_sh)(kernel)
+        """``kernel [I, O]`` (or experts' ``[X, I, O]``, sharded) -> ``(qvalue, scale)`` on their
+        shards, computed in place."""
+        q_sh = self.sharding(path[:-1] + ("qvalue",), kernel.ndim)
+        s_sh = self.sharding(path[:-1] + ("scale",), kernel.ndim - 1)
+        return _sharded_quantizer(q_sh, s_sh, kernel.ndim == 3)(kernel)
 
 
 @functools.cache
-def _sharded_quantizer(q_sh: NamedSharding, s_sh: NamedSharding):
-    return jax.jit(quantize_kernel, out_shardings=(q_sh, s_sh))
+def _sharded_quantizer(q_sh: NamedSharding, s_sh: NamedSharding, experts: bool = False):
+    return jax.jit(quantize_expert_kernel if experts else quantize_kernel, out_shardings=(q_sh, s_sh))
 
 
 # ----------------------------------------------------------------------------- program inputs / outputs

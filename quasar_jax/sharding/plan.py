@@ -90,11 +90,22 @@ def memory_plan(cfg: Qwen3Config, mesh: MeshSpec | str | dict | None = None, *, 
     rules = axis_rules(cfg, spec)
     sizes = {"data": spec.data, "model": spec.model}
     dtype = jnp.dtype(dtype)
-    # One layer is built (abstractly) and counted L times: all layers are alike.
-    state = _abstract_state(dataclasses.replace(cfg, num_hidden_layers=1), dtype, int8, quantize_lm_head)
-    params = sum(_shard_bytes(x, logical_spec(param_axes(attr_path(path), len(x.shape)), rules), sizes)
-                 * (cfg.num_hidden_layers if attr_path(path)[0] == "layers" else 1)
-                 for path, x in jax.tree_util.tree_flatten_with_path(state)[0])
+    # One layer of each kind is built (abstractly) and counted as often as the model has it: a
+    # dense model's layers are all alike; a mixture of experts has sparse layers (experts split
+    # over ``model``) and maybe dense ones (mlp_only_layers, decoder_sparse_step).
+    n_sparse = len(cfg.moe_layers)
+    kinds = [(dataclasses.replace(cfg, num_hidden_layers=1, num_experts=0, num_experts_per_tok=0,
+                                  moe_intermediate_size=0, mlp_only_layers=()),
+              cfg.num_hidden_layers - n_sparse)]
+    if n_sparse:
+        kinds.append((dataclasses.replace(cfg, num_hidden_layers=1, mlp_only_layers=(), decoder_sparse_step=1),
+                      n_sparse))
+    params = 0
+    for i, (one_layer, count) in enumerate(kinds):
+        state = _abstract_state(one_layer, dtype, int8, quantize_lm_head)
+        params += sum(_shard_bytes(x, logical_spec(param_axes(attr_path(path), len(x.shape)), rules), sizes)
+                      * (count if attr_path(path)[0] == "layers" else int(i == 0))  # embedding etc. once
+                      for path, x in jax.tree_util.tree_flatten_with_path(state)[0])
     padded = -(-batch // spec.data) * spec.data
     kv = jax.ShapeDtypeStruct((cfg.num_hidden_layers, padded, cache_len, cfg.num_key_value_heads,
                                cfg.head_dim), dtype)

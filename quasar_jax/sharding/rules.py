@@ -28,6 +28,14 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "lm_head": ("embed", "vocab"),
     "input_layernorm": ("norm",), "post_attention_layernorm": ("norm",),
     "q_norm": ("norm",), "k_norm": ("norm",), "norm": ("norm",),
+    "gate": ("router", "embed"),  # a mixture of experts' router weight [X, D]: replicated
+}
+# The stacked experts of a mixture of experts (``mlp.experts.*``, kernel / qvalue [X, I, O],
+# int8 scale [X, O]): the expert axis X is split over ``model`` (expert parallelism).
+EXPERT_PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "gate_proj": ("expert", "embed", "expert_mlp"),
+    "up_proj": ("expert", "embed", "expert_mlp"),
+    "down_proj": ("expert", "expert_mlp", "embed"),
 }
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")  # KVCache.k / .v [L, B, S, G, E]
 BATCH_AXES = ("batch",)  # leading axis of every per-row array (history [B, S], lengths [B], ...)
@@ -37,8 +45,12 @@ def axis_rules(cfg: Qwen3Config, mesh: MeshSpec | str | Mesh | None) -> dict[str
     """Logical axis -> mesh axis (or ``None``: replicated) for ``cfg`` on ``mesh``; checks divisibility."""
     m = as_spec(mesh).model
     h, g = cfg.num_attention_heads, cfg.num_key_value_heads
-    for name, n in (("num_attention_heads", h), ("intermediate_size", cfg.intermediate_size),
-                    ("vocab_size", cfg.vocab_size)):
+    sizes = [("num_attention_heads", h), ("vocab_size", cfg.vocab_size)]
+    if len(cfg.moe_layers) < cfg.num_hidden_layers:  # some layer has the dense MLP
+        sizes.append(("intermediate_size", cfg.intermediate_size))
+    if cfg.is_moe:
+        sizes.append(("num_experts", cfg.num_experts))
+    for name, n in sizes:
         if n % m:
             raise ValueError(f"{name} {n} is not divisible by the model axis {m}: "
                              f"the model axis must divide {name}")
@@ -47,7 +59,7 @@ def axis_rules(cfg: Qwen3Config, mesh: MeshSpec | str | Mesh | None) -> dict[str
                          f"(G % M == 0 shards kv heads, M % G == 0 replicates them)")
     shard = "model" if m > 1 else None
     return {"batch": "data", "q_heads": shard, "kv_heads": shard if g % m == 0 else None,
-            "mlp": shard, "vocab": shard}
+            "mlp": shard, "vocab": shard, "expert": shard}
 
 
 def as_spec(mesh: MeshSpec | str | dict | Mesh | None) -> MeshSpec:
@@ -103,9 +115,12 @@ def param_axes(path: tuple, ndim: int) -> tuple[str, ...]:
     """Logical axes of the parameter at attribute ``path`` (e.g. ``("layers", 0, "mlp",
     "down_proj", "qvalue")``); ``ValueError`` if no rule covers it."""
     owner = path[-1] if path[-1] in PARAM_AXES else path[-2] if len(path) > 1 else None
-    axes = PARAM_AXES.get(owner)
-    if axes is not None and len(axes) == 2 and path[-1] == "scale":  # an int8 projection's scale [O]
-        axes = axes[1:]
+    table = EXPERT_PARAM_AXES if len(path) > 2 and path[-3] == "experts" else PARAM_AXES
+    axes = table.get(owner)
+    if axes is not None and table is PARAM_AXES and len(axes) == 2 and path[-1] == "scale":
+        axes = axes[1:]  # an int8 projection's scale [O]
+    if axes is not None and table is EXPERT_PARAM_AXES and path[-1] == "scale":
+        axes = (axes[0], axes[2])  # int8 experts' scale [X, O]
     if axes is None or len(axes) != ndim:
         raise ValueError(f"no partition rule for parameter {'.'.join(map(str, path))} ({ndim}-D)")
     return axes

@@ -27,7 +27,8 @@ from quasar_jax.cli.errors import InputError
 from quasar_jax.cli.outputs import check_output_dir, staged_dir
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.modes import Backend, QuantMode
-from quasar_jax.model.quant import Int8Linear, abstract_quantized_model, is_quantized
+from quasar_jax.model.moe import set_expert_mesh
+from quasar_jax.model.quant import Int8ExpertLinear, Int8Linear, abstract_quantized_model, is_quantized
 from quasar_jax.model.qwen3 import Qwen3, abstract_model
 
 MARKER = "quasar_jax.json"
@@ -140,6 +141,7 @@ def load_converted(path: str | Path, *, dtype=None, backend: Backend | str = Bac
         raise ValueError(f"could not restore params from {path / 'params'}: {first}") from None
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
+    set_expert_mesh(model, mesh)
     if dtype is not None and jnp.dtype(dtype) != saved_dtype:
         model = cast_float_params(model, dtype)
     return model
@@ -153,7 +155,7 @@ def cast_float_params(model: Qwen3, dtype) -> Qwen3:
     """
     dtype = jnp.dtype(dtype)
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Int8ExpertLinear)):
             continue
         for param in vars(module).values():
             if isinstance(param, nnx.Param) and jnp.issubdtype(param.get_value().dtype, jnp.floating):

@@ -12,12 +12,21 @@ The key table is derived from the module tree (the attribute names mirror the HF
 ``.weight``), not from a list of names. It is strict: every expected tensor must be present with the expected shape, and an
 unknown tensor is an error; each error names the tensor. A tied checkpoint may omit
 ``lm_head.weight`` (if present it must equal the embedding's shape and is ignored).
+
+Mixture of experts (``Qwen3MoeForCausalLM``): the experts of a sparse layer are stacked
+``ExpertLinear`` kernels ``[X, I, O]``. Both checkpoint layouts load: per expert
+(``mlp.experts.{e}.gate_proj.weight`` etc., what the hub holds and transformers 5's
+``save_pretrained`` writes) and fused (``mlp.experts.gate_up_proj [X, 2F, D]`` and
+``mlp.experts.down_proj [X, D, F]``, transformers 5's in-memory layout). Per-expert tensors are
+gathered one projection of one layer at a time (:func:`merge_experts`); the router
+``mlp.gate.weight [X, D]`` is kept as is and never quantised.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,28 +44,42 @@ from quasar_jax import sharding
 from quasar_jax.cli.errors import InputError
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.modes import Backend
-from quasar_jax.model.quant import Int8Linear, is_quantized, quantize_model
+from quasar_jax.model.moe import ExpertLinear, set_expert_mesh
+from quasar_jax.model.quant import Int8ExpertLinear, Int8Linear, is_quantized, quantize_model
 from quasar_jax.model.qwen3 import DecoderLayer, Linear, Qwen3, RMSNorm, abstract_model, get_path, set_path
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-qwen3"
+DEMO_MOE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-qwen3-moe"  # "demo-moe"
 
 
 def _tensor_paths(module: nnx.Module) -> dict[str, tuple]:
     """HF name (relative to ``module``) -> attribute path of each Linear kernel / RMSNorm scale."""
     table = {}
     for path, m in nnx.iter_modules(module):
-        leaf = "kernel" if isinstance(m, Linear) else "scale" if isinstance(m, RMSNorm) else None
+        name = ".".join(map(str, path))
+        if isinstance(m, ExpertLinear):  # stacked experts: a name of merge_experts, no ".weight"
+            table[name] = path + ("kernel",)
+            continue
+        leaf = "kernel" if isinstance(m, Linear) else "scale" if isinstance(m, RMSNorm) else (
+            "weight" if isinstance(getattr(m, "weight", None), nnx.Param) else None)  # the MoE router
         if leaf is not None:
-            table[".".join(map(str, path)) + ".weight"] = path + (leaf,)
+            table[name + ".weight"] = path + (leaf,)
     return table
 
 
 def key_table(cfg: Qwen3Config) -> dict[str, tuple]:
-    """HF tensor name -> attribute path in ``Qwen3`` (a tuple of names and layer indices)."""
-    layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    """HF tensor name -> attribute path in ``Qwen3`` (a tuple of names and layer indices).
+
+    A sparse layer's experts appear stacked, as ``model.layers.{i}.mlp.experts.gate_proj`` etc.
+    (the names :func:`merge_experts` gives the per-expert or fused tensors)."""
+    templates = {}
     table = {"model.embed_tokens.weight": ("embed_tokens",), "model.norm.weight": ("norm", "scale")}
     for i in range(cfg.num_hidden_layers):
-        for name, path in _tensor_paths(layer).items():
+        sparse = cfg.is_moe_layer(i)
+        if sparse not in templates:
+            layer = nnx.eval_shape(lambda: DecoderLayer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), layer=i))
+            templates[sparse] = _tensor_paths(layer)
+        for name, path in templates[sparse].items():
             table[f"model.layers.{i}.{name}"] = ("layers", i) + path
     if not cfg.tie_word_embeddings:
         table["lm_head.weight"] = ("lm_head", "kernel")
@@ -67,14 +90,64 @@ def is_linear_path(path: tuple) -> bool:
     return path[-1] == "kernel"
 
 
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def merge_experts(tensors, cfg: Qwen3Config):
+    """Stack per-expert tensors (``...mlp.experts.{e}.gate_proj.weight [O, I]``) into
+    ``...mlp.experts.gate_proj [X, O, I]``, split fused ``gate_up_proj [X, 2F, D]`` into gate and
+    up; every other tensor passes through. One projection of one layer is buffered at a time
+    (checkpoints list a layer's experts together); an incomplete set is an error naming the
+    first missing expert."""
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    for name, array in tensors:
+        match = _EXPERT.match(name)
+        if match and cfg.num_experts:
+            prefix, e, proj = match.group(1), int(match.group(2)), match.group(3)
+            if e >= cfg.num_experts:
+                raise ValueError(f"unknown tensor in checkpoint: {name} (expert {e} of {cfg.num_experts})")
+            key = f"{prefix}.{proj}"
+            group = pending.setdefault(key, {})
+            if e in group:
+                raise ValueError(f"tensor {name} appears twice in the checkpoint")
+            group[e] = np.asarray(array)
+            if len(group) == cfg.num_experts:
+                shapes = {a.shape for a in group.values()}
+                if len(shapes) != 1:
+                    raise ValueError(f"the experts of {key} have different shapes: {sorted(shapes)}")
+                yield key, np.stack([group[i] for i in range(cfg.num_experts)])
+                del pending[key]
+            continue
+        match = _FUSED.match(name)
+        if match and cfg.num_experts:
+            array = np.asarray(array)
+            if match.group(2) == "gate_up_proj":
+                f = cfg.moe_intermediate_size
+                if array.ndim != 3 or array.shape[1] != 2 * f:
+                    raise ValueError(f"tensor {name} has shape {tuple(array.shape)}, expected "
+                                     f"{(cfg.num_experts, 2 * f, cfg.hidden_size)}")
+                yield f"{match.group(1)}.gate_proj", array[:, :f]
+                yield f"{match.group(1)}.up_proj", array[:, f:]
+            else:
+                yield name, array
+            continue
+        yield name, array
+    for key, group in pending.items():
+        first = min(set(range(cfg.num_experts)) - set(group))
+        prefix, proj = key.rsplit(".", 1)
+        raise ValueError(f"checkpoint is missing tensor {prefix}.{first}.{proj}.weight")
+
+
 # ------------------------------------------------------------------------ resolving a model name
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """``"demo"``, a local directory, or a hub id -> local directory with ``config.json``."""
+    """``"demo"``, ``"demo-moe"``, a local directory, or a hub id -> local directory with ``config.json``."""
     name = str(name_or_path)
-    if name == "demo":
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"the demo model is not installed at {DEMO_MODEL_DIR}")
-        return DEMO_MODEL_DIR
+    demos = {"demo": DEMO_MODEL_DIR, "demo-moe": DEMO_MOE_MODEL_DIR}
+    if name in demos:
+        if not (demos[name] / "config.json").is_file():
+            raise FileNotFoundError(f"the {name} model is not installed at {demos[name]}")
+        return demos[name]
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -147,7 +220,7 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
     cfg = model.config
     table = key_table(cfg)
     seen: set[str] = set()
-    for name, array in tensors:
+    for name, array in merge_experts(tensors, cfg):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             if tuple(array.shape) != (cfg.vocab_size, cfg.hidden_size):
                 raise ValueError(f"tensor lm_head.weight has shape {tuple(array.shape)}, "
@@ -161,11 +234,12 @@ def load_params_into(model: Qwen3, tensors, *, dtype, tensor_hook: TensorHook | 
         variable = get_path(model, path)
         array = np.asarray(array)
         if is_linear_path(path):
-            array = array.T  # torch weight [O, I] -> kernel [I, O]
+            array = np.swapaxes(array, -1, -2)  # torch weight [(X,) O, I] -> kernel [(X,) I, O]
         expected = tuple(variable.shape)
         if tuple(array.shape) != expected:
-            raise ValueError(f"tensor {name} has shape {tuple(array.T.shape if is_linear_path(path) else array.shape)}, "
-                             f"expected {expected[::-1] if is_linear_path(path) else expected}")
+            def torch(shape):
+                return tuple(shape[:-2]) + tuple(shape[-2:])[::-1] if is_linear_path(path) else tuple(shape)
+            raise ValueError(f"tensor {name} has shape {torch(array.shape)}, expected {torch(expected)}")
         # A hook (int8 quantisation) sees the checkpoint's values in float32, not rounded to the
         # load dtype first, so the int8 weights do not depend on --dtype.
         hooked = tensor_hook and is_linear_path(path)
@@ -225,14 +299,17 @@ def load_model(name_or_path: str | os.PathLike = "demo", *, dtype=jnp.float32, i
         def tensor_hook(name, path, kernel):
             if path[0] == "lm_head" and not quantize_lm_head:
                 return None
+            layer_cls = Int8ExpertLinear if kernel.ndim == 3 else Int8Linear
             if placer is not None:  # quantised on the shards, each output on its own sharding
                 qvalue, scale = placer.quantize(path, kernel)
-                return Int8Linear(qvalue, scale, backend=backend)
-            return Int8Linear.from_kernel(kernel, backend=backend, name=name)
+                return layer_cls(qvalue, scale, backend=backend)
+            return layer_cls.from_kernel(kernel, backend=backend, name=name)
 
     model = abstract_model(cfg, dtype)
-    return load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook,
-                            place=placer)
+    model = load_params_into(model, iter_safetensors(model_dir), dtype=dtype, tensor_hook=tensor_hook,
+                             place=placer)
+    set_expert_mesh(model, mesh)
+    return model
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
@@ -281,7 +358,14 @@ def hf_state_dict(model: Qwen3) -> dict[str, np.ndarray]:
             raise ValueError(f"cannot export {name} to Hugging Face format: it is quantised to int8 "
                              "(save int8 models with quasar_jax.convert / checkpoint.save_converted)") from None
         value = np.asarray(jax.device_get(value))
-        out[name] = np.ascontiguousarray(value.T) if is_linear_path(path) else value
+        if is_linear_path(path):
+            value = np.swapaxes(value, -1, -2)
+        if value.ndim == 3:  # stacked experts -> the per-expert tensors transformers writes
+            prefix, proj = name.rsplit(".", 1)
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.{proj}.weight"] = np.ascontiguousarray(value[e])
+        else:
+            out[name] = np.ascontiguousarray(value)
     return out
 
 
