@@ -32,7 +32,8 @@ def program_params(params, drafter, mesh=None):
     drafter's own (``drafter.params``; replicated on ``mesh``) when it has any."""
     if not has_params(drafter):
         return params
-    extra = drafter.params
+    own = getattr(drafter, "program_params", None)  # params derived from the model's (S4C's LM head slice)
+    extra = own(params) if callable(own) else drafter.params
     if mesh is not None:
         extra = jax.device_put(extra, sharding.batch_sharding(mesh, 0))  # replicated
     return params, extra
