@@ -118,11 +118,13 @@ def draft_slice(model_params, ids, *, int8: bool | None = None) -> dict:
     embedding, ``{"ids", "qvalue" [D, N] int8, "scale" [N]}`` for int8 reads. Reads are int8 when
     ``int8`` (default: when the target is an int8 model, as Quasar's verifier): an int8 LM head
     gives its own columns and scales, a float one (tied or not) is quantised per column here."""
-    ids = jnp.asarray(ids, jnp.int32)
+    int8 = has_int8(model_params) if int8 is None else bool(int8)
+    return _gather_slice(model_params, jnp.asarray(ids, jnp.int32), int8)  # one program: the params may span processes
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _gather_slice(model_params, ids, int8: bool) -> dict:
     out = {"ids": ids}
-    if int8 is None:
-        int8 = any(getattr(k, "key", None) == "qvalue" for path, _ in
-                   jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(model_params))[0] for k in path)
     head = model_params["lm_head"] if "lm_head" in model_params else None
     if head is not None and "qvalue" in head:
         out["qvalue"] = jnp.take(head["qvalue"][...], ids, axis=1)
@@ -139,6 +141,12 @@ def draft_slice(model_params, ids, *, int8: bool | None = None) -> dict:
             return {**out, "kernel": cols}
     out["qvalue"], out["scale"] = quantize_kernel(cols, name="the draft slice of the LM head")
     return out
+
+
+def has_int8(model_params) -> bool:
+    """Whether the target's parameters hold int8 weights (an int8 model, Quasar's verifier)."""
+    return any(getattr(k, "key", None) == "qvalue" for path, _ in
+               jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(model_params))[0] for k in path)
 
 
 def slice_logits(model: Qwen3, feat: jax.Array, vocab: dict) -> jax.Array:
@@ -360,9 +368,16 @@ def _load(path: str, stamp: int, meta_json: str) -> LoadedHeads:
                                                  eps=float(meta.get("rms_norm_eps", 1e-6)),
                                                  dtype=jnp.dtype(meta["dtype"])))
     graphdef, state = nnx.split(abstract)
+    # Every process of a multi-process group reads the whole (small) checkpoint on its own: no
+    # barrier with the others, the arrays on a local device (then replicated by the program).
+    pid, device = jax.process_index(), jax.local_devices()[0]
+    alone = ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid},
+                                               barrier_sync_key_prefix=f"heads-p{pid}")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                          nnx.to_pure_dict(state))
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(p / "params", nnx.to_pure_dict(state))
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckpt:
+            restored = ckpt.restore(p / "params", target)
     except Exception as err:  # orbax reports missing / mismatched arrays in many shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"could not restore heads from {p / 'params'}: {first}") from None
