@@ -152,11 +152,11 @@ def main() -> None:
             dtype = jnp.bfloat16 if name == "qwen3-8b" else jnp.float32
         results.append(run(name, cfg, dtype, tree, args.calls, args.batches))
         gc.collect()
-    info = machine_info()
-    info.update(loadavg_before=load_before, loadavg_after=os.getloadavg())
-    report = {"machine": info, "num_draft": K, "tree_nodes": NODES, "context": CTX, "results": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        info = machine_info()
+        info.update(loadavg_before=load_before, loadavg_after=os.getloadavg())
+        report = {"machine": info, "num_draft": K, "tree_nodes": NODES, "context": CTX, "results": results}
+        if args.out:  # after every model: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
