@@ -6,8 +6,8 @@ at batch 1 and 16, in one process: the compiled draft program (the heads growing
 vocabulary of V/4 ids, each with float and int8 reads of the LM head slice; and a verify forward
 of 1 and K+1 = 6 tokens over a cache of 128 committed positions. The big shapes are built with 1
 and 2 decoder layers and the verify time is extrapolated per layer (``t(1) + (L-1)(t(2)-t(1))``);
-drafting does not depend on the layer count. The 8B shape runs in bfloat16 (memory < 6 GiB) and
-skips the full-vocabulary int8 slice (its quantisation would need a float32 copy of the head).
+drafting does not depend on the layer count. The 8B shape (``--models qwen3-8b``, not a default)
+runs in bfloat16 and skips the full-vocabulary int8 slice, but still needs about 6 GiB.
 
 Bytes model (weights read per step; KV cache and activations left out): a verify reads every
 decoder layer and the LM head once, whatever its token count on an accelerator; drafting reads,
@@ -68,9 +68,10 @@ def verify_ms(model: Qwen3, b: int, t: int, calls: int) -> float:
 
 def draft_ms(model: Qwen3, heads: DraftHeads, tree: TreeShape, vocab, b: int, calls: int) -> float:
     graphdef, hp = nnx.split(heads)
-    fn = jax.jit(lambda hp, v, h, t: grow_tree(nnx.merge(graphdef, hp), model, tree, h, t, v))
+    mdef, mp = nnx.split(model)  # the model's weights are an input, not constants of the program
+    fn = jax.jit(lambda mp, hp, v, h, t: grow_tree(nnx.merge(graphdef, hp), nnx.merge(mdef, mp), tree, h, t, v))
     h = jax.random.normal(jax.random.key(0), (b, model.config.hidden_size))
-    return median_ms(fn, hp, vocab, h, jnp.ones((b,), jnp.int32), calls=calls)
+    return median_ms(fn, mp, hp, vocab, h, jnp.ones((b,), jnp.int32), calls=calls)
 
 
 def bytes_model(cfg: Qwen3Config, width: int, n: int) -> dict:
@@ -136,7 +137,8 @@ def run(name: str, cfg: Qwen3Config, dtype, tree: TreeShape, calls: int, batches
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=["demo", "qwen3-0.6b", "qwen3-8b"])
+    ap.add_argument("--models", nargs="*", default=["demo", "qwen3-0.6b"],
+                    help="demo, qwen3-0.6b, qwen3-8b (the 8B shape needs ~6 GiB with 2 layers: not a default)")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 16])
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--out", default=None)
