@@ -45,7 +45,7 @@ import numpy as np
 from quasar_jax.serving.kv_pages import SlotPages
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
-from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
+from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence, program_kind
 from quasar_jax.speculative.results import FINISH_CODES, TokenLogprob, token_logprobs
 from quasar_jax.speculative.sampling import SamplingParams
 
@@ -133,6 +133,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_budget = prefill_budget or engine.buckets[-1]
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
+        self.program_kinds = [program_kind(d) for d in engine.drafters]  # the metrics' label of each program
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: collections.deque[tuple[Request, int | None]] = collections.deque()
@@ -340,7 +341,7 @@ class Scheduler:
         now = time.perf_counter()
         self.policy.observe(program, busy, now - t0, res.iterations, *acceptance_evidence(res, self._owner))
         m = self.metrics
-        m.chunks.labels(str(self.engine.ks[program])).inc()
+        m.chunks.labels(self.program_kinds[program], str(self.engine.ks[program])).inc()
         m.alpha.set(getattr(self.policy, "alpha", float("nan")))
         m.loop_iterations.inc(res.iterations)
         m.busy_slot_iterations.inc(res.iterations * busy)
