@@ -161,7 +161,9 @@ def scrape(url: str) -> dict:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
         for s in fam.samples:
-            if not s.labels or set(s.labels) <= {"outcome", "program", "k"}:
+            if "program" in s.labels:  # quasar_chunks_total{chain 5}
+                out[f"{s.name}{{{s.labels['program']} {s.labels['k']}}}"] = s.value
+            elif not s.labels or set(s.labels) <= {"outcome"}:
                 out[s.name + "".join(f"{{{v}}}" for v in s.labels.values())] = s.value
     return out
 
@@ -174,7 +176,7 @@ def summarize(results: list[dict], wall: float, before: dict, after: dict, slots
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     tokens = sum(r["tokens"] for r in results)
     iters = d.get("quasar_loop_iterations_total", 0)
-    chunks = {k[len("quasar_chunks_total{"):-1].replace("}{", " "): int(v) for k, v in d.items()
+    chunks = {k[len("quasar_chunks_total{"):-1]: int(v) for k, v in d.items()
               if k.startswith("quasar_chunks_total{") and v}  # "chain 5": chunks of the K = 5 chain
     return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_s": pct("ttft"), "tpot_s": pct("tpot"), "latency_s": pct("latency"),

@@ -178,6 +178,23 @@ def test_models_health_metrics(served):
         assert name in text, name
 
 
+def test_context_limit(served):
+    """The served context (prompt + completion) is reported by /v1/models, enforced with vLLM's
+    400 naming both numbers, and given whole to a chat request without max_tokens."""
+    url, client = served["url"], served["client"]
+    assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == MAX_LEN
+    prompt = [5] * 40
+    r = _post(url, {"model": "demo", "prompt": prompt, "max_tokens": MAX_LEN - 39})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+    assert f"maximum context length is {MAX_LEN} tokens" in err["message"] and "40 input tokens" in err["message"]
+    assert _post(url, {"model": "demo", "prompt": prompt, "max_tokens": MAX_LEN - 40}).status_code == 200
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Count to ten."}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == MAX_LEN
+
+
 def test_disconnect_frees_the_slot(served):
     url, scheduler = served["url"], served["scheduler"]
     body = {"model": "demo", "prompt": "import os\n", "max_tokens": MAX_LEN - 8, "temperature": 1.0, "seed": 7,

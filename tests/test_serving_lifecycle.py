@@ -88,12 +88,28 @@ def test_full_queue_answers_429(paused):
     (["--speculation", "fast"], "argument --speculation: speculation must be auto, off or a draft length K >= 0"),
     (["--speculation", "-1"], "speculation must be auto, off or a draft length K >= 0, got '-1'"),
     (["--mesh", "data=64"], "mesh data=64,model=1 needs 64 devices, but there are 1"),
+    (["--max-len", "4096"], "--max-len 4096 is past the model's context of 2048 positions"),
 ])
 def test_cli_rejects_bad_flags(flags, words):
     r = subprocess.run([sys.executable, "-m", "quasar_jax.serve", *flags], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_served_context_defaults_to_the_models():
+    from quasar_jax.model.config import Qwen3Config
+    from quasar_jax.serving.server import ServeConfig
+    from quasar_jax.speculative.drafters import NGramDrafter
+
+    config = Qwen3Config.from_json(REPO / "quasar_jax/assets/demo-qwen3/config.json")
+    assert config.max_position_embeddings == 2048
+    assert ServeConfig(NGramDrafter(3)).for_model(config).max_len == 2048
+    assert ServeConfig(NGramDrafter(3), kv_layout="dense").for_model(config).max_len == 2048
+    assert ServeConfig(NGramDrafter(3), max_len=512).for_model(config).max_len == 512
+    with pytest.raises(ValueError, match="max_len 4096 is past the model's context of 2048 positions"):
+        ServeConfig(NGramDrafter(3), max_len=4096).for_model(config)
+    assert ServeConfig(NGramDrafter(3), max_len=4096, allow_long_context=True).for_model(config).max_len == 4096
 
 
 def test_cli_plan_prints_the_memory_plan():

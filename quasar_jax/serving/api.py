@@ -29,7 +29,7 @@ from quasar_jax.cli.text_stream import TextStream
 from quasar_jax.serving import protocol
 from quasar_jax.serving.metrics import CONTENT_TYPE_LATEST
 from quasar_jax.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
-from quasar_jax.serving.responses import Choice, Delta, Shaper
+from quasar_jax.serving.responses import Choice, Delta, Shaper, TokenPieces
 from quasar_jax.serving.scheduler import (Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler,
                                           ShuttingDown, Tokens)
 from quasar_jax.speculative.sampling import SamplingParams
@@ -60,13 +60,15 @@ class Api:
     """Request checking, scheduling and response shaping for one served model."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, *, model_name: str, stop_ids: tuple[int, ...],
-                 default_max_tokens: int = 16):
+                 default_max_tokens: int = 16, max_len: int | None = None):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.stop_ids = stop_ids
-        self.max_len = scheduler.engine.s
+        # prompt + completion at most: the served context (``ServeConfig.max_len``), within the cache
+        self.max_len = min(max_len or scheduler.engine.s, scheduler.engine.s)
         self.num_stop = scheduler.engine.ns
         self.vocab = scheduler.engine.model.config.vocab_size
         self.default_max_tokens = default_max_tokens
+        self.pieces = TokenPieces(tokenizer)  # each token's bytes and shown text, shared by requests
         self.created = int(time.time())
         self.draining = False
 
@@ -101,8 +103,9 @@ class Api:
         longest = max(len(ids) for ids, _ in prompts)
         room = self.max_len - longest
         if room < 1:
-            raise ApiError(400, f"the prompt has {longest} tokens; this server's cache holds {self.max_len} "
-                                "(prompt + completion)", prompt_param, "context_length_exceeded")
+            raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens. However, your "
+                                f"request has {longest} input tokens, which leaves no room for a completion. "
+                                "Please reduce the length of the input.", prompt_param, "context_length_exceeded")
         pages = getattr(self.scheduler, "pages", None)
         if pages is not None and pages.pages_needed(longest) > pages.tables.num_pages:
             raise ApiError(400, f"the prompt has {longest} tokens and needs {pages.pages_needed(longest)} KV pages "
@@ -113,8 +116,9 @@ class Api:
         elif asked == 0 and not echo:
             raise ApiError(400, f"'{name}' must be >= 1 (0 only with echo), got 0", name, "invalid_value")
         elif asked > room:
-            raise ApiError(400, f"'{name}' is {asked} but the prompt ({longest} tokens) leaves {room} of the "
-                                f"cache's {self.max_len} slots", name, "context_length_exceeded")
+            raise ApiError(400, f"'{name}' is too large: {asked}. This model's maximum context length is "
+                                f"{self.max_len} tokens and your request has {longest} input tokens "
+                                f"({asked} > {self.max_len} - {longest}).", name, "context_length_exceeded")
         else:
             max_tokens = asked
         if max_tokens and r.min_tokens > max_tokens:
@@ -132,7 +136,7 @@ class Api:
         seed = secrets.randbits(63)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         shaper = Shaper(self.tokenizer, kind, self.model_name, rid, int(time.time()), logprobs=n_logprobs,
-                        as_ids=bool(r.return_tokens_as_token_ids))
+                        as_ids=bool(r.return_tokens_as_token_ids), pieces=self.pieces)
         requests, choices = [], []
         for ids, text in prompts:
             requests.append(Request(prompt=ids, max_tokens=max_tokens, sampling=sampling, seed=seed,

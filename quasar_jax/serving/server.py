@@ -25,6 +25,9 @@ from quasar_jax.serving.speculation import AUTO, draft_options, make_policy, par
 from quasar_jax.speculative.drafters import Drafter, QSpecDrafter
 
 
+DENSE_MAX_LEN = 4096  # the dense layout's default max_len, and the default pool's tokens per slot
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """Everything static about one server (changing any of it means new programs)."""
@@ -32,7 +35,11 @@ class ServeConfig:
     drafter: Drafter
     verifier: QuantMode = QuantMode.FLOAT
     slots: int = 16
-    max_len: int = 4096
+    # Positions per request (prompt + completion). None: the model's context (max_position_embeddings),
+    # at most DENSE_MAX_LEN on the dense layout (a strip of max_len per slot); past the context only
+    # with allow_long_context.
+    max_len: int | None = None
+    allow_long_context: bool = False
     chunk_steps: int = 8  # N: verify steps per device call at most
     prefill_chunk: int = 128  # largest prefill piece; also the per-iteration prefill budget
     max_queue: int = 64
@@ -56,7 +63,7 @@ class ServeConfig:
         for name in ("slots", "chunk_steps", "prefill_chunk", "max_queue", "num_stop", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_len < 2:
+        if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         layout = self.kv_layout or (KVLayout.DENSE if self.mesh is not None else KVLayout.PAGED)
         CacheSpec(layout, self.page_size, self.kv_dtype)  # validates
@@ -72,13 +79,26 @@ class ServeConfig:
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(self.kv_layout, self.page_size, self.kv_dtype)
 
+    def for_model(self, config) -> "ServeConfig":
+        """``max_len`` resolved against the model's context (``ValueError`` past it unless
+        ``allow_long_context``)."""
+        context = config.max_position_embeddings
+        if self.max_len is None:
+            dense = self.kv_layout is KVLayout.DENSE
+            return dataclasses.replace(self, max_len=min(context, DENSE_MAX_LEN) if dense else context)
+        if self.max_len > context and not self.allow_long_context:
+            raise ValueError(f"max_len {self.max_len} is past the model's context of {context} positions "
+                             "(max_position_embeddings): lower it, or allow it explicitly (allow_long_context)")
+        return self
+
     def num_kv_pages(self, model) -> int:
         """Pages of the pool: ``kv_pages``, else ``kv_memory_fraction`` of the device memory left
-        after the weights, else as many as the dense cache of ``slots x max_len`` would hold."""
+        after the weights, else as many as a dense cache of ``slots x min(max_len, DENSE_MAX_LEN)``
+        would hold."""
         if self.kv_pages is not None:
             return self.kv_pages
         if self.kv_memory_fraction is None:
-            return self.slots * -(-self.max_len // self.page_size)
+            return self.slots * -(-min(self.max_len, DENSE_MAX_LEN) // self.page_size)
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
         per_page = self.page_size * cache_bytes_per_token(model.config, self.kv_dtype, model.dtype)
         return max(1, int((device_memory_bytes() - weights) * self.kv_memory_fraction) // per_page)
@@ -95,6 +115,7 @@ class ServeConfig:
 
 def make_engine(model, cfg: ServeConfig) -> SlotEngine:
     """The slots and every program (one chunk program per speculation option), compiled."""
+    cfg = cfg.for_model(model.config)
     return SlotEngine(model, draft_options(cfg.drafter, cfg.speculation), cfg.verifier, slots=cfg.slots,
                       max_len=cfg.max_len, num_stop=cfg.num_stop, chunk_steps=cfg.chunk_steps,
                       prefill_buckets=cfg.prefill_buckets, mesh=cfg.mesh, cache_spec=cfg.cache_spec,
@@ -106,14 +127,14 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
     """``(app, api, scheduler)`` with the scheduler thread started; every program compiled and, for
     ``--speculation auto``, timed (``speculation.calibrate``). ``engine``: slots already built
     (``make_engine``; on process 0 of a group, wrapped in ``lockstep.Leader``)."""
-    cfg = cfg.for_stop_ids(stop_ids)
+    cfg = cfg.for_stop_ids(stop_ids).for_model(model.config)
     engine = engine if engine is not None else make_engine(model, cfg)
     paged = {"prefix_caching": cfg.prefix_caching} if getattr(engine, "paged", False) else None
     scheduler = (PagedScheduler if paged else Scheduler)(
         engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk, policy=make_policy(engine, cfg.speculation),
         on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
-              default_max_tokens=cfg.default_max_tokens)
+              default_max_tokens=cfg.default_max_tokens, max_len=cfg.max_len)
     app = create_app(api, on_shutdown=scheduler.stop)
     return app, api, scheduler
 
