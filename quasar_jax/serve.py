@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest prompt piece prefilled at once; prompt tokens prefilled between two "
                         "decode chunks while other rows decode (default: 128)")
     p.add_argument("--max-queue", type=positive_int, default=64,
-                   help="requests waiting for a slot before 429 (default: 64)")
+                   help="requests waiting for a slot before 429 (a batch of prompts is one request, "
+                        "queued whole or refused whole) (default: 64)")
+    p.add_argument("--max-request-bytes", type=positive_int, default=64 << 20,
+                   help="largest request body; larger ones get 413 (default: 64 MiB)")
     p.add_argument("--served-model-name", default=None, help="the model id of the API (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
@@ -121,6 +124,7 @@ def run(args, given: set[str]) -> int:
     stop_ids = stop_ids_of(tokenizer, model_dir)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
                       chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                      max_request_bytes=args.max_request_bytes,
                       speculation=args.speculation, mesh=mesh, kv_layout=args.kv_layout,
                       page_size=args.page_size, kv_pages=args.kv_pages,
                       kv_memory_fraction=args.kv_memory_fraction, kv_dtype=args.kv_dtype,

@@ -43,6 +43,53 @@ def test_text_stream_holds_back_stop_prefixes():
     assert ts2.feed([ord("E")]) == "" and ts2.flush() == "E"
 
 
+STREAM_TEXTS = ["中文文本：你好，世界！😀 naïve — def f(x):\n    return x  # END of it", "import os\n\n\nclass A:\n    pass\n",
+                "Ünïcödé ☃ snowman, 日本語のテキスト, and emoji 🎉🎉 at the end"]
+
+
+def test_text_stream_equals_decoding_the_whole():
+    """Fed in random groups, with stop strings that span tokens and multi-byte characters split
+    over several tokens, the stream returns exactly the whole decode cut at the first stop string,
+    and ``kept`` is the fewest ids whose decode holds it."""
+    import random
+
+    from quasar_jax.weights.loading import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir("demo"))
+    rng = random.Random(0)
+    for trial in range(60):
+        text = rng.choice(STREAM_TEXTS)
+        ids = tok(text)["input_ids"]
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert full == text
+        a = rng.randrange(len(full) - 4)
+        stop = [full[a:a + rng.randint(1, 4)]] if trial % 3 else []
+        include = trial % 2 == 0
+        ts = TextStream(tok, stop, include_stop=include)
+        out, at = [], 0
+        while at < len(ids) and not ts.stopped:
+            n = rng.randint(1, 4)
+            out.append(ts.feed(ids[at:at + n]))
+            at += n
+        out.append(ts.flush())
+        if stop:
+            cut = full.index(stop[0]) + (len(stop[0]) if include else 0)
+            assert "".join(out) == ts.text == full[:cut] and ts.stopped
+            kept = next(n for n in range(1, len(ids) + 1) if stop[0] in tok.decode(ids[:n]))
+            assert ts.kept == kept
+        else:
+            assert "".join(out) == ts.text == full and ts.kept == len(ids)
+
+
+def test_text_stream_flushes_an_incomplete_character():
+    from quasar_jax.weights.loading import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir("demo"))
+    ids = tok("ab中")["input_ids"][:-1]  # the last character cut inside its bytes
+    ts = TextStream(tok)
+    assert ts.feed(ids) == "ab" and ts.flush() == tok.decode(ids)[2:] == "\ufffd"
+
+
 @pytest.fixture(scope="module")
 def paused(tiny_model_dir):
     """A server (1 slot, queue of 1) whose scheduler thread has not started: requests stay queued."""

@@ -109,6 +109,7 @@ class Request:
     prompt_logprobs: int | None = None  # echo: alternatives per prompt token (None: no prompt logprobs)
     ended: set = dataclasses.field(default_factory=set)  # choices whose Finished was delivered
     interrupted: bool = False  # a choice was cancelled (the request's outcome is "cancelled")
+    group: int = -1  # the HTTP request it belongs to (its prompts are queued together)
 
 
 @dataclasses.dataclass
@@ -149,15 +150,20 @@ class Scheduler:
         self._thread.start()
         return self
 
-    def submit(self, req: Request) -> None:
+    def submit(self, *reqs: Request) -> None:
+        """Queue ``reqs`` (the prompts of one request, counted as one place of ``max_queue``): all of
+        them, or none (``QueueFull`` when ``max_queue`` requests are waiting already)."""
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if self.waiting >= self.max_queue:
                 self.metrics.requests.labels("rejected").inc()
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
-            self._queue.append(req)
-            self.metrics.queue_depth.set(len(self._queue))
+            group = reqs[0].rid
+            for req in reqs:
+                req.group = group
+                self._queue.append(req)
+            self.metrics.queue_depth.set(self.waiting)
             self._cond.notify()
 
     def cancel(self, req: Request, index: int | None = None) -> None:
@@ -185,7 +191,13 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
+        """Prompts waiting for a slot."""
         return len(self._queue)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting (a batch of prompts is one)."""
+        return len({r.group for r in self._queue})
 
     # ------------------------------------------------------------------ scheduler thread
     def _idle(self) -> bool:
@@ -247,7 +259,7 @@ class Scheduler:
             with self._cond:
                 if req in self._queue:
                     self._queue.remove(req)
-                    self.metrics.queue_depth.set(len(self._queue))
+                    self.metrics.queue_depth.set(self.waiting)
             self._end_choices(req, "cancelled")
         if slots:
             mask = np.zeros((self.engine.b,), bool)
@@ -261,7 +273,7 @@ class Scheduler:
                 if not slot_free and self._queue[0].max_tokens > 0:
                     return None
                 req = self._queue.popleft()
-                self.metrics.queue_depth.set(len(self._queue))
+                self.metrics.queue_depth.set(self.waiting)
                 if not req.cancelled:
                     return req
         return None

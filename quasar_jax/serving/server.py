@@ -42,7 +42,8 @@ class ServeConfig:
     allow_long_context: bool = False
     chunk_steps: int = 8  # N: verify steps per device call at most
     prefill_chunk: int = 128  # largest prefill piece; also the per-iteration prefill budget
-    max_queue: int = 64
+    max_queue: int = 64  # requests (a batch of prompts is one) waiting for slots before 429
+    max_request_bytes: int = 64 << 20  # request bodies past this get 413
     num_stop: int = 4
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     speculation: str | int = AUTO  # auto | off (0) | K: the chunk programs (serving.speculation)
@@ -60,7 +61,8 @@ class ServeConfig:
         object.__setattr__(self, "speculation", parse_speculation(self.speculation))
         if isinstance(self.drafter, QSpecDrafter) and self.verifier is not QuantMode.W8A16:
             raise ValueError("drafter 'qspec' drafts with w8a8 and verifies with w8a16: use verifier 'w8a16'")
-        for name in ("slots", "chunk_steps", "prefill_chunk", "max_queue", "num_stop", "default_max_tokens"):
+        for name in ("slots", "chunk_steps", "prefill_chunk", "max_queue", "num_stop", "default_max_tokens",
+                     "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 2:
@@ -134,7 +136,8 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
         engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk, policy=make_policy(engine, cfg.speculation),
         on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
-              default_max_tokens=cfg.default_max_tokens, max_len=cfg.max_len)
+              default_max_tokens=cfg.default_max_tokens, max_len=cfg.max_len,
+              max_request_bytes=cfg.max_request_bytes)
     app = create_app(api, on_shutdown=scheduler.stop)
     return app, api, scheduler
 
