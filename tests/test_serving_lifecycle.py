@@ -116,16 +116,20 @@ def test_full_queue_answers_429(paused):
     async def go():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}
-            first = asyncio.create_task(c.post("/v1/completions", json=body))
-            while scheduler.queued < 1:
+            # a batch of three prompts is one request: queued whole on the queue of one place
+            first = asyncio.create_task(c.post("/v1/completions", json={**body, "prompt": ["a", "b =", "c"]}))
+            while scheduler.queued < 3:
                 await asyncio.sleep(0.01)
+            assert scheduler.waiting == 1
             second = await c.post("/v1/completions", json=body)
             assert second.status_code == 429, second.text
+            assert second.headers["retry-after"] == "1"
             err = second.json()["error"]
             assert err["code"] == "queue_full" and err["type"] == "rate_limit_exceeded"
             scheduler.start()  # the queued request now runs
             r = await first
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 15
+            assert len(r.json()["choices"]) == 3
     asyncio.run(go())
     assert scheduler.metrics.requests.labels("rejected")._value.get() == 1
 
