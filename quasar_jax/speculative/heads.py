@@ -111,13 +111,23 @@ def head_logits(model: Qwen3, feat: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- model fingerprint
 def fingerprint(model: Qwen3) -> dict:
-    """What heads must match: the shapes they were built for and two statistics of the embedding
-    (which the heads reuse), so heads of another model of the same shape are refused too."""
-    emb = model.embed_tokens[...]  # reduced on device: only two numbers reach the host
+    """What heads must match: the shapes they were built for, two statistics of the embedding
+    (which the heads reuse) and two of the logits the final norm and LM head give a fixed feature
+    (the weights every head's scores go through), so heads of another model of the same shape, or
+    of a fine-tune that changed only its head, are refused too. Reduced on device: only numbers
+    reach the host."""
+    emb = model.embed_tokens[...]
+    probe = jnp.cos(jnp.arange(model.config.hidden_size, dtype=jnp.float32) * 0.37)[None]  # [1, D]
+    logits = head_logits(model, model.norm(probe.astype(model.dtype)))[0]  # [V]
     return {"hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "num_hidden_layers": model.config.num_hidden_layers,
             "embed_mean_abs": float(jnp.mean(jnp.abs(emb.astype(jnp.float32)))),
-            "embed_row0_norm": float(jnp.linalg.norm(emb[0].astype(jnp.float32)))}
+            "embed_row0_norm": float(jnp.linalg.norm(emb[0].astype(jnp.float32))),
+            "head_probe_mean_abs": float(jnp.mean(jnp.abs(logits))), "head_probe_std": float(jnp.std(logits))}
+
+
+_STATISTICS = {"embed_mean_abs": "embedding", "embed_row0_norm": "embedding",
+               "head_probe_mean_abs": "final norm and LM head", "head_probe_std": "final norm and LM head"}
 
 
 def check_model(meta: dict, model: Qwen3, where: str) -> None:
@@ -127,11 +137,13 @@ def check_model(meta: dict, model: Qwen3, where: str) -> None:
         if want.get(key) != have[key]:
             raise InputError(f"heads {where} do not match the model: they were trained for {key} "
                              f"{want.get(key)}, the model has {have[key]}")
-    for key in ("embed_mean_abs", "embed_row0_norm"):
-        w, h = float(want.get(key, 0.0)), have[key]
+    for key, what in _STATISTICS.items():
+        if key not in want:  # heads saved before this statistic was recorded
+            continue
+        w, h = float(want[key]), have[key]
         if abs(w - h) > FINGERPRINT_RTOL * max(abs(w), abs(h), 1e-12):
             raise InputError(f"heads {where} do not match the model: they were trained for another "
-                             f"model of the same shape (embedding {key} {w:.5g} vs {h:.5g})")
+                             f"model of the same shape ({what}: {key} {w:.5g} vs {h:.5g})")
 
 
 # ----------------------------------------------------------------------------- save / load
