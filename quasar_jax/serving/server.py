@@ -34,7 +34,8 @@ class ServeConfig:
     slots: int = 16
     max_len: int = 4096
     chunk_steps: int = 8  # N: verify steps per device call at most
-    prefill_chunk: int = 128  # largest prefill piece; also the per-iteration prefill budget
+    prefill_chunk: int = 128  # largest prefill piece
+    prefill_budget: int | None = None  # prompt tokens per iteration while rows decode (None: prefill_chunk; 0: none)
     max_queue: int = 64
     num_stop: int = 4
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
@@ -58,6 +59,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.prefill_budget is not None and self.prefill_budget < 0:
+            raise ValueError(f"prefill_budget must be >= 0 (0: no budget), got {self.prefill_budget}")
         layout = self.kv_layout or (KVLayout.DENSE if self.mesh is not None else KVLayout.PAGED)
         CacheSpec(layout, self.page_size, self.kv_dtype)  # validates
         object.__setattr__(self, "kv_layout", KVLayout(layout))
@@ -110,7 +113,8 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
     engine = engine if engine is not None else make_engine(model, cfg)
     paged = {"prefix_caching": cfg.prefix_caching} if getattr(engine, "paged", False) else None
     scheduler = (PagedScheduler if paged else Scheduler)(
-        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk, policy=make_policy(engine, cfg.speculation),
+        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk if cfg.prefill_budget is None else cfg.prefill_budget,
+        policy=make_policy(engine, cfg.speculation),
         on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
               default_max_tokens=cfg.default_max_tokens)
