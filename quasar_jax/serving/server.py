@@ -84,7 +84,12 @@ class ServeConfig:
             return self.slots * -(-self.max_len // self.page_size)
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
         per_page = self.page_size * cache_bytes_per_token(model.config, self.kv_dtype, model.dtype)
-        return max(1, int((device_memory_bytes() - weights) * self.kv_memory_fraction) // per_page)
+        device = device_memory_bytes()
+        pages = int((device - weights) * self.kv_memory_fraction) // per_page
+        if pages < 1:
+            raise ValueError(f"kv_memory_fraction {self.kv_memory_fraction}: {device / 2**30:.2f} GiB of device memory "
+                             f"less {weights / 2**30:.2f} GiB of weights leaves no KV page of {per_page} bytes")
+        return pages
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
