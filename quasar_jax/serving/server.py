@@ -41,7 +41,7 @@ class ServeConfig:
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     speculation: str | int = AUTO  # auto | off (0) | K: the chunk programs (serving.speculation)
     mesh: object = None  # None (one device), "data=D,model=M", a MeshSpec or a jax Mesh
-    # The KV cache: paged (one pool; on one device) or dense (a [max_len] strip per slot; on a mesh).
+    # The KV cache: paged (one pool, its KV heads on model on a mesh) or dense (a [max_len] strip per slot).
     kv_layout: str | None = None  # None: paged on one device, dense on a mesh
     page_size: int = 16
     kv_pages: int | None = None  # None: from kv_memory_fraction, else the dense cache's memory
@@ -64,8 +64,6 @@ class ServeConfig:
         layout = self.kv_layout or (KVLayout.DENSE if self.mesh is not None else KVLayout.PAGED)
         CacheSpec(layout, self.page_size, self.kv_dtype)  # validates
         object.__setattr__(self, "kv_layout", KVLayout(layout))
-        if self.kv_layout is KVLayout.PAGED and self.mesh is not None:
-            raise ValueError("the paged KV cache serves on one device: use kv_layout 'dense' on a mesh")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ValueError(f"kv_pages must be >= 1, got {self.kv_pages}")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:

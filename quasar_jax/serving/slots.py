@@ -150,7 +150,7 @@ class SlotEngine:
                  mesh=None, spec: LogitsSpec = SERVING_SPEC, cache_spec: CacheSpec = CacheSpec(KVLayout.DENSE),
                  kv_pages: int | None = None):
         """``cache_spec``: a dense ``[L, B, S, G, E]`` cache (the default) or one pool of
-        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged, one device; the host's
+        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged; on a mesh the pool's KV heads on model; the host's
         ``quasar_jax.serving.kv_pages.SlotPages`` allocates them and sends the page tables with
         every ``chunk``)."""
         verifier = QuantMode.parse(verifier, "verifier")
@@ -373,8 +373,12 @@ class SlotEngine:
         pages, ``prefix_pages`` (a cached prefix of the prompt) are loaded into it first."""
         self._staging, self._staged = self._new_staging(), [int(t) for t in prompt]
         if len(prefix_pages):
-            self._staging = self._load_prefix(self.state, self._staging, *self._put(
-                (self._row_table(prefix_pages), np.int32(len(prefix_pages)))))
+            self.load_prefix(prefix_pages)
+
+    def load_prefix(self, prefix_pages: Sequence[int]) -> None:
+        """Pages ``prefix_pages`` of the pool (a cached prefix) into the staging cache."""
+        self._staging = self._load_prefix(self.state, self._staging, *self._put(
+            (self._row_table(prefix_pages), np.int32(len(prefix_pages)))))
 
     def _row_table(self, pages: Sequence[int]) -> np.ndarray:
         row = np.full((self.max_pages,), self.num_pages, np.int32)
