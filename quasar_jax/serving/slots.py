@@ -150,8 +150,8 @@ class SlotEngine:
                  mesh=None, spec: LogitsSpec = SERVING_SPEC, cache_spec: CacheSpec = CacheSpec(KVLayout.DENSE),
                  kv_pages: int | None = None):
         """``cache_spec``: a dense ``[L, B, S, G, E]`` cache (the default) or one pool of
-        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged; on a mesh the pool's KV heads on model; the host's
-        ``quasar_jax.serving.kv_pages.SlotPages`` allocates them and sends the page tables with
+        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged; on a mesh the pool's KV heads
+        on model; the host's ``quasar_jax.serving.kv_pages.SlotPages`` allocates them and sends the page tables with
         every ``chunk``)."""
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
