@@ -17,7 +17,7 @@ import logging
 
 from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_kv_flags,
                                   add_model_flags, add_verifier_flag, argparse_type, check_drafter_flags,
-                                  float_in, parse_speculation, positive_int)
+                                  float_in, non_negative_int, parse_speculation, positive_int)
 from quasar_jax.cli.mesh_flags import add_mesh_flags
 from quasar_jax.cli.runner import OneLineParser, run_command
 
@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=positive_int, default=128,
                    help="largest prompt piece prefilled at once; prompt tokens prefilled between two "
                         "decode chunks while other rows decode (default: 128)")
+    p.add_argument("--prefill-budget", type=non_negative_int, default=None, metavar="TOKENS",
+                   help="prompt tokens prefilled per scheduler iteration while other rows decode (at least "
+                        "one piece), as vLLM's --max-num-batched-tokens: a long prompt is prefilled in pieces "
+                        "between decode chunks; 0: no budget, a whole prompt before the next chunk "
+                        "(default: --prefill-chunk)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting for a slot before 429 (a batch of prompts is one request, "
                         "queued whole or refused whole) (default: 64)")
@@ -123,7 +128,8 @@ def run(args, given: set[str]) -> int:
     tokenizer = load_tokenizer(model_dir)
     stop_ids = stop_ids_of(tokenizer, model_dir)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
-                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
+                      prefill_budget=args.prefill_budget, max_queue=args.max_queue,
                       max_request_bytes=args.max_request_bytes,
                       speculation=args.speculation, mesh=mesh, kv_layout=args.kv_layout,
                       page_size=args.page_size, kv_pages=args.kv_pages,

@@ -7,9 +7,9 @@ Each iteration of the scheduler thread:
 2. admission: while a slot is free, the next queued prompt is prefilled piece by piece into a
    one-row staging cache and copied into the slot; a request for ``n`` choices is copied into
    ``n`` slots (each choice its own PRNG key), the staging cache kept until all are admitted. While
-   other rows are decoding, at most ``prefill_budget`` prompt tokens are prefilled per iteration (a
-   long prompt is spread over several iterations, so it stalls the running rows for one piece at a
-   time); with nothing running, prefill is unbounded. A request that asks for its prompt's
+   other rows are decoding, prompt pieces are prefilled per iteration up to ``prefill_budget``
+   tokens (at least one piece; 0: no budget): a long prompt is spread over several iterations, so
+   the running rows get a chunk between its pieces; with nothing running, prefill is unbounded. A request that asks for its prompt's
    logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
 3. one ``chunk``: up to ``chunk_steps`` verify steps on device, returning early when a row finishes;
    the speculation policy (``quasar_jax.serving.speculation``) picks the chunk program (draft
@@ -132,7 +132,8 @@ class Scheduler:
         self.policy = policy or FixedPolicy(len(engine.ks) - 1)  # read each chunk (tests may swap it)
         self.on_fatal = on_fatal or (lambda err: None)
         self.max_queue = max_queue
-        self.prefill_budget = prefill_budget or engine.buckets[-1]
+        # prompt tokens prefilled per iteration while rows decode (None: the largest piece; 0: no budget)
+        self.prefill_budget = engine.buckets[-1] if prefill_budget is None else prefill_budget
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
         self.program_kinds = [program_kind(d) for d in engine.drafters]  # the metrics' label of each program
         self._cond = threading.Condition()
@@ -287,7 +288,7 @@ class Scheduler:
                 if self._staging is None:
                     return
             st = self._staging
-            while st.pieces and (not self._owner or spent < self.prefill_budget):
+            while st.pieces and (not self._owner or self._budget_allows(spent, st.pieces[0][1])):
                 start, size = st.pieces.pop(0)
                 lp = eng.prefill(start, size, logprobs=st.echo is not None)
                 if st.echo is not None:
@@ -324,6 +325,11 @@ class Scheduler:
             if st.next_choice < last:
                 return  # the other choices wait for free slots (the staging cache is kept)
             self._drop_staging()
+
+    def _budget_allows(self, spent: int, size: int) -> bool:
+        """A prefill piece of ``size`` more, ``spent`` prompt tokens into this iteration, while rows
+        decode: the first piece always (progress), then as long as the budget holds."""
+        return not self.prefill_budget or spent == 0 or spent + size <= self.prefill_budget
 
     def _start_staging(self) -> _Staging | None:
         """The next queued prompt, begun on the engine (``PagedScheduler`` also finds its pages)."""

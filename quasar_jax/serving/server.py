@@ -41,14 +41,15 @@ class ServeConfig:
     max_len: int | None = None
     allow_long_context: bool = False
     chunk_steps: int = 8  # N: verify steps per device call at most
-    prefill_chunk: int = 128  # largest prefill piece; also the per-iteration prefill budget
+    prefill_chunk: int = 128  # largest prefill piece
+    prefill_budget: int | None = None  # prompt tokens per iteration while rows decode (None: prefill_chunk; 0: none)
     max_queue: int = 64  # requests (a batch of prompts is one) waiting for slots before 429
     max_request_bytes: int = 64 << 20  # request bodies past this get 413
     num_stop: int = 4
     default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     speculation: str | int = AUTO  # auto | off (0) | K: the chunk programs (serving.speculation)
     mesh: object = None  # None (one device), "data=D,model=M", a MeshSpec or a jax Mesh
-    # The KV cache: paged (one pool; on one device) or dense (a [max_len] strip per slot; on a mesh).
+    # The KV cache: paged (one pool, its KV heads on model on a mesh) or dense (a [max_len] strip per slot).
     kv_layout: str | None = None  # None: paged on one device, dense on a mesh
     page_size: int = 16
     kv_pages: int | None = None  # None: from kv_memory_fraction, else the dense cache's memory
@@ -67,11 +68,11 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.prefill_budget is not None and self.prefill_budget < 0:
+            raise ValueError(f"prefill_budget must be >= 0 (0: no budget), got {self.prefill_budget}")
         layout = self.kv_layout or (KVLayout.DENSE if self.mesh is not None else KVLayout.PAGED)
         CacheSpec(layout, self.page_size, self.kv_dtype)  # validates
         object.__setattr__(self, "kv_layout", KVLayout(layout))
-        if self.kv_layout is KVLayout.PAGED and self.mesh is not None:
-            raise ValueError("the paged KV cache serves on one device: use kv_layout 'dense' on a mesh")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ValueError(f"kv_pages must be >= 1, got {self.kv_pages}")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
@@ -103,7 +104,12 @@ class ServeConfig:
             return self.slots * -(-min(self.max_len, DENSE_MAX_LEN) // self.page_size)
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
         per_page = self.page_size * cache_bytes_per_token(model.config, self.kv_dtype, model.dtype)
-        return max(1, int((device_memory_bytes() - weights) * self.kv_memory_fraction) // per_page)
+        device = device_memory_bytes()
+        pages = int((device - weights) * self.kv_memory_fraction) // per_page
+        if pages < 1:
+            raise ValueError(f"kv_memory_fraction {self.kv_memory_fraction}: {device / 2**30:.2f} GiB of device memory "
+                             f"less {weights / 2**30:.2f} GiB of weights leaves no KV page of {per_page} bytes")
+        return pages
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
@@ -133,7 +139,8 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
     engine = engine if engine is not None else make_engine(model, cfg)
     paged = {"prefix_caching": cfg.prefix_caching} if getattr(engine, "paged", False) else None
     scheduler = (PagedScheduler if paged else Scheduler)(
-        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk, policy=make_policy(engine, cfg.speculation),
+        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk if cfg.prefill_budget is None else cfg.prefill_budget,
+        policy=make_policy(engine, cfg.speculation),
         on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,
               default_max_tokens=cfg.default_max_tokens, max_len=cfg.max_len,
