@@ -279,7 +279,8 @@ class Leader(_Member):
         self._pending: list[np.ndarray] = []
         self._used = 0
         self._last = time.monotonic()  # of the last exchange
-        self._tables = np.array(getattr(engine, "_table", np.zeros((engine.b, 0))), np.int32)  # as every process has them
+        # the page tables as every process has them (paged engines; sent as changed rows)
+        self._tables = np.array(getattr(engine, "_table", np.zeros((engine.b, 0))), np.int32)
 
     def __getattr__(self, name):  # b, s, k, ks, buckets, drafters, model, row_inputs, key_data ...
         if name == "engine":

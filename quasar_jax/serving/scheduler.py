@@ -9,8 +9,8 @@ Each iteration of the scheduler thread:
    ``n`` slots (each choice its own PRNG key), the staging cache kept until all are admitted. While
    other rows are decoding, prompt pieces are prefilled per iteration up to ``prefill_budget``
    tokens (at least one piece; 0: no budget): a long prompt is spread over several iterations, so
-   the running rows get a chunk between its pieces; with nothing running, prefill is unbounded. A request that asks for its prompt's
-   logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
+   the running rows get a chunk between its pieces; with nothing running, prefill is unbounded.
+   A request that asks for its prompt's logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
 3. one ``chunk``: up to ``chunk_steps`` verify steps on device, returning early when a row finishes;
    the speculation policy (``quasar_jax.serving.speculation``) picks the chunk program (draft
    length K) from the busy rows and the recent acceptance, and learns from what the chunk did;

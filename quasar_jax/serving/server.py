@@ -139,7 +139,8 @@ def build(model, tokenizer, cfg: ServeConfig, *, model_name: str, stop_ids: tupl
     engine = engine if engine is not None else make_engine(model, cfg)
     paged = {"prefix_caching": cfg.prefix_caching} if getattr(engine, "paged", False) else None
     scheduler = (PagedScheduler if paged else Scheduler)(
-        engine, max_queue=cfg.max_queue, prefill_budget=cfg.prefill_chunk if cfg.prefill_budget is None else cfg.prefill_budget,
+        engine, max_queue=cfg.max_queue,
+        prefill_budget=cfg.prefill_chunk if cfg.prefill_budget is None else cfg.prefill_budget,
         policy=make_policy(engine, cfg.speculation),
         on_fatal=on_fatal, **(paged or {})).start()
     api = Api(scheduler, tokenizer, model_name=model_name, stop_ids=stop_ids,

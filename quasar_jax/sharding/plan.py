@@ -83,8 +83,12 @@ class MemoryPlan:
                 f"per device params {self.params_bytes / GiB:.2f} GiB + KV cache "
                 f"{self.cache_bytes / GiB:.2f} GiB = {self.total_bytes / GiB:.2f} GiB of "
                 f"{self.device_bytes / GiB:.0f} GiB: {verdict}"
-                + ("; KV tokens per device after the params: " + ", ".join(f"{k} {v:,}" for k, v in self.kv_tokens.items())
-                   if self.kv_tokens else ""))
+                + self._kv_tokens_text())
+
+    def _kv_tokens_text(self) -> str:
+        if not self.kv_tokens:
+            return ""
+        return "; KV tokens per device after the params: " + ", ".join(f"{k} {v:,}" for k, v in self.kv_tokens.items())
 
 
 def _shard_bytes(x, spec: P, sizes: dict[str, int]) -> int:
