@@ -17,7 +17,7 @@ import logging
 
 from quasar_jax.cli.flags import (add_compile_cache_flag, add_drafter_flag, add_drafting_flags, add_kv_flags,
                                   add_model_flags, add_verifier_flag, argparse_type, check_drafter_flags,
-                                  float_in, parse_speculation, positive_int)
+                                  float_in, non_negative_int, parse_speculation, positive_int)
 from quasar_jax.cli.mesh_flags import add_mesh_flags
 from quasar_jax.cli.runner import OneLineParser, run_command
 
@@ -32,15 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_verifier_flag(p)
     add_compile_cache_flag(p)
     p.add_argument("--slots", type=positive_int, default=16, help="batch rows, one request each (default: 16)")
-    p.add_argument("--max-len", type=int, default=4096,
-                   help="KV cache slots per row: prompt + completion at most (default: 4096)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="positions per request, prompt + completion at most (default: the model's context, "
+                        "max_position_embeddings; at most 4096 with --kv-layout dense)")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="allow --max-len past the model's max_position_embeddings (default: an error)")
     p.add_argument("--chunk-steps", type=positive_int, default=8,
                    help="verify steps per device call before the host looks again (default: 8)")
     p.add_argument("--prefill-chunk", type=positive_int, default=128,
                    help="largest prompt piece prefilled at once; prompt tokens prefilled between two "
                         "decode chunks while other rows decode (default: 128)")
+    p.add_argument("--prefill-budget", type=non_negative_int, default=None, metavar="TOKENS",
+                   help="prompt tokens prefilled per scheduler iteration while other rows decode (at least "
+                        "one piece), as vLLM's --max-num-batched-tokens: a long prompt is prefilled in pieces "
+                        "between decode chunks; 0: no budget, a whole prompt before the next chunk "
+                        "(default: --prefill-chunk)")
     p.add_argument("--max-queue", type=positive_int, default=64,
-                   help="requests waiting for a slot before 429 (default: 64)")
+                   help="requests waiting for a slot before 429 (a batch of prompts is one request, "
+                        "queued whole or refused whole) (default: 64)")
+    p.add_argument("--max-request-bytes", type=positive_int, default=64 << 20,
+                   help="largest request body; larger ones get 413 (default: 64 MiB)")
     p.add_argument("--served-model-name", default=None, help="the model id of the API (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
@@ -77,6 +88,7 @@ def run(args, given: set[str]) -> int:
     from quasar_jax.cli import compile_cache
 
     from quasar_jax import sharding
+    from quasar_jax.cli.errors import InputError
     from quasar_jax.cli.prompts import stop_ids_of
     from quasar_jax.model.config import Qwen3Config
     from quasar_jax.serving import lockstep
@@ -86,7 +98,7 @@ def run(args, given: set[str]) -> int:
     from quasar_jax.weights.checkpoint import default_verifier
     from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
-    if args.max_len < 2:
+    if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
     check_drafter_flags(args, given)
     mesh = sharding.start(args, PROG)  # jax.distributed when asked for; stdout on process 0 only
@@ -94,11 +106,17 @@ def run(args, given: set[str]) -> int:
     verifier = args.verifier
     if verifier == "auto":
         verifier = default_verifier(model_dir, args.drafter, jax.default_backend()).value
+    config = Qwen3Config.from_json(model_dir / "config.json")
+    context = config.max_position_embeddings
+    if args.max_len is not None and args.max_len > context and not args.allow_long_context:
+        raise InputError(f"--max-len {args.max_len} is past the model's context of {context} positions "
+                         f"(max_position_embeddings in {model_dir / 'config.json'}): lower it, or pass "
+                         "--allow-long-context")
     if args.plan:
         plan = sharding.memory_plan(
-            Qwen3Config.from_json(model_dir / "config.json"), args.mesh, dtype=args.dtype,
+            config, args.mesh, dtype=args.dtype,
             int8=verifier != "float", quantize_lm_head=args.quantize_lm_head, batch=args.slots,
-            cache_len=args.max_len, device_gb=sharding.device_memory_bytes() / sharding.GiB, name=args.model)
+            cache_len=args.max_len or min(context, 4096), device_gb=sharding.device_memory_bytes() / sharding.GiB, name=args.model)
         print(plan.line())
         return 0
     compile_cache.enable(args.compile_cache)
@@ -110,11 +128,14 @@ def run(args, given: set[str]) -> int:
     tokenizer = load_tokenizer(model_dir)
     stop_ids = stop_ids_of(tokenizer, model_dir)
     cfg = ServeConfig(drafter=drafter, verifier=verifier, slots=args.slots, max_len=args.max_len,
-                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                      chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
+                      prefill_budget=args.prefill_budget, max_queue=args.max_queue,
+                      max_request_bytes=args.max_request_bytes,
                       speculation=args.speculation, mesh=mesh, kv_layout=args.kv_layout,
                       page_size=args.page_size, kv_pages=args.kv_pages,
                       kv_memory_fraction=args.kv_memory_fraction, kv_dtype=args.kv_dtype,
-                      prefix_caching=not args.no_prefix_caching).for_stop_ids(stop_ids)
+                      prefix_caching=not args.no_prefix_caching,
+                      allow_long_context=args.allow_long_context).for_stop_ids(stop_ids).for_model(config)
     model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16,
                        int8=cfg.verifier.is_int8, quantize_lm_head=args.quantize_lm_head,
                        backend=args.backend, mesh=mesh)

@@ -47,9 +47,14 @@ MODES = {  # name -> (drafter, verifier, speculation: off | fixed (K = --num-dra
     "sd-auto": ("ngram", "float", "auto"), "quasar-ar": ("none", "w8a16", "off"), "quasar": ("ngram", "w8a16", "fixed"),
     "quasar-k2": ("ngram", "w8a16", 2), "quasar-auto": ("ngram", "w8a16", "auto"), "quasar-w8a8": ("ngram", "w8a8", "fixed"),
     "qspec": ("qspec", "w8a16", "fixed"),
+    # S4C (--drafter s4c, C = 1 n-gram candidate): the heads' tree forced, and auto over {AR, chain, tree};
+    # s4c-auto-flat: auto with every program's calibrated step time set to AR's (an accelerator's verify,
+    # flat in its token count: what the policy would choose there, measured on this machine's acceptance)
+    "s4c": ("s4c", "float", "fixed"), "s4c-auto": ("s4c", "float", "auto"), "s4c-auto-flat": ("s4c", "float", "auto"),
 }
 FAMILIES = {"float": ("ar", ("sd-k2", "sd"), "sd-auto"),  # AR, every fixed K, auto
-            "w8a16": ("quasar-ar", ("quasar-k2", "quasar"), "quasar-auto")}
+            "w8a16": ("quasar-ar", ("quasar-k2", "quasar"), "quasar-auto"),
+            "s4c": ("ar", ("sd", "s4c"), "s4c-auto")}  # float; fixed: the n-gram chain and the heads' tree
 
 
 def parse_args(argv=None):
@@ -156,7 +161,9 @@ def scrape(url: str) -> dict:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
         for s in fam.samples:
-            if not s.labels or set(s.labels) <= {"outcome", "k"}:
+            if "program" in s.labels:  # quasar_chunks_total{chain 5}
+                out[f"{s.name}{{{s.labels['program']} {s.labels['k']}}}"] = s.value
+            elif not s.labels or set(s.labels) <= {"outcome"}:
                 out[s.name + "".join(f"{{{v}}}" for v in s.labels.values())] = s.value
     return out
 
@@ -170,7 +177,7 @@ def summarize(results: list[dict], wall: float, before: dict, after: dict, slots
     tokens = sum(r["tokens"] for r in results)
     iters = d.get("quasar_loop_iterations_total", 0)
     chunks = {k[len("quasar_chunks_total{"):-1]: int(v) for k, v in d.items()
-              if k.startswith("quasar_chunks_total{") and v}
+              if k.startswith("quasar_chunks_total{") and v}  # "chain 5": chunks of the K = 5 chain
     return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_s": pct("ttft"), "tpot_s": pct("tpot"), "latency_s": pct("latency"),
             "tau": d.get("quasar_accepted_length_sum", 0) / max(d.get("quasar_accepted_length_count", 0), 1),
@@ -236,10 +243,12 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
     from quasar_jax import sharding
     from quasar_jax.serving.server import ServeConfig, ServerThread, build
     from quasar_jax.speculative.drafters import make_drafter
+    from quasar_jax.speculative.heads import resolve_heads
     from quasar_jax.weights.loading import load_model
 
     drafter_name, verifier, speculation = MODES[mode]
-    drafter = make_drafter(drafter_name, num_draft=args.num_draft)
+    heads = resolve_heads(None, model_dir, num_draft=args.num_draft) if drafter_name == "s4c" else None
+    drafter = make_drafter(drafter_name, num_draft=args.num_draft, heads=heads)
     speculation = {"off": 0, "fixed": args.num_draft}.get(speculation, speculation)
     mesh_obj = sharding.make_mesh(mesh)
     if args.pad_heads:
@@ -255,6 +264,9 @@ def run_mode(mode: str, mesh, args, reqs, tokenizer, model_dir, stop_ids) -> dic
     t0 = time.perf_counter()
     app, _, scheduler = build(model, tokenizer, cfg, model_name="m", stop_ids=stop_ids)
     compile_s = time.perf_counter() - t0
+    if mode.endswith("-flat"):  # every program as fast as AR per step (see MODES)
+        cal = scheduler.policy.calibration
+        scheduler.policy.calibration = [cal[0]] * len(cal)
     server = ServerThread(app).start()
     out = {"mode": mode, "mesh": mesh or "1", "drafter": drafter_name, "verifier": verifier,
            "speculation": speculation, "programs_k": list(scheduler.engine.ks), "compile_s": compile_s,
@@ -299,6 +311,11 @@ def median_runs(runs: list[dict]) -> list[dict]:
         out.append({**rows[(len(rows) - 1) // 2], "spread": [rows[0]["tokens_per_s"], rows[-1]["tokens_per_s"]],
                     "repeats": len(rows)})
     return out
+
+
+def _program_order(item) -> tuple:
+    kind, _, k = item[0].rpartition(" ")
+    return ({"ar": 0, "chain": 1, "tree": 2}.get(kind, 3), int(k))
 
 
 def _ms(d: dict, q: str) -> str:
@@ -350,7 +367,7 @@ def write_outputs(report: dict, out: Path) -> None:
     for m in report["modes"]:
         for r in median_runs(m["runs"]):
             ttft, tpot = r.get("ttft_s", {}), r.get("tpot_s", {})
-            chunks = " ".join(f"{k}:{v}" for k, v in sorted(r.get("chunks_by_k", {}).items(), key=lambda x: int(x[0])))
+            chunks = " ".join(f"{k}:{v}" for k, v in sorted(r.get("chunks_by_k", {}).items(), key=_program_order))
             spread = f" ({r['spread'][0]:.0f}-{r['spread'][1]:.0f})" if r["repeats"] > 1 else ""
             lines.append(f"| {m['mesh']} | {m['mode']} | {_load_name(r)} | {r['tokens_per_s']:.1f}{spread} | "
                          f"{_ms(ttft, 'p50')}/{_ms(ttft, 'p99')} | {_ms(tpot, 'p50')}/{_ms(tpot, 'p99')} | "
@@ -361,7 +378,7 @@ def write_outputs(report: dict, out: Path) -> None:
                   "| mesh | verifier | concurrency | AR | fixed K | auto | auto / best | auto's chunks by K |",
                   "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |"]
         for c in report["comparison"]:
-            chunks = " ".join(f"{k}:{v}" for k, v in sorted(c["auto_chunks_by_k"].items(), key=lambda x: int(x[0])))
+            chunks = " ".join(f"{k}:{v}" for k, v in sorted(c["auto_chunks_by_k"].items(), key=_program_order))
             fixed = ", ".join(f"{k} {v:.1f}" for k, v in c["fixed"].items())
             lines.append(f"| {c['mesh']} | {c['verifier']} | {c['concurrency']} | {c['ar']:.1f} | {fixed} | "
                          f"{c['auto']:.1f} | {c['auto_vs_best']:.2f} | {chunks} |")
@@ -375,7 +392,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ar_of = {mode: ar for ar, fixed, auto in FAMILIES.values() for mode in (ar, *fixed, auto)}
+    ar_of = {mode: "ar" if verifier == "float" else "quasar-ar" for mode, (_, verifier, _) in MODES.items()}
     curves = {(m["mesh"], m["mode"]): dict(sorted((r["value"], r["tokens_per_s"]) for r in median_runs(m["runs"])
                                                   if r["load"] == "concurrency")) for m in report["modes"]}
     relative = all((mesh, ar_of.get(mode)) in curves for mesh, mode in curves)

@@ -283,3 +283,65 @@ def test_s4c_configuration_errors(engine, heads, tiny_model_dir):
     other = Engine(load_model(tiny_model_dir))  # another vocabulary
     with pytest.raises(InputError, match="do not match the model: they were trained for vocab_size 96"):
         other.generate([[1, 2, 3]], GenerationConfig(drafter="s4c", heads=heads, num_draft=3))
+
+
+def test_heads_fingerprint_covers_the_final_norm_and_lm_head(hf_tiny, heads, tmp_path):
+    """Heads read the target's final norm and LM head: a model that differs only there (same
+    shapes, same embedding) is refused with one line, offline and on the command line."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from quasar_jax.speculative.heads import check_model, fingerprint
+    from quasar_jax.weights.loading import resolve_model_dir
+
+    other = load_model(hf_tiny(False, 2)[0], dtype=jnp.float32)
+    other.norm.scale.set_value(other.norm.scale[...] * 1.1)
+    have, want = fingerprint(other), heads.meta["model"]
+    assert have["embed_mean_abs"] == pytest.approx(want["embed_mean_abs"])  # the embedding alone would pass
+    with pytest.raises(InputError, match="another model of the same shape \\(final norm and LM head"):
+        check_model(heads.meta, other, "H")
+    demo_heads = resolve_model_dir("demo") / "s4c_heads"
+    assert "head_probe_std" in json.loads((demo_heads / "heads.json").read_text())["model"]
+    moved = tmp_path / "heads"
+    shutil.copytree(demo_heads, moved)
+    meta = json.loads((moved / "heads.json").read_text())
+    meta["model"]["head_probe_std"] *= 1.2  # as if trained for a fine-tune with another LM head
+    (moved / "heads.json").write_text(json.dumps(meta))
+    r = subprocess.run([sys.executable, "-m", "quasar_jax.decode", "--drafter", "s4c", "--heads", str(moved),
+                        "--prompt", "x", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "final norm and LM head: head_probe_std" in r.stderr
+
+
+def test_demo_heads_hold_their_recorded_acceptance():
+    """The shipped heads on the demo model, fixed code prompts, greedy float32: lossless; the heads'
+    tree alone (C = 0) reaches at least 0.9 of the tau recorded with them (estimated from their
+    held-out acceptance), and with the n-gram candidate (C = 1) head nodes are accepted beyond
+    what the n-gram chain alone gives."""
+    import quasar_jax as qj
+    from quasar_jax.speculative.heads import resolve_heads
+    from quasar_jax.weights.loading import resolve_model_dir
+
+    model, tok = qj.load("demo", dtype="float32")
+    heads = resolve_heads(None, resolve_model_dir("demo"))
+    prompts = [tok(p)["input_ids"] for p in (
+        "def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):",
+        "for i in range(10):", "    def __repr__(self):\n        return", "with open(filename) as f:",
+        "# Copyright 2001 Python Software Foundation\n")]
+    eng = Engine(model)
+    ar = eng.generate(prompts, GenerationConfig(max_new_tokens=64, drafter="none")).tokens
+
+    def tau(**kw):
+        res = eng.generate(prompts, GenerationConfig(max_new_tokens=64, num_draft=5, **kw))
+        assert res.tokens == ar
+        return sum(s.new_tokens for s in res.stats) / sum(s.verify_steps for s in res.stats)
+
+    recorded = heads.meta["tree"]["estimated_tau"]
+    heads_only = tau(drafter="s4c", heads=heads, num_candidates=0)
+    with_ngram, ngram = tau(drafter="s4c", heads=heads, num_candidates=1), tau(drafter="ngram")
+    print(f"\ndemo heads: tau {heads_only:.2f} (recorded estimate {recorded:.2f}), with the n-gram candidate "
+          f"{with_ngram:.2f}, n-gram chain alone {ngram:.2f}")
+    assert heads_only >= 0.9 * recorded
+    assert with_ngram >= ngram + 0.5

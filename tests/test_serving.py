@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import socket
 import time
 
 import httpx
@@ -178,24 +179,79 @@ def test_models_health_metrics(served):
         assert name in text, name
 
 
-def test_disconnect_frees_the_slot(served):
+def test_context_limit(served):
+    """The served context (prompt + completion) is reported by /v1/models, enforced with vLLM's
+    400 naming both numbers, and given whole to a chat request without max_tokens."""
+    url, client = served["url"], served["client"]
+    assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == MAX_LEN
+    prompt = [5] * 40
+    r = _post(url, {"model": "demo", "prompt": prompt, "max_tokens": MAX_LEN - 39})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+    assert f"maximum context length is {MAX_LEN} tokens" in err["message"] and "40 input tokens" in err["message"]
+    assert _post(url, {"model": "demo", "prompt": prompt, "max_tokens": MAX_LEN - 40}).status_code == 200
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Count to ten."}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == MAX_LEN
+
+
+def _open(url: str, body: dict) -> socket.socket:
+    """A POST sent on a raw socket, the answer not read (closing it is the client going away)."""
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(data), data))
+    return sock
+
+
+def _wait(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_disconnects_free_slots_and_queue_places(served):
+    """Streaming and non-streaming, running and queued: a client that goes away is cancelled at the
+    scheduler's next iteration (no quiet interval needed: the running ones keep producing tokens),
+    its slot or queue place freed and the outcome counted."""
     url, scheduler = served["url"], served["scheduler"]
-    body = {"model": "demo", "prompt": "import os\n", "max_tokens": MAX_LEN - 8, "temperature": 1.0, "seed": 7,
-            "stream": True}
+    metrics = scheduler.metrics
+    cancelled = metrics.requests.labels("cancelled")._value.get
+    long = {"model": "demo", "prompt": "import os\n", "max_tokens": MAX_LEN - 8, "temperature": 1.0, "seed": 7,
+            "ignore_eos": True}
+    before, made = cancelled(), metrics.generated_tokens._value.get()
+    running = []
+    for stream in (True, False, True, False):
+        running.append(_open(url, {**long, "stream": stream}))
+        _wait(lambda: scheduler.busy == len(running))
+    queued = [_open(url, {**long, "stream": stream}) for stream in (True, False)]
+    _wait(lambda: scheduler.queued == 2)
+    t0 = time.monotonic()
+    for sock in queued + running:
+        sock.close()
+    _wait(lambda: scheduler.busy == 0 and scheduler.queued == 0)
+    freed_s = time.monotonic() - t0
+    assert cancelled() == before + 6
+    assert metrics.generated_tokens._value.get() - made < 4 * (MAX_LEN - 8)  # the running ones were cut short
+    print(f"\nsix disconnects (2 queued, 4 running) freed in {freed_s:.3f} s")
+    assert served["client"].completions.create(model="demo", prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
-    def cancelled():
-        return scheduler.metrics.requests.labels("cancelled")._value.get()
 
-    before = cancelled()
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # one chunk, then hang up
-    deadline = time.monotonic() + 20
-    while (scheduler.busy or cancelled() == before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert scheduler.busy == 0 and cancelled() == before + 1
+def test_request_body_limit_answers_413(served):
+    api = served["api"]
+    limit, api.max_request_bytes = api.max_request_bytes, 2000
+    try:
+        body = json.dumps({"model": "demo", "prompt": "x" * 3000, "max_tokens": 1}).encode()
+        r = httpx.post(served["url"] + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        chunked = httpx.post(served["url"] + "/v1/completions", content=iter([body[:1500], body[1500:]]),
+                             headers={"content-type": "application/json"})  # no Content-Length: counted
+        assert chunked.status_code == 413, chunked.text
+    finally:
+        api.max_request_bytes = limit
 
 
 def test_no_compilation_after_first_request(served):

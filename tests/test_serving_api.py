@@ -255,3 +255,49 @@ def test_vllm_benchmark_request_bodies(srv):
     with httpx.stream("POST", url + "/v1/chat/completions", json=chat, timeout=60) as r:
         lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     assert lines[-1]["usage"]["completion_tokens"] == 5
+
+
+MULTIBYTE = "中文文本：你好，世界！😀 naïve"  # the demo's byte-level BPE splits every CJK character
+
+
+def _raw(token: str) -> bytes:
+    """A logprob token's bytes: ``bytes:\\xNN...`` or its UTF-8."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode("utf-8")
+
+
+def test_logprob_tokens_are_the_tokens_own_bytes(srv):
+    """Tokens that are not whole UTF-8 are shown as ``bytes:\\xNN`` of their own bytes, so the
+    tokens of an echoed prompt spell its bytes exactly and ``top_logprobs`` never merges two ids."""
+    client, tok = srv["client"], srv["tok"]
+    ids = tok(MULTIBYTE)["input_ids"]
+    kw = dict(prompt=MULTIBYTE, max_tokens=2, echo=True, logprobs=3)
+    lp = _greedy(client, **kw).choices[0].logprobs
+    by_id = _greedy(client, **kw, extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    assert b"".join(_raw(t) for t in lp.tokens[:len(ids)]) == MULTIBYTE.encode("utf-8")
+    assert sum(t.startswith("bytes:") for t in lp.tokens) >= 20
+    assert _ids(by_id.tokens)[:len(ids)] == ids
+    for j in range(1, len(lp.tokens)):
+        top, top_ids = lp.top_logprobs[j], by_id.top_logprobs[j]
+        assert len(top) == len(top_ids) >= 3  # distinct ids, distinct keys (+ the token when outside the top 3)
+        assert sorted(top.values()) == pytest.approx(sorted(top_ids.values()))
+        assert top[lp.tokens[j]] == pytest.approx(lp.token_logprobs[j])
+    offsets = lp.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert offsets[len(ids) - 1] < len(MULTIBYTE) <= offsets[len(ids)]  # a split character starts at its first token
+
+
+def test_chat_logprob_bytes_are_the_tokens_bytes(srv):
+    from quasar_jax.serving.responses import TokenPieces
+
+    client, tok = srv["client"], srv["tok"]
+    pieces = TokenPieces(tok)
+    ids = tok(MULTIBYTE)["input_ids"]
+    assert b"".join(pieces.bytes(i) for i in ids) == MULTIBYTE.encode("utf-8")
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": MULTIBYTE}], max_tokens=8,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace") == r.choices[0].message.content
+    for t in content:
+        assert bytes(t.bytes) == _raw(t.token)

@@ -43,6 +43,53 @@ def test_text_stream_holds_back_stop_prefixes():
     assert ts2.feed([ord("E")]) == "" and ts2.flush() == "E"
 
 
+STREAM_TEXTS = ["中文文本：你好，世界！😀 naïve — def f(x):\n    return x  # END of it", "import os\n\n\nclass A:\n    pass\n",
+                "Ünïcödé ☃ snowman, 日本語のテキスト, and emoji 🎉🎉 at the end"]
+
+
+def test_text_stream_equals_decoding_the_whole():
+    """Fed in random groups, with stop strings that span tokens and multi-byte characters split
+    over several tokens, the stream returns exactly the whole decode cut at the first stop string,
+    and ``kept`` is the fewest ids whose decode holds it."""
+    import random
+
+    from quasar_jax.weights.loading import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir("demo"))
+    rng = random.Random(0)
+    for trial in range(60):
+        text = rng.choice(STREAM_TEXTS)
+        ids = tok(text)["input_ids"]
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert full == text
+        a = rng.randrange(len(full) - 4)
+        stop = [full[a:a + rng.randint(1, 4)]] if trial % 3 else []
+        include = trial % 2 == 0
+        ts = TextStream(tok, stop, include_stop=include)
+        out, at = [], 0
+        while at < len(ids) and not ts.stopped:
+            n = rng.randint(1, 4)
+            out.append(ts.feed(ids[at:at + n]))
+            at += n
+        out.append(ts.flush())
+        if stop:
+            cut = full.index(stop[0]) + (len(stop[0]) if include else 0)
+            assert "".join(out) == ts.text == full[:cut] and ts.stopped
+            kept = next(n for n in range(1, len(ids) + 1) if stop[0] in tok.decode(ids[:n]))
+            assert ts.kept == kept
+        else:
+            assert "".join(out) == ts.text == full and ts.kept == len(ids)
+
+
+def test_text_stream_flushes_an_incomplete_character():
+    from quasar_jax.weights.loading import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir("demo"))
+    ids = tok("ab中")["input_ids"][:-1]  # the last character cut inside its bytes
+    ts = TextStream(tok)
+    assert ts.feed(ids) == "ab" and ts.flush() == tok.decode(ids)[2:] == "\ufffd"
+
+
 @pytest.fixture(scope="module")
 def paused(tiny_model_dir):
     """A server (1 slot, queue of 1) whose scheduler thread has not started: requests stay queued."""
@@ -69,16 +116,20 @@ def test_full_queue_answers_429(paused):
     async def go():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
             body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}
-            first = asyncio.create_task(c.post("/v1/completions", json=body))
-            while scheduler.queued < 1:
+            # a batch of three prompts is one request: queued whole on the queue of one place
+            first = asyncio.create_task(c.post("/v1/completions", json={**body, "prompt": ["a", "b =", "c"]}))
+            while scheduler.queued < 3:
                 await asyncio.sleep(0.01)
+            assert scheduler.waiting == 1
             second = await c.post("/v1/completions", json=body)
             assert second.status_code == 429, second.text
+            assert second.headers["retry-after"] == "1"
             err = second.json()["error"]
             assert err["code"] == "queue_full" and err["type"] == "rate_limit_exceeded"
             scheduler.start()  # the queued request now runs
             r = await first
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 15
+            assert len(r.json()["choices"]) == 3
     asyncio.run(go())
     assert scheduler.metrics.requests.labels("rejected")._value.get() == 1
 
@@ -88,12 +139,28 @@ def test_full_queue_answers_429(paused):
     (["--speculation", "fast"], "argument --speculation: speculation must be auto, off or a draft length K >= 0"),
     (["--speculation", "-1"], "speculation must be auto, off or a draft length K >= 0, got '-1'"),
     (["--mesh", "data=64"], "mesh data=64,model=1 needs 64 devices, but there are 1"),
+    (["--max-len", "4096"], "--max-len 4096 is past the model's context of 2048 positions"),
 ])
 def test_cli_rejects_bad_flags(flags, words):
     r = subprocess.run([sys.executable, "-m", "quasar_jax.serve", *flags], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_served_context_defaults_to_the_models():
+    from quasar_jax.model.config import Qwen3Config
+    from quasar_jax.serving.server import ServeConfig
+    from quasar_jax.speculative.drafters import NGramDrafter
+
+    config = Qwen3Config.from_json(REPO / "quasar_jax/assets/demo-qwen3/config.json")
+    assert config.max_position_embeddings == 2048
+    assert ServeConfig(NGramDrafter(3)).for_model(config).max_len == 2048
+    assert ServeConfig(NGramDrafter(3), kv_layout="dense").for_model(config).max_len == 2048
+    assert ServeConfig(NGramDrafter(3), max_len=512).for_model(config).max_len == 512
+    with pytest.raises(ValueError, match="max_len 4096 is past the model's context of 2048 positions"):
+        ServeConfig(NGramDrafter(3), max_len=4096).for_model(config)
+    assert ServeConfig(NGramDrafter(3), max_len=4096, allow_long_context=True).for_model(config).max_len == 4096
 
 
 def test_cli_plan_prints_the_memory_plan():

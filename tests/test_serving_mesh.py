@@ -186,3 +186,40 @@ def test_logits_stage_n_and_echo_through_the_sharded_server(ckpt, auto_float):
     for mesh_events, one_events in zip(got["mesh"], got["one"]):
         a, b = (next(e for e in ev if isinstance(e, PromptLogprobs)).logprobs[1:] for ev in (mesh_events, one_events))
         np.testing.assert_allclose([x.logprob for x in a], [x.logprob for x in b], atol=1e-4)
+
+
+SHARED = [7, 3, 9, 21, 4, 4, 8, 30, 2, 11, 5, 6, 7, 8, 9, 5, 6]  # a shared 17-token prefix (two pages of 8)
+PAGED_PROMPTS = [SHARED + t for t in ([1, 2, 1, 2], [50, 51], [60, 3, 77, 21, 9], [5, 6, 7, 8, 9, 5])] + PROMPTS[:2]
+PAGED_BUDGETS = [14, 9, 12, 16, 10, 8]
+
+
+@pytest.mark.parametrize("mesh,kv_dtype,kv_pages", [("data=2,model=4", "auto", 10), ("data=1,model=4", "int8", 48)])
+def test_paged_server_on_a_mesh_equals_one_device(ckpt, mesh, kv_dtype, kv_pages):
+    """Pages on a mesh (the pool's KV heads on model, page tables replicated): the same tokens
+    and the same prefix hits as one paged device, with float and int8 pages; a small pool preempts
+    and still loses nothing (one chunk program, K = 3, to keep the compiles few)."""
+    from quasar_jax.model.paged_kv_cache import CacheSpec
+    from quasar_jax.serving.paged_scheduler import PagedScheduler
+    from quasar_jax.serving.speculation import FixedPolicy
+
+    def serve(model, mesh_):
+        engine = SlotEngine(model, draft_options(NGramDrafter(3), 3), "float", slots=4, max_len=S,
+                            chunk_steps=3, prefill_buckets=(8,), mesh=mesh_,
+                            cache_spec=CacheSpec("paged", page_size=8, kv_dtype=kv_dtype), kv_pages=kv_pages)
+        scheduler = PagedScheduler(engine, policy=FixedPolicy(0)).start()
+        try:
+            got = run_requests(scheduler, [Request(prompt=p, max_tokens=n)
+                                           for p, n in zip(PAGED_PROMPTS, PAGED_BUDGETS)])[0]
+        finally:
+            scheduler.stop()
+        return engine, got, scheduler.pages.stats()
+
+    engine, got, stats = serve(load_model(ckpt, mesh=mesh), mesh)
+    pool = engine.state.loop.cache.kv[0]
+    assert pool.sharding.spec == P(None, None, "model", None)  # 2G = 8 over model = 4
+    assert engine.state.loop.cache.page_table.sharding.is_fully_replicated
+    _, want, want_stats = serve(load_model(ckpt), None)
+    assert got == want
+    assert stats["prefix_hit_tokens"] == want_stats["prefix_hit_tokens"] > 0
+    if kv_pages == 10:
+        assert stats["preemptions"] > 0

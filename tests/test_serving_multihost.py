@@ -194,3 +194,30 @@ def test_two_process_server_with_s4c_heads_equals_one_device(group, model_dir, t
     g.procs[0].send_signal(signal.SIGTERM)
     assert [p.wait(timeout=60) for p in g.procs] == [0, 0], g.log(0)[-2000:] + g.log(1)[-2000:]
     assert "Traceback" not in g.log(0) + g.log(1)
+
+
+def test_two_process_paged_server_equals_one_device(group, model_dir):
+    """Pages across processes: process 0's pages decide, the page tables, prefix loads and copies
+    travel in the exchange; the same tokens as one device, and the shared prefix is a hit."""
+    from quasar_jax.cli.prompts import stop_ids_of
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
+
+    g = group("--kv-layout", "paged", "--page-size", "8", "--kv-pages", "40", "--speculation", "3")
+    shared = PROMPTS[0] + PROMPTS[1]  # 21 tokens: two full pages of 8
+    prompts = [shared + [40, 3], shared + [77, 21, 9], shared + [1, 2, 1]]
+    with cf.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda p: _complete(g.url, p, 14), prompts))
+    again = _complete(g.url, prompts[0], 14, n=2)  # cached prefix loaded; two choices share its pages
+    tok = load_tokenizer(model_dir)
+    stop = stop_ids_of(tok, resolve_model_dir(str(model_dir)))
+    engine = Engine(load_model(model_dir))
+    for prompt, out in zip(prompts, got):
+        want = engine.generate([prompt], GenerationConfig(max_new_tokens=14, drafter="none", stop_ids=stop)).tokens[0]
+        assert out["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+    assert [c["text"] for c in again["choices"]] == [got[0]["choices"][0]["text"]] * 2
+    metrics = httpx.get(g.url + "/metrics", timeout=30).text
+    hit = [line for line in metrics.splitlines() if line.startswith("quasar_kv_prefix_hit_tokens")]
+    assert hit and float(hit[0].split()[-1]) >= 16, hit
+    g.procs[0].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=60) for p in g.procs] == [0, 0], g.log(0)[-2000:] + g.log(1)[-2000:]

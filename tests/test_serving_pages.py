@@ -109,3 +109,53 @@ def test_server_metrics_and_a_prompt_that_can_never_fit(demo_server, monkeypatch
     assert r.status_code == 400
     message = r.json()["error"]["message"]
     assert "KV pages" in message and "holds 2" in message
+
+
+LONG = [(13 * i + 5) % 90 + 3 for i in range(64)]  # a 64-token prompt: 8 prefill pieces of 8
+
+
+@pytest.mark.parametrize("budget", [8, 0])
+def test_running_stream_flows_while_a_long_prompt_prefills(roomy, model, budget, monkeypatch):
+    """With a prefill budget the long prompt's pieces alternate with decode chunks (the running
+    stream gets tokens in between); with none (0) it is prefilled whole before the next chunk.
+    Both stay lossless."""
+    import threading
+
+    from quasar_jax.serving.scheduler import Tokens
+
+    log, lock, started, done = [], threading.Lock(), threading.Event(), threading.Event()
+    prefill, chunk = roomy.prefill, roomy.chunk
+    monkeypatch.setattr(roomy, "prefill", lambda *a, **k: (log.append("prefill"), prefill(*a, **k))[1])
+    monkeypatch.setattr(roomy, "chunk", lambda *a, **k: (log.append("chunk"), chunk(*a, **k))[1])
+    got = {"run": [], "long": []}
+
+    def sink(name):
+        def on(event):
+            with lock:
+                if isinstance(event, Tokens):
+                    got[name] += [t for g in event.groups for t in g]
+                    log.append(name)
+                    started.set()
+                elif name == "long":
+                    done.set()
+        return on
+
+    scheduler = PagedScheduler(roomy, policy=FixedPolicy(1), prefill_budget=budget).start()
+    try:
+        scheduler.submit(Request(prompt=PROMPTS[0], max_tokens=60, sink=sink("run")))
+        assert started.wait(120)
+        with lock:
+            del log[:]
+        scheduler.submit(Request(prompt=LONG, max_tokens=4, sink=sink("long")))
+        assert done.wait(120)
+    finally:
+        scheduler.stop()
+    roomy.reset()
+    first, last = log.index("prefill"), len(log) - 1 - log[::-1].index("prefill")
+    assert log.count("prefill") == 8  # 63 prompt tokens in pieces of 8
+    between = log[first:last].count("run")  # tokens of the running stream while the long prompt prefilled
+    assert between >= 7 if budget else between == 0
+    engine = Engine(model, kv_layout="dense")
+    for name, prompt, n in (("run", PROMPTS[0], 60), ("long", LONG, 4)):
+        want = engine.generate([prompt], GenerationConfig(max_new_tokens=n, drafter="none", max_len=S)).tokens[0]
+        assert got[name][:len(want)] == want and len(got[name]) == n

@@ -20,9 +20,10 @@ from quasar_jax.serving import lockstep
 from quasar_jax.serving.scheduler import Request, Scheduler
 from quasar_jax.serving.slots import SlotEngine, stage_prompt
 from quasar_jax.serving.speculation import (AdaptivePolicy, FixedPolicy, acceptance_evidence, alpha_of,
-                                            draft_options, expected_tokens, make_policy)
+                                            draft_options, expected_tokens, heads_tau, make_policy, tree_prior)
 from quasar_jax.speculative.drafters import NGramDrafter, NGramTreeDrafter, NoDrafter, QSpecDrafter, make_drafter
 from quasar_jax.speculative.engine import Engine, GenerationConfig
+from quasar_jax.speculative.s4c import TreeShape
 from quasar_jax.speculative.sampling import RowSampling, SamplingParams
 from quasar_jax.weights.loading import load_model
 
@@ -221,6 +222,64 @@ def test_policy_follows_the_machine_but_keeps_the_calibrated_ratios():
         _observe_tau(policy, 1, 2.0, step_s=6.0)  # the machine got 3x slower
     assert 5.5 < policy.step_time(1, 4) < 6.1
     assert policy.step_time(1, 4) / policy.step_time(0, 4) == pytest.approx(2.0)
+
+
+def _tree_policy(tree_step, prior):
+    """AR, chains K = 2 and 5, and a K = 5 tree (the layout of ``draft_options`` for a tree drafter)."""
+    return AdaptivePolicy([0, 2, 5, 5], [False, False, False, True],
+                          [(1.0, 1.0), (1.2, 1.2), (1.5, 1.5), (tree_step, tree_step)], 16, priors=[None] * 3 + [prior])
+
+
+def _run_policy(policy, taus, chunks):
+    """``chunks`` choices, each observed at ``taus[program]``; the programs run."""
+    ran = []
+    for _ in range(chunks):
+        p = policy.choose(4)
+        ran.append(p)
+        _observe_tau(policy, p, taus[p])
+    return ran
+
+
+def test_policy_finds_a_tree_that_pays_from_a_pessimistic_prior():
+    """The tree's prior (1.5 tokens per step) says it loses; its probe shows tau 3.0 for 1.6x AR's
+    step (the chains: alpha 0.4), so it is chosen within a few chunks and kept."""
+    policy = _tree_policy(1.6, 1.5)
+    taus = [1.0, expected_tokens(2, 0.4), expected_tokens(5, 0.4), 3.0]
+    ran = _run_policy(policy, taus, 60)
+    assert ran[:2] == [1, 3]  # the cheapest chain measures alpha, then the tree is probed
+    first = next(i for i, _ in enumerate(ran) if policy.current == 3 and all(p == 3 for p in ran[i:i + 5]))
+    assert first <= 8, ran
+    assert policy.current == 3 and ran[-20:].count(3) >= 18  # kept (the chains are probed now and then)
+
+
+def test_policy_never_keeps_a_tree_that_does_not_pay():
+    """An optimistic prior (4 tokens per step) for a tree that gives 2.0 at 6x AR's step: one probe
+    replaces the prior, later probes back off, and the tree never becomes the program."""
+    policy = _tree_policy(6.0, 4.0)
+    taus = [1.0, expected_tokens(2, 0.3), expected_tokens(5, 0.3), 2.0]
+    ran = []
+    for _ in range(300):
+        ran += _run_policy(policy, taus, 1)
+        assert policy.current != 3
+    assert 1 <= ran.count(3) <= 6  # probes at chunk 2, then every 16, 32, 64, 128 chunks
+
+
+def test_tree_prior_from_the_heads_recorded_acceptance():
+    """1 + the sum over nodes of the product along the path, against enumerating the outcomes."""
+    acc = [[0.5, 0.2, 0.1], [0.4, 0.3]]
+    tree = TreeShape(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
+    drafter = types.SimpleNamespace(heads=types.SimpleNamespace(meta={"acceptance": {"top_rank": acc}}), tree=tree,
+                                    num_draft=2, num_candidates=0)
+    # brute force: depth 1 accepts rank r with acc[0][r] (disjoint); depth 2 then accepts its child's rank
+    expected = 1.0
+    for r1, p1 in enumerate(acc[0]):
+        children = [p[1] for p in tree.paths if len(p) == 2 and p[0] == r1]
+        expected += p1 * (1 + sum(acc[1][r2] for r2 in children)) if (r1,) in tree.paths else 0.0
+    assert heads_tau(drafter) == pytest.approx(expected)
+    assert tree_prior(drafter, 0.9) == pytest.approx(expected)  # heads alone: the chain's alpha plays no part
+    drafter.num_candidates = 1
+    assert tree_prior(drafter, 0.9) == pytest.approx(expected_tokens(2, 0.9))  # the merged chain promises more
+    assert heads_tau(NGramTreeDrafter(5, 3)) is None
 
 
 def test_make_policy_fixed_for_one_program():

@@ -100,6 +100,26 @@ def test_memory_plan_counts_shards():
     assert not sharding.memory_plan(Qwen3Config.preset("qwen3-32b"), None, device_gb=16).fits
 
 
+def test_memory_plan_kv_tokens_per_device_per_kv_dtype():
+    cfg = _cfg()  # 2 layers, G 4 KV heads of E 8
+    plan = sharding.memory_plan(cfg, "data=2,model=4", dtype="float32", batch=3, cache_len=64, device_gb=1)
+    rest = sharding.GiB - plan.params_bytes
+    # one KV head per device (4 over model=4), K and V, 2 layers: bfloat16 2 bytes a value; int8 1
+    # byte a value plus a bfloat16 scale per token and head
+    assert plan.kv_tokens == {"bfloat16": rest // (2 * 2 * 1 * 8 * 2), "int8": rest // (2 * 2 * 1 * (8 + 2))}
+    one = sharding.memory_plan(cfg, None, dtype="float32", device_gb=1)
+    assert one.kv_tokens["bfloat16"] == (sharding.GiB - one.params_bytes) // (2 * 2 * 4 * 8 * 2)
+    assert "KV tokens per device after the params: bfloat16 " in plan.line() and ", int8 " in plan.line()
+    assert plan.to_dict()["kv_tokens"] == plan.kv_tokens
+
+
+def test_cpu_device_memory_is_the_hosts():
+    import jax
+
+    assert jax.devices()[0].platform == "cpu"
+    assert sharding.device_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def test_one_device_spec_is_no_mesh(hf_tiny):
     assert sharding.make_mesh("data=1,model=1") is None and sharding.make_mesh(None) is None
     with pytest.raises(ValueError, match="mesh data=2,model=1 needs 2 devices, but there are 1"):

@@ -7,8 +7,14 @@ chunk per verify step's accepted tokens and choice, then ``data: [DONE]``; or on
 Bodies are parsed by the typed models of ``quasar_jax.serving.protocol``; this module adds the
 checks that need the served model, turns a request into scheduler requests (one per prompt, each
 with ``n`` choices), follows their events and shapes the answer (``serving.responses``). Bad
-requests get HTTP 400 with ``{"error": {"message", "type", "param", "code"}}``; a full queue 429;
-a server that is draining 503.
+requests get HTTP 400 with ``{"error": {"message", "type", "param", "code"}}``; a body over
+``max_request_bytes`` 413; a full queue 429 (with ``Retry-After``); a server that is draining 503.
+
+Host work stays off the event loop: parsing, tokenization and chat templates run in a worker
+thread (``run_in_threadpool``), and so does the detokenization of each event's tokens. A client
+that goes away is noticed when it does (the ASGI disconnect message, awaited beside the events;
+for streams Starlette's own watcher), and its requests are cancelled: a running choice frees its
+slot at the scheduler's next iteration, a queued one its place.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import uuid
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quasar_jax.cli.text_stream import TextStream
 from quasar_jax.serving import protocol
 from quasar_jax.serving.metrics import CONTENT_TYPE_LATEST
 from quasar_jax.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
-from quasar_jax.serving.responses import Choice, Delta, Shaper
+from quasar_jax.serving.responses import Choice, Delta, Shaper, TokenPieces
 from quasar_jax.serving.scheduler import (Failed, Finished, PromptLogprobs, QueueFull, Request, Scheduler,
                                           ShuttingDown, Tokens)
 from quasar_jax.speculative.sampling import SamplingParams
@@ -51,6 +58,7 @@ class Job:
     echo: bool
     include_usage: bool
     continuous_usage: bool
+    gone: bool = False  # the client disconnected
 
     def usage(self) -> dict:
         return self.shaper.usage(sum(len(r.prompt) for r in self.requests), self.choices)
@@ -60,13 +68,17 @@ class Api:
     """Request checking, scheduling and response shaping for one served model."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, *, model_name: str, stop_ids: tuple[int, ...],
-                 default_max_tokens: int = 16):
+                 default_max_tokens: int = 16, max_len: int | None = None,
+                 max_request_bytes: int = 64 << 20):
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.stop_ids = stop_ids
-        self.max_len = scheduler.engine.s
+        # prompt + completion at most: the served context (``ServeConfig.max_len``), within the cache
+        self.max_len = min(max_len or scheduler.engine.s, scheduler.engine.s)
         self.num_stop = scheduler.engine.ns
         self.vocab = scheduler.engine.model.config.vocab_size
         self.default_max_tokens = default_max_tokens
+        self.max_request_bytes = max_request_bytes
+        self.pieces = TokenPieces(tokenizer)  # each token's bytes and shown text, shared by requests
         self.created = int(time.time())
         self.draining = False
 
@@ -83,10 +95,11 @@ class Api:
             raise ApiError(400, f"'best_of' must equal 'n' ({r.n}): every generated sequence is returned",
                            "best_of", "unsupported_parameter")
         prompt_param = "messages" if chat else "prompt"
-        prompts = [self._chat_prompt(r)] if chat else self._prompts(r)
-        if len(prompts) * r.n > MAX_CHOICES:
-            raise ApiError(400, f"{len(prompts)} prompts x n = {r.n} choices; at most {MAX_CHOICES} per request",
+        count = 1 if chat else len(self._batch(r))
+        if count * r.n > MAX_CHOICES:  # before any prompt is tokenized
+            raise ApiError(400, f"{count} prompts x n = {r.n} choices; at most {MAX_CHOICES} per request",
                            "n", "invalid_value")
+        prompts = [self._chat_prompt(r)] if chat else self._prompts(r)
         if r.truncate_prompt_tokens is not None:
             prompts = [(ids[-r.truncate_prompt_tokens:], None) for ids, _ in prompts]
         echo = bool(not chat and r.echo)
@@ -101,8 +114,9 @@ class Api:
         longest = max(len(ids) for ids, _ in prompts)
         room = self.max_len - longest
         if room < 1:
-            raise ApiError(400, f"the prompt has {longest} tokens; this server's cache holds {self.max_len} "
-                                "(prompt + completion)", prompt_param, "context_length_exceeded")
+            raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens. However, your "
+                                f"request has {longest} input tokens, which leaves no room for a completion. "
+                                "Please reduce the length of the input.", prompt_param, "context_length_exceeded")
         pages = getattr(self.scheduler, "pages", None)
         if pages is not None and pages.pages_needed(longest) > pages.tables.num_pages:
             raise ApiError(400, f"the prompt has {longest} tokens and needs {pages.pages_needed(longest)} KV pages "
@@ -113,8 +127,9 @@ class Api:
         elif asked == 0 and not echo:
             raise ApiError(400, f"'{name}' must be >= 1 (0 only with echo), got 0", name, "invalid_value")
         elif asked > room:
-            raise ApiError(400, f"'{name}' is {asked} but the prompt ({longest} tokens) leaves {room} of the "
-                                f"cache's {self.max_len} slots", name, "context_length_exceeded")
+            raise ApiError(400, f"'{name}' is too large: {asked}. This model's maximum context length is "
+                                f"{self.max_len} tokens and your request has {longest} input tokens "
+                                f"({asked} > {self.max_len} - {longest}).", name, "context_length_exceeded")
         else:
             max_tokens = asked
         if max_tokens and r.min_tokens > max_tokens:
@@ -132,7 +147,7 @@ class Api:
         seed = secrets.randbits(63)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         shaper = Shaper(self.tokenizer, kind, self.model_name, rid, int(time.time()), logprobs=n_logprobs,
-                        as_ids=bool(r.return_tokens_as_token_ids))
+                        as_ids=bool(r.return_tokens_as_token_ids), pieces=self.pieces)
         requests, choices = [], []
         for ids, text in prompts:
             requests.append(Request(prompt=ids, max_tokens=max_tokens, sampling=sampling, seed=seed,
@@ -184,10 +199,15 @@ class Api:
             raise ApiError(400, f"token id {bad} is not in [0, {self.vocab})", param, "invalid_value")
         return list(ids)
 
+    @staticmethod
+    def _batch(r: CompletionRequest) -> list:
+        """The prompts of a completions request (texts or token-id lists), not yet tokenized."""
+        p = r.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+
     def _prompts(self, r: CompletionRequest) -> list[tuple[list[int], str | None]]:
         """``(ids, text)`` per prompt (text None for token-id prompts)."""
-        p = r.prompt
-        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        batch = self._batch(r)
         if not batch:
             raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
         out = []
@@ -216,75 +236,99 @@ class Api:
         return self._check_ids(self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages"), None
 
     # ------------------------------------------------------------------ running
+    async def _body(self, http: HttpRequest) -> bytes:
+        """The request body; 413 past ``max_request_bytes`` (told by Content-Length, or counted)."""
+        limit = self.max_request_bytes
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", None,
+                           "request_too_large")
+        length = http.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_big
+        body = bytearray()
+        async for part in http.stream():
+            body += part
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
     async def generate(self, http: HttpRequest, kind: str):
         if self.draining:
             raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error")
-        job = self.job(protocol.parse(await http.body(), kind), kind)
+        body = await self._body(http)
+        job = await run_in_threadpool(lambda: self.job(protocol.parse(body, kind), kind))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        for i, req in enumerate(job.requests):
+            req.sink = lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
         try:
-            for i, req in enumerate(job.requests):
-                req.sink = lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-                self.scheduler.submit(req)
-        except (QueueFull, ShuttingDown) as err:
-            self._cancel(job)
-            if isinstance(err, QueueFull):
-                raise ApiError(429, str(err), None, "queue_full", "rate_limit_exceeded") from None
+            self.scheduler.submit(*job.requests)  # the prompts of one request: all queued, or none
+        except QueueFull as err:
+            raise ApiError(429, str(err), None, "queue_full", "rate_limit_exceeded", {"Retry-After": "1"}) from None
+        except ShuttingDown as err:
             raise ApiError(503, str(err), None, "shutting_down", "server_error") from None
         if job.stream:
             return StreamingResponse(self._sse(job, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        finished = False
+        watcher = asyncio.create_task(self._watch(http, job))
         try:
-            async for _ in self._updates(job, events, http):
+            async for _ in self._updates(job, events):
                 pass
-            finished = all(c.finish for c in job.choices)
         finally:
+            watcher.cancel()
             self._cancel(job)
-        if not finished:  # client gone
+        if job.gone:
             return Response(status_code=499)
         return JSONResponse(job.shaper.body(job.choices, job.usage()))
+
+    async def _watch(self, http: HttpRequest, job: Job) -> None:
+        """Cancel ``job`` when its client disconnects (the body is read: the next ASGI message is
+        the disconnect)."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        job.gone = True
+        self._cancel(job)
 
     def _cancel(self, job: Job) -> None:
         for req in job.requests:
             self.scheduler.cancel(req)  # no-op when finished
 
-    async def _updates(self, job: Job, events: asyncio.Queue, http: HttpRequest | None):
+    def _tokens(self, job: Job, p: int, ev: Tokens) -> list[Delta]:
+        """The deltas of one ``Tokens`` event (detokenization and stop strings: run in a worker thread)."""
+        c = job.choices[p * job.n + ev.index]
+        out, at = [], 0
+        for group in ev.groups:
+            if c.finish:
+                break
+            lps = ev.logprobs[at:at + len(group)] if ev.logprobs is not None else None
+            at += len(group)
+            before = c.text.kept
+            delta = c.text.feed(group)
+            c.text.steps += 1
+            ids = c.text.ids[before:c.text.kept]
+            lps = None if lps is None else lps[:len(ids)]
+            c.logprobs.extend(lps or [])
+            if c.text.stopped:
+                c.finish = "stop"
+                self.scheduler.cancel(job.requests[p], ev.index)
+            out.append(Delta(c, delta, ids, lps, c.finish))
+        return out
+
+    async def _updates(self, job: Job, events: asyncio.Queue):
         """``Delta`` per event and choice until every choice is finished; ``ApiError`` on failure."""
         if job.echo and job.shaper.n_logprobs is None:
             for c in job.choices:
                 yield Delta(c, c.echo_text, c.echo_ids, None, first=True)
         running = len(job.choices)
-        while running:
-            try:
-                p, ev = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    return
-                continue
+        while running and not job.gone:
+            p, ev = await events.get()
             if isinstance(ev, PromptLogprobs):
                 for c in job.choices[p * job.n:(p + 1) * job.n]:
                     c.echo_logprobs = ev.logprobs
                     yield Delta(c, c.echo_text, c.echo_ids, ev.logprobs, first=True)
             elif isinstance(ev, Tokens):
-                c = job.choices[p * job.n + ev.index]
-                at = 0
-                for group in ev.groups:
-                    if c.finish:
-                        break
-                    lps = ev.logprobs[at:at + len(group)] if ev.logprobs is not None else None
-                    at += len(group)
-                    before = c.text.kept
-                    delta = c.text.feed(group)
-                    c.text.steps += 1
-                    ids = c.text.ids[before:c.text.kept]
-                    lps = None if lps is None else lps[:len(ids)]
-                    c.logprobs.extend(lps or [])
-                    if c.text.stopped:
-                        c.finish = "stop"
-                        running -= 1
-                        self.scheduler.cancel(job.requests[p], ev.index)
-                    yield Delta(c, delta, ids, lps, c.finish)
+                for d in await run_in_threadpool(self._tokens, job, p, ev):
+                    running -= d.finish is not None
+                    yield d
             elif isinstance(ev, Finished):
                 c = job.choices[p * job.n + ev.index]
                 if not c.finish:
@@ -300,7 +344,7 @@ class Api:
             if shaper.kind == "chat":
                 for c in job.choices:
                     yield shaper.role_chunk(c.index)
-            async for d in self._updates(job, events, None):
+            async for d in self._updates(job, events):
                 if d.text or d.finish or (shaper.n_logprobs is not None and d.ids):
                     yield shaper.chunk(d, offsets, job.usage() if d.finish or job.continuous_usage else None)
             if job.include_usage:

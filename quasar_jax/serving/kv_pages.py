@@ -51,6 +51,9 @@ class SlotPages:
         self.before: dict[int, tuple[int, int]] = {}  # slot -> (tokens generated, verify steps) before it resumed
         self.steps: dict[int, int] = {}  # slot -> verify steps since its admission
         self.resume: deque = deque()  # preempted choices: (owner, tokens, tokens generated, verify steps)
+        if engine.num_pages < (least := self.pages_needed(2)):
+            raise ValueError(f"kv_pages {engine.num_pages}: the pool cannot hold one request (a 2-token prompt "
+                             f"and one chunk take {least} pages of {engine.page_size} slots)")
 
     @property
     def page_size(self) -> int:

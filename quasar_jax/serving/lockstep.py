@@ -3,8 +3,12 @@
 JAX's multi-controller runtime (``jax.distributed``) runs one program on devices of several
 processes only when every process calls it, with the same arguments, in the same order. Process
 0 runs HTTP and the scheduler; its ``SlotEngine`` calls (``begin``, ``extend``, ``prefill``,
-``admit``, ``finish``, ``chunk``, ``reset``) are wrapped by ``Leader``, which records each as an
-op (an ``Op`` code and its host arguments) instead of running it. At the end of a scheduler
+``admit``, ``finish``, ``chunk``, ``reset``; on pages ``set_pages`` and the prefix and pages of
+``begin`` / ``admit``) are wrapped by ``Leader``, which records each as an op (an ``Op`` code and
+its host arguments) instead of running it. On a paged engine the pages are decided on process 0
+(its ``SlotPages``) and travel as ops: the changed rows of the page tables (``PAGE_ROW``), the page
+copies (``SET_PAGES``), a cached prefix to load (``PREFIX``), an admitted row's pages
+(``ADMIT_PAGES``); every process keeps the same tables and the same pool. At the end of a scheduler
 iteration (``flush``), at each ``chunk`` and each echo ``prefill`` (whose results the scheduler
 needs) or when the buffer is full, the recorded ops go to every process in ONE fixed-size
 exchange, and then every process, process 0 included, runs the decoded ops on its
@@ -63,6 +67,10 @@ class Op(enum.IntEnum):
     CHUNK = 6  # (program, logprobs)
     RESET = 7  # ()
     SHUTDOWN = 8  # ()
+    PREFIX = 9  # (pages [M], n) paged: the staged prompt's cached prefix pages (after BEGIN)
+    ADMIT_PAGES = 10  # (pages [M], from_page) paged: the pages of the next ADMIT's slot
+    PAGE_ROW = 11  # (slot, pages [M]) paged: a row of the page tables changed
+    SET_PAGES = 12  # (src [C], dst [C], n) paged: page copies, then the tables for the next chunks
 
 
 class GroupLost(RuntimeError):
@@ -81,6 +89,12 @@ class Codec:
                       Op.PREFILL: (i32, i32, i32), Op.ADMIT: (i32, engine.row_spec, engine.key_spec),
                       Op.FINISH: (jax.ShapeDtypeStruct((engine.b,), jnp.bool_),), Op.CHUNK: (i32, i32),
                       Op.RESET: (), Op.SHUTDOWN: ()}
+        # Paged engines: page numbers decided by process 0's SlotPages travel with the ops.
+        row = jax.ShapeDtypeStruct((getattr(engine, "max_pages", 1),), jnp.int32)
+        self.copies = max(1, min(2 * engine.b, words // 16))  # page copies per SET_PAGES op
+        copies = jax.ShapeDtypeStruct((self.copies,), jnp.int32)
+        self.specs.update({Op.PREFIX: (row, i32), Op.ADMIT_PAGES: (row, i32), Op.PAGE_ROW: (i32, row),
+                           Op.SET_PAGES: (copies, copies, i32)})
         largest = max(len(self.encode(op, self._zeros(op))) for op in Op)
         if largest > words:
             raise ValueError(f"the lockstep buffer of {words} words cannot hold one op of {largest} words")
@@ -189,6 +203,7 @@ class _Member:
         self.exchange = Exchange(words)
         self.watchdog = Watchdog(prog)
         self.chunks, self.last = 0, 0  # chunks run, digest of the last one
+        self._admit_pages = ()  # paged: (pages, from_page) of the next ADMIT
 
     def swap(self, buffer: np.ndarray | None, timeout: float) -> np.ndarray:
         """One exchange; raises ``GroupLost`` if a peer is gone or the statuses differ."""
@@ -222,12 +237,22 @@ class _Member:
         eng = self.engine
         if op is Op.BEGIN:
             eng.begin()
+        elif op is Op.PREFIX:
+            eng.load_prefix(args[0][:int(args[1])])
+        elif op is Op.ADMIT_PAGES:  # for the next ADMIT (the row comes padded with the dropped page P)
+            self._admit_pages = (args[0], int(args[1]))
+        elif op is Op.PAGE_ROW:
+            eng._table[int(args[0])] = args[1]
+        elif op is Op.SET_PAGES:
+            n = int(args[2])
+            eng.set_pages(eng._table, list(zip(args[0][:n].tolist(), args[1][:n].tolist())))
         elif op is Op.EXTEND:
             eng.extend(args[0][:int(args[1])])
         elif op is Op.PREFILL:
             return eng.prefill(int(args[0]), int(args[1]), logprobs=bool(args[2]))
         elif op is Op.ADMIT:
-            eng.admit(int(args[0]), args[1], args[2])
+            pages, self._admit_pages = self._admit_pages, ()
+            eng.admit(int(args[0]), args[1], args[2], *pages)
         elif op is Op.FINISH:
             eng.finish(args[0])
         elif op is Op.CHUNK:
@@ -254,6 +279,8 @@ class Leader(_Member):
         self._pending: list[np.ndarray] = []
         self._used = 0
         self._last = time.monotonic()  # of the last exchange
+        # the page tables as every process has them (paged engines; sent as changed rows)
+        self._tables = np.array(getattr(engine, "_table", np.zeros((engine.b, 0))), np.int32)
 
     def __getattr__(self, name):  # b, s, k, ks, buckets, drafters, model, row_inputs, key_data ...
         if name == "engine":
@@ -281,8 +308,10 @@ class Leader(_Member):
         self._pending, self._used = [], 0
         return self.run(self.codec.decode(self.swap(buffer, self.peer_timeout)))
 
-    def begin(self, prompt=()) -> None:
+    def begin(self, prompt=(), prefix_pages=()) -> None:
         self._add(Op.BEGIN)
+        if len(prefix_pages):
+            self._add(Op.PREFIX, (self.engine._row_table(prefix_pages), np.int32(len(prefix_pages))))
         self.extend(prompt)
 
     def extend(self, tokens) -> None:
@@ -297,8 +326,27 @@ class Leader(_Member):
         self._add(Op.PREFILL, (np.int32(start), np.int32(size), np.int32(logprobs)))
         return self.flush() if logprobs else None  # the scheduler needs the echo's logprobs now
 
-    def admit(self, slot: int, row, key_data) -> None:
+    def admit(self, slot: int, row, key_data, pages=None, from_page: int = 0) -> None:
+        if pages is not None:
+            table_row = self.engine._row_table(pages)
+            self._add(Op.ADMIT_PAGES, (table_row, np.int32(from_page)))
+            self._tables[slot] = table_row  # admit sets the slot's row on every process
         self._add(Op.ADMIT, (np.int32(slot), row, key_data))
+
+    def set_pages(self, table, copies=()) -> None:
+        """The page tables' changed rows, then the copies (in ops of ``codec.copies``), then the
+        tables set for the next chunks, on every process."""
+        table = np.asarray(table, np.int32)
+        for slot in np.flatnonzero((table != self._tables).any(axis=1)):
+            self._add(Op.PAGE_ROW, (np.int32(slot), table[slot]))
+        self._tables = table.copy()
+        copies, c = list(copies), self.codec.copies
+        for i in range(0, max(len(copies), 1), c):
+            part = copies[i:i + c]
+            src, dst = np.zeros((c,), np.int32), np.zeros((c,), np.int32)
+            src[:len(part)] = [a for a, _ in part]
+            dst[:len(part)] = [b for _, b in part]
+            self._add(Op.SET_PAGES, (src, dst, np.int32(len(part))))
 
     def finish(self, mask) -> None:
         self._add(Op.FINISH, (np.asarray(mask, bool),))

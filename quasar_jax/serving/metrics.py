@@ -37,8 +37,9 @@ class ServingMetrics:
         self.busy_slot_iterations = Counter(
             "quasar_busy_slot_iterations", "Loop iterations x busy slots (occupancy = this / "
             "(loop_iterations x slots_total))", registry=r)
-        self.chunks = Counter("quasar_chunks", "Device chunks by the draft length K of their program "
-                              "(--speculation auto switches between them)", ["k"], registry=r)
+        self.chunks = Counter("quasar_chunks", "Device chunks by program: its kind (ar, chain, tree) and "
+                              "draft length K (--speculation auto switches between them)", ["program", "k"],
+                              registry=r)
         self.alpha = Gauge("quasar_acceptance_alpha", "Per-token draft acceptance estimated by the "
                            "speculation policy (NaN for a fixed --speculation)", registry=r)
         for outcome in ("finished", "cancelled", "rejected", "invalid", "error"):

@@ -6,13 +6,24 @@ OpenAI does). ``Shaper`` turns choices into OpenAI's JSON: completions logprobs 
 tokens, and the chosen one, to their logprobs), chat logprobs as ``{content: [{token, logprob,
 bytes, top_logprobs}]}``. Logprobs are the verifier's raw ``log_softmax`` (``-inf`` is sent as
 -9999.0, as vLLM does: JSON has no infinity).
+
+A token is shown as its text when its bytes are whole UTF-8, else as ``bytes:\\xNN...`` of its
+own bytes (as OpenAI does): byte-level BPE splits a CJK character or an emoji over several tokens,
+and decoding such a piece alone gives U+FFFD, which would make distinct tokens collide as keys of
+``top_logprobs``. Chat's ``bytes`` are the token's own bytes. ``text_offset`` counts the characters
+of the text before the token (a character split over tokens starts at the first of them).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
+import re
+
+from tokenizers import decoders
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from quasar_jax.cli.text_stream import TextStream
 from quasar_jax.speculative.results import TokenLogprob
@@ -49,6 +60,54 @@ class Delta:
     first: bool = False  # the first token of the text is the prompt's first (its logprob is null)
 
 
+class TokenPieces:
+    """Each token's own bytes and the text the API shows for it (cached per id)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
+        self.byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self.added = set(getattr(tokenizer, "added_tokens_decoder", None) or ())
+        self._bytes: dict[int, bytes] = {}
+        self._text: dict[int, str] = {}
+
+    def bytes(self, tid: int) -> bytes:
+        if tid not in self._bytes:
+            piece = self.tokenizer.convert_ids_to_tokens(tid)
+            if self.byte_level and tid not in self.added and all(c in self.byte_of for c in piece):
+                out = bytes(self.byte_of[c] for c in piece)  # byte-level BPE: one character per byte
+            elif m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or ""):
+                out = bytes([int(m.group(1), 16)])  # SentencePiece byte fallback
+            else:
+                out = self.tokenizer.decode([tid], skip_special_tokens=False).encode("utf-8")
+            self._bytes[tid] = out
+        return self._bytes[tid]
+
+    def text(self, tid: int) -> str:
+        if tid not in self._text:
+            raw = self.bytes(tid)
+            try:
+                raw.decode("utf-8")
+                self._text[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+            except UnicodeDecodeError:
+                self._text[tid] = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return self._text[tid]
+
+
+class TextOffsets:
+    """``text_offset`` of consecutive tokens: characters completed before each one."""
+
+    def __init__(self):
+        self.at = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def advance(self, raw: bytes) -> int:
+        start = self.at
+        self.at += len(self._utf8.decode(raw))
+        return start
+
+
 def _lp(x: float) -> float:
     return max(x, FLOOR) if not math.isnan(x) else FLOOR
 
@@ -57,27 +116,22 @@ class Shaper:
     """JSON of one request's responses (``kind``: completions | chat)."""
 
     def __init__(self, tokenizer, kind: str, model: str, rid: str, created: int, *,
-                 logprobs: int | None, as_ids: bool = False):
+                 logprobs: int | None, as_ids: bool = False, pieces: TokenPieces | None = None):
         self.tokenizer, self.kind, self.model, self.rid, self.created = tokenizer, kind, model, rid, created
         self.n_logprobs, self.as_ids = logprobs, as_ids
-        self._pieces: dict[int, str] = {}
+        self.pieces = pieces or TokenPieces(tokenizer)
 
     def token(self, tid: int) -> str:
-        if self.as_ids:
-            return f"token_id:{tid}"
-        if tid not in self._pieces:
-            self._pieces[tid] = self.tokenizer.decode([tid])
-        return self._pieces[tid]
+        return f"token_id:{tid}" if self.as_ids else self.pieces.text(tid)
 
     # ------------------------------------------------------------------ logprobs
-    def completion_logprobs(self, ids, lps, offset: int, first: bool = False) -> tuple[dict, int]:
-        """Completions' logprobs object of ``ids`` starting at text offset ``offset``; the next offset."""
+    def completion_logprobs(self, ids, lps, offsets: TextOffsets, first: bool = False) -> dict:
+        """Completions' logprobs object of ``ids``, their text offsets continuing ``offsets``."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for j, (tid, lp) in enumerate(zip(ids, lps)):
             piece = self.token(tid)
             out["tokens"].append(piece)
-            out["text_offset"].append(offset)
-            offset += len(piece)
+            out["text_offset"].append(offsets.advance(self.pieces.bytes(tid)))
             if lp is None or (first and j == 0):
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -86,12 +140,12 @@ class Shaper:
             top.setdefault(piece, _lp(lp.logprob))
             out["token_logprobs"].append(_lp(lp.logprob))
             out["top_logprobs"].append(top)
-        return out, offset
+        return out
 
     def chat_logprobs(self, ids, lps) -> dict:
         def entry(tid, value):
             piece = self.token(tid)
-            return {"token": piece, "logprob": _lp(value), "bytes": list(piece.encode("utf-8"))}
+            return {"token": piece, "logprob": _lp(value), "bytes": list(self.pieces.bytes(tid))}
         return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
                             for t, lp in zip(ids, lps)]}
 
@@ -120,8 +174,8 @@ class Shaper:
                 continue
             if self.n_logprobs is not None:
                 echo = c.echo_logprobs or [None] * len(c.echo_ids)
-                lps, _ = self.completion_logprobs(c.echo_ids + c.tokens, echo + c.logprobs[:len(c.tokens)], 0,
-                                                  first=bool(c.echo_ids))
+                lps = self.completion_logprobs(c.echo_ids + c.tokens, echo + c.logprobs[:len(c.tokens)],
+                                               TextOffsets(), first=bool(c.echo_ids))
             out.append({"index": c.index, "text": c.echo_text + c.text.text, "logprobs": lps,
                         "finish_reason": c.finish})
         return {"id": self.rid, "object": self.object(False), "created": self.created, "model": self.model,
@@ -138,8 +192,8 @@ class Shaper:
             choice = {"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": d.finish}
         else:
             if self.n_logprobs is not None and d.ids:
-                lps, offsets[c.index] = self.completion_logprobs(
-                    d.ids, d.logprobs or [None] * len(d.ids), offsets.get(c.index, 0), first=d.first)
+                lps = self.completion_logprobs(d.ids, d.logprobs or [None] * len(d.ids),
+                                               offsets.setdefault(c.index, TextOffsets()), first=d.first)
             choice = {"index": c.index, "text": d.text, "logprobs": lps, "finish_reason": d.finish}
         return self.event([choice], usage)
 

@@ -7,10 +7,10 @@ Each iteration of the scheduler thread:
 2. admission: while a slot is free, the next queued prompt is prefilled piece by piece into a
    one-row staging cache and copied into the slot; a request for ``n`` choices is copied into
    ``n`` slots (each choice its own PRNG key), the staging cache kept until all are admitted. While
-   other rows are decoding, at most ``prefill_budget`` prompt tokens are prefilled per iteration (a
-   long prompt is spread over several iterations, so it stalls the running rows for one piece at a
-   time); with nothing running, prefill is unbounded. A request that asks for its prompt's
-   logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
+   other rows are decoding, prompt pieces are prefilled per iteration up to ``prefill_budget``
+   tokens (at least one piece; 0: no budget): a long prompt is spread over several iterations, so
+   the running rows get a chunk between its pieces; with nothing running, prefill is unbounded.
+   A request that asks for its prompt's logprobs (echo) gets them from its prefill; with ``max_tokens`` 0 it needs no slot at all;
 3. one ``chunk``: up to ``chunk_steps`` verify steps on device, returning early when a row finishes;
    the speculation policy (``quasar_jax.serving.speculation``) picks the chunk program (draft
    length K) from the busy rows and the recent acceptance, and learns from what the chunk did;
@@ -45,7 +45,7 @@ import numpy as np
 from quasar_jax.serving.kv_pages import SlotPages
 from quasar_jax.serving.metrics import ServingMetrics
 from quasar_jax.serving.slots import SlotEngine, prefill_pieces
-from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence
+from quasar_jax.serving.speculation import FixedPolicy, acceptance_evidence, program_kind
 from quasar_jax.speculative.results import FINISH_CODES, TokenLogprob, token_logprobs
 from quasar_jax.speculative.sampling import SamplingParams
 
@@ -109,6 +109,7 @@ class Request:
     prompt_logprobs: int | None = None  # echo: alternatives per prompt token (None: no prompt logprobs)
     ended: set = dataclasses.field(default_factory=set)  # choices whose Finished was delivered
     interrupted: bool = False  # a choice was cancelled (the request's outcome is "cancelled")
+    group: int = -1  # the HTTP request it belongs to (its prompts are queued together)
 
 
 @dataclasses.dataclass
@@ -131,8 +132,10 @@ class Scheduler:
         self.policy = policy or FixedPolicy(len(engine.ks) - 1)  # read each chunk (tests may swap it)
         self.on_fatal = on_fatal or (lambda err: None)
         self.max_queue = max_queue
-        self.prefill_budget = prefill_budget or engine.buckets[-1]
+        # prompt tokens prefilled per iteration while rows decode (None: the largest piece; 0: no budget)
+        self.prefill_budget = engine.buckets[-1] if prefill_budget is None else prefill_budget
         self.metrics = metrics or ServingMetrics(engine.b, engine.k)
+        self.program_kinds = [program_kind(d) for d in engine.drafters]  # the metrics' label of each program
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._cancels: collections.deque[tuple[Request, int | None]] = collections.deque()
@@ -148,15 +151,20 @@ class Scheduler:
         self._thread.start()
         return self
 
-    def submit(self, req: Request) -> None:
+    def submit(self, *reqs: Request) -> None:
+        """Queue ``reqs`` (the prompts of one request, counted as one place of ``max_queue``): all of
+        them, or none (``QueueFull`` when ``max_queue`` requests are waiting already)."""
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if self.waiting >= self.max_queue:
                 self.metrics.requests.labels("rejected").inc()
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
-            self._queue.append(req)
-            self.metrics.queue_depth.set(len(self._queue))
+            group = reqs[0].rid
+            for req in reqs:
+                req.group = group
+                self._queue.append(req)
+            self.metrics.queue_depth.set(self.waiting)
             self._cond.notify()
 
     def cancel(self, req: Request, index: int | None = None) -> None:
@@ -184,7 +192,13 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
+        """Prompts waiting for a slot."""
         return len(self._queue)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting (a batch of prompts is one)."""
+        return len({r.group for r in self._queue})
 
     # ------------------------------------------------------------------ scheduler thread
     def _idle(self) -> bool:
@@ -246,7 +260,7 @@ class Scheduler:
             with self._cond:
                 if req in self._queue:
                     self._queue.remove(req)
-                    self.metrics.queue_depth.set(len(self._queue))
+                    self.metrics.queue_depth.set(self.waiting)
             self._end_choices(req, "cancelled")
         if slots:
             mask = np.zeros((self.engine.b,), bool)
@@ -260,7 +274,7 @@ class Scheduler:
                 if not slot_free and self._queue[0].max_tokens > 0:
                     return None
                 req = self._queue.popleft()
-                self.metrics.queue_depth.set(len(self._queue))
+                self.metrics.queue_depth.set(self.waiting)
                 if not req.cancelled:
                     return req
         return None
@@ -274,7 +288,7 @@ class Scheduler:
                 if self._staging is None:
                     return
             st = self._staging
-            while st.pieces and (not self._owner or spent < self.prefill_budget):
+            while st.pieces and (not self._owner or self._budget_allows(spent, st.pieces[0][1])):
                 start, size = st.pieces.pop(0)
                 lp = eng.prefill(start, size, logprobs=st.echo is not None)
                 if st.echo is not None:
@@ -312,6 +326,11 @@ class Scheduler:
                 return  # the other choices wait for free slots (the staging cache is kept)
             self._drop_staging()
 
+    def _budget_allows(self, spent: int, size: int) -> bool:
+        """A prefill piece of ``size`` more, ``spent`` prompt tokens into this iteration, while rows
+        decode: the first piece always (progress), then as long as the budget holds."""
+        return not self.prefill_budget or spent == 0 or spent + size <= self.prefill_budget
+
     def _start_staging(self) -> _Staging | None:
         """The next queued prompt, begun on the engine (``PagedScheduler`` also finds its pages)."""
         req = self._next_request(len(self._owner) < self.engine.b)
@@ -340,7 +359,7 @@ class Scheduler:
         now = time.perf_counter()
         self.policy.observe(program, busy, now - t0, res.iterations, *acceptance_evidence(res, self._owner))
         m = self.metrics
-        m.chunks.labels(str(self.engine.ks[program])).inc()
+        m.chunks.labels(self.program_kinds[program], str(self.engine.ks[program])).inc()
         m.alpha.set(getattr(self.policy, "alpha", float("nan")))
         m.loop_iterations.inc(res.iterations)
         m.busy_slot_iterations.inc(res.iterations * busy)

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from quasar_jax import sharding
 from quasar_jax.model.kv_cache import KVCache
@@ -107,6 +107,20 @@ def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     return pieces
 
 
+def paged_cache_shardings(cache: PagedKVCache, mesh, rules) -> PagedKVCache:
+    """Shardings of a page pool on ``mesh``: the combined K/V head axis (``2G``; K and V of a head
+    side by side, so a device holds both of its heads) on the axes the dense cache puts its KV heads
+    on (``model`` when it divides G), pages and slots whole on every device (any row may use any
+    page); page tables and lengths replicated."""
+    heads = sharding.logical_spec(sharding.CACHE_AXES, rules)[3]
+    pool = NamedSharding(mesh, P(None, None, heads, None))
+    scales = NamedSharding(mesh, P(None, None, heads))
+    rep = sharding.replicated(mesh)
+    return dataclasses.replace(cache, kv=tuple(pool for _ in cache.kv),
+                         scale=None if cache.scale is None else tuple(scales for _ in cache.scale),
+                         page_table=rep, lengths=rep)
+
+
 def stage_prompt(engine, prompt, *, prefix_pages=(), cached: int = 0) -> None:
     """``begin(prompt)`` then every prefill piece: the prompt staged whole, ready to ``admit``.
     A function, not a method, so that a ``lockstep.Leader`` records each op it calls. On pages,
@@ -136,8 +150,8 @@ class SlotEngine:
                  mesh=None, spec: LogitsSpec = SERVING_SPEC, cache_spec: CacheSpec = CacheSpec(KVLayout.DENSE),
                  kv_pages: int | None = None):
         """``cache_spec``: a dense ``[L, B, S, G, E]`` cache (the default) or one pool of
-        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged, one device; the host's
-        ``quasar_jax.serving.kv_pages.SlotPages`` allocates them and sends the page tables with
+        ``kv_pages`` pages for all slots (``cache_spec.layout`` paged; on a mesh the pool's KV heads
+        on model; the host's ``quasar_jax.serving.kv_pages.SlotPages`` allocates them and sends the page tables with
         every ``chunk``)."""
         verifier = QuantMode.parse(verifier, "verifier")
         if verifier.is_int8 != is_quantized(model):
@@ -162,8 +176,6 @@ class SlotEngine:
         self.model, self.verifier, self.spec = model, verifier, spec
         self.cache_spec, self.paged = cache_spec, cache_spec.layout is KVLayout.PAGED
         if self.paged:
-            if self.mesh is not None:
-                raise ValueError("the paged KV cache serves on one device (no mesh yet)")
             if not isinstance(kv_pages, int) or kv_pages < 1:
                 raise ValueError(f"a paged slot engine needs kv_pages >= 1, got {kv_pages!r}")
         self.page_size = cache_spec.page_size
@@ -304,8 +316,13 @@ class SlotEngine:
         if self.mesh is not None:
             mesh, rules = self.mesh, sharding.axis_rules(cfg, self.mesh)
             state_sh = sharding.with_batch_shardings(state, mesh, cfg)
+            if paged:  # one pool for all rows: its KV heads on model, replicated over data; tables replicated
+                state_sh = dataclasses.replace(state_sh, loop=dataclasses.replace(
+                    state_sh.loop, cache=paged_cache_shardings(state.loop.cache, mesh, rules)))
             staging_5d = NamedSharding(mesh, sharding.logical_spec(sharding.CACHE_AXES, {**rules, "batch": None}))
             cache1_sh = jax.tree.map(lambda x: staging_5d if x.ndim == 5 else sharding.replicated(mesh), cache1)
+            if paged:
+                cache1_sh = dataclasses.replace(cache1_sh, cache=paged_cache_shardings(cache1.cache, mesh, rules))
             out_sh = sharding.replicated(mesh)
             lp_sh = {kp: sharding.with_batch_shardings(jax.eval_shape(
                 lambda kp=kp: stage.empty_logprobs(b, n * (kp + 1), n_top)), mesh, cfg)
@@ -328,8 +345,8 @@ class SlotEngine:
                            (state_sh, out_sh, lp_sh and lp_sh[d.num_draft]), (1,))
                        for step, d, pp in zip(steps, self.drafters, self._params)]
         if paged:
-            self._load_prefix = aot(load_prefix, (state, cache1, host["table_row"], host["scalar"]), None, (1,))
-            self._copy_pages = aot(copy_pages, (state, host["pages"], host["pages"]), None, (0,))
+            self._load_prefix = aot(load_prefix, (state, cache1, host["table_row"], host["scalar"]), cache1_sh, (1,))
+            self._copy_pages = aot(copy_pages, (state, host["pages"], host["pages"]), state_sh, (0,))
         self._table = np.zeros((b, m) if paged else (b, 0), np.int32)
         self._finish = aot(finish, (state, host["mask"]), state_sh, (0,))
         self.state = self._empty()
@@ -356,8 +373,12 @@ class SlotEngine:
         pages, ``prefix_pages`` (a cached prefix of the prompt) are loaded into it first."""
         self._staging, self._staged = self._new_staging(), [int(t) for t in prompt]
         if len(prefix_pages):
-            self._staging = self._load_prefix(self.state, self._staging, *self._put(
-                (self._row_table(prefix_pages), np.int32(len(prefix_pages)))))
+            self.load_prefix(prefix_pages)
+
+    def load_prefix(self, prefix_pages: Sequence[int]) -> None:
+        """Pages ``prefix_pages`` of the pool (a cached prefix) into the staging cache."""
+        self._staging = self._load_prefix(self.state, self._staging, *self._put(
+            (self._row_table(prefix_pages), np.int32(len(prefix_pages)))))
 
     def _row_table(self, pages: Sequence[int]) -> np.ndarray:
         row = np.full((self.max_pages,), self.num_pages, np.int32)

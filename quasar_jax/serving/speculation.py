@@ -26,7 +26,11 @@ The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``b
   of ``half_life`` (256) row-steps, the start value 0.5 counting as half of that. (A per-chunk
   moving average weighted up to one half per chunk was tried first: a few busy chunks of young
   rows, whose n-gram drafts rarely hit yet, drove it to AR at concurrency 16 while K = 2 was 16%
-  faster there.) A tree program uses its own observed tau, a ratio of sums fading the same way.
+  faster there.) A tree program uses its own observed tau, a ratio of sums fading the same way;
+  until it has run, its prior (``tree_prior``): for S4C's heads, 1 + the sum over the tree's nodes
+  of the product of the heads' recorded acceptance along the node's path (``heads.json``'s
+  ``acceptance.top_rank``, Medusa's estimate; the chain's expectation when the merged n-gram
+  candidates promise more), for the n-gram tree the chain's expectation at the current alpha.
   A row's first verify step is left out (``acceptance_evidence``): it drafts from the prompt
   alone, before the row has output of its own to copy, and a chunk returns right after new rows'
   first tokens, so under load whole chunks are first steps (tau ~1 on Spec-Bench).
@@ -40,9 +44,11 @@ The cost model (``AdaptivePolicy``), for program p with draft length K_p and ``b
 
 Rule: run the best rate; switch from the current program only when another's predicted rate is
 higher by ``margin`` (10%) for ``patience`` (3) chunks in a row (hysteresis, no thrashing at a
-threshold). While K = 0 runs, alpha is not observed: every ``probe_every`` chunks (8, doubling to
-128 while the probes keep confirming K = 0) one chunk runs the smallest K > 0 (the cheapest
-probe) to measure it.
+threshold). Evidence that the running program does not produce is probed: while no chain runs
+(K = 0 or a tree), alpha is not observed, so every ``probe_every`` chunks (8, doubling to 128 while
+the probes keep confirming the choice) one chunk runs the smallest chain K > 0 (the cheapest probe)
+to measure it; each tree program not running is probed the same way (its own interval, from the
+second chunk on), so its observed tau replaces its prior and a tree that pays is found.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from quasar_jax.speculative.sampling import SamplingParams
 
 AUTO = "auto"
 __all__ = ["AUTO", "AdaptivePolicy", "FixedPolicy", "acceptance_evidence", "calibrate", "draft_options",
-           "make_policy", "parse_speculation"]
+           "heads_tau", "make_policy", "parse_speculation", "program_kind", "tree_prior"]
 AUTO_KS = (0, 2)  # besides the drafter's own K
 
 
@@ -115,6 +121,41 @@ def alpha_of(tau: float, k: int) -> float:
     return (lo + hi) / 2
 
 
+def program_kind(drafter) -> str:
+    """``ar``, ``chain`` or ``tree``: the kind of a chunk program (the metrics' label)."""
+    if drafter.num_draft == 0:
+        return "ar"
+    return "tree" if is_tree_drafter(drafter) else "chain"
+
+
+def heads_tau(drafter) -> float | None:
+    """Expected tokens per verify step of an S4C drafter's head tree from the heads' recorded
+    acceptance (``acceptance.top_rank[d][r]``: head d+1's rank-r token is the target's): 1 + the
+    sum over nodes of the product along the node's path (at most one node per depth is accepted,
+    so the node probabilities add up). None for drafters without recorded acceptance."""
+    heads, tree = getattr(drafter, "heads", None), getattr(drafter, "tree", None)
+    meta = getattr(heads, "meta", None) or {}
+    acc = (meta.get("acceptance") or {}).get("top_rank")
+    if not acc or tree is None:
+        return None
+    tau = 1.0
+    for path in tree.paths:
+        p = 1.0
+        for d, r in enumerate(path):
+            p *= float(acc[d][r]) if d < len(acc) and r < len(acc[d]) else 0.0
+        tau += p
+    return tau
+
+
+def tree_prior(drafter, alpha: float) -> float:
+    """Tokens per verify step a tree program is assumed to give before it has run."""
+    chain = expected_tokens(drafter.num_draft, alpha)
+    heads = heads_tau(drafter)
+    if heads is None:
+        return chain  # the n-gram tree: at least its best candidate, a chain of K
+    return max(heads, chain) if getattr(drafter, "num_candidates", 0) else heads
+
+
 def acceptance_evidence(res, slots) -> tuple[int, int]:
     """(tokens, row-steps) of a chunk result for the acceptance estimate: every verify step of the
     ``slots`` rows but each row's first (the row's device step count equals its steps in this
@@ -145,9 +186,12 @@ class AdaptivePolicy:
     """The rule and cost model of the module docstring."""
 
     def __init__(self, ks: Sequence[int], trees: Sequence[bool], calibration: Sequence[tuple[float, float]],
-                 slots: int, *, margin: float = 0.10, patience: int = 3, probe_every: int = 8,
-                 probe_max: int = 128, smoothing: float = 0.3, alpha: float = 0.5, half_life: float = 256.0):
+                 slots: int, *, priors: Sequence | None = None, margin: float = 0.10, patience: int = 3,
+                 probe_every: int = 8, probe_max: int = 128, smoothing: float = 0.3, alpha: float = 0.5,
+                 half_life: float = 256.0):
         self.ks, self.trees, self.slots = list(ks), list(trees), slots
+        # per tree program: its prior tokens per step, a number or a function of alpha (None: the chain's)
+        self.priors = list(priors) if priors is not None else [None] * len(self.ks)
         self.calibration = list(calibration)  # per program: (s/iteration with 1 row busy, with all busy)
         self.margin, self.patience, self.smoothing = margin, patience, smoothing
         self.probe_every, self.probe_max, self.probe_interval = probe_every, probe_max, probe_every
@@ -155,6 +199,8 @@ class AdaptivePolicy:
         self._alpha_sums = [alpha * half_life / 2, half_life / 2]  # decayed sum of alpha x row-steps, of row-steps
         self._tree_sums = [[0.0, 0.0] for _ in self.ks]  # per tree program: decayed tokens, row-steps
         self.tree_tau = [None] * len(self.ks)  # observed tau of tree programs
+        self.since_tree = [math.inf] * len(self.ks)  # per tree program: chunks since it last ran
+        self.tree_interval = [probe_every] * len(self.ks)
         self.correction = 1.0  # observed / calibrated step time, common to every program
         self.current = self.ks.index(min(self.ks))
         self.since_alpha = math.inf  # chunks since alpha was last observed
@@ -168,8 +214,12 @@ class AdaptivePolicy:
         return self.correction * (one + (full - one) * frac)
 
     def tokens_per_step(self, p: int) -> float:
-        if self.trees[p] and self.tree_tau[p] is not None:
-            return self.tree_tau[p]
+        if self.trees[p]:
+            if self.tree_tau[p] is not None:
+                return self.tree_tau[p]
+            prior = self.priors[p]
+            if prior is not None:
+                return prior(self.alpha) if callable(prior) else float(prior)
         return expected_tokens(self.ks[p], self.alpha)
 
     def rate(self, p: int, busy: int) -> float:
@@ -178,11 +228,9 @@ class AdaptivePolicy:
     # ------------------------------------------------------------------ the rule
     def choose(self, busy: int) -> int:
         busy = max(busy, 1)
-        chains = [p for p, k in enumerate(self.ks) if k > 0 and not self.trees[p]]
-        if self.ks[self.current] == 0 and self.since_alpha >= self.probe_interval and chains:
-            self.since_alpha = 0
-            self.probe_interval = min(2 * self.probe_interval, self.probe_max)
-            return min(chains, key=lambda p: self.ks[p])  # a probe: measures alpha, does not move `current`
+        probe = self._probe()
+        if probe is not None:
+            return probe  # a probe measures, it does not move `current`
         rates = [self.rate(p, busy) for p in range(len(self.ks))]
         best = int(np.argmax(rates))
         if best != self.current and rates[best] > (1 + self.margin) * rates[self.current]:
@@ -193,9 +241,27 @@ class AdaptivePolicy:
                 self.switches += 1
                 if self.ks[best] > 0:
                     self.probe_interval = self.probe_every
+                if self.trees[best]:
+                    self.tree_interval[best] = self.probe_every
         else:
             self.streak, self.candidate = 0, None
         return self.current
+
+    def _probe(self) -> int | None:
+        """A program whose evidence is stale (the rule's probes), or None."""
+        cur = self.current
+        chains = [p for p, k in enumerate(self.ks) if k > 0 and not self.trees[p]]
+        chain_runs = self.ks[cur] > 0 and not self.trees[cur]
+        if chains and not chain_runs and self.since_alpha >= self.probe_interval:
+            self.since_alpha = 0
+            self.probe_interval = min(2 * self.probe_interval, self.probe_max)
+            return min(chains, key=lambda p: self.ks[p])  # the cheapest chain measures alpha
+        for p in range(len(self.ks)):
+            if self.trees[p] and p != cur and self.since_tree[p] >= self.tree_interval[p]:
+                self.since_tree[p] = 0
+                self.tree_interval[p] = min(2 * self.tree_interval[p], self.probe_max)
+                return p
+        return None
 
     def observe(self, program: int, busy: int, wall_s: float, iterations: int, tokens: int, row_steps: int) -> None:
         """What one chunk of ``program`` did with ``busy`` rows."""
@@ -204,18 +270,23 @@ class AdaptivePolicy:
             ratio = wall_s / iterations / (self.step_time(program, max(busy, 1)) / self.correction)
             self.correction = (1 - w) * self.correction + w * ratio
         k = self.ks[program]
+        for p in range(len(self.ks)):
+            if self.trees[p] and p != program:
+                self.since_tree[p] += 1
         if k > 0 and row_steps > 0:
             decay, tau = 0.5 ** (row_steps / self.half_life), tokens / row_steps  # older evidence fades per row-step
             if self.trees[program]:
                 sums = self._tree_sums[program]
                 sums[:] = decay * sums[0] + tokens, decay * sums[1] + row_steps
                 self.tree_tau[program] = sums[0] / sums[1]
+                self.since_tree[program] = 0
+                self.since_alpha += 1  # a tree does not measure the chains' alpha
             else:
                 sums = self._alpha_sums
                 sums[:] = decay * sums[0] + row_steps * alpha_of(tau, k), decay * sums[1] + row_steps
                 self.alpha = sums[0] / sums[1]
-            self.since_alpha = 0
-        elif k == 0:
+                self.since_alpha = 0
+        elif k == 0 or self.trees[program]:
             self.since_alpha += 1
 
 
@@ -225,7 +296,9 @@ def make_policy(engine, speculation: str | int, calibration=None):
     if len(engine.ks) == 1 or parse_speculation(speculation) != AUTO:
         return FixedPolicy(0)
     calibration = calibration or calibrate(engine)
-    return AdaptivePolicy(engine.ks, [is_tree_drafter(d) for d in engine.drafters], calibration, engine.b)
+    trees = [is_tree_drafter(d) and d.num_draft > 0 for d in engine.drafters]
+    priors = [(lambda alpha, d=d: tree_prior(d, alpha)) if tree else None for d, tree in zip(engine.drafters, trees)]
+    return AdaptivePolicy(engine.ks, trees, calibration, engine.b, priors=priors)
 
 
 def calibrate(engine, busy_counts: Sequence[int] | None = None) -> list[tuple[float, float]]:

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from quasar_jax.cli.mesh_flags import MeshSpec, parse_mesh_spec
 from quasar_jax.cli.runner import OneLineParser, run_cli
 from quasar_jax.model.config import Qwen3Config
+from quasar_jax.model.paged_kv_cache import cache_bytes_per_token
 from quasar_jax.model.quant import abstract_quantized_model
 from quasar_jax.model.qwen3 import abstract_model
 from quasar_jax.sharding.rules import CACHE_AXES, attr_path, axis_rules, logical_spec, param_axes
@@ -25,9 +27,22 @@ GiB = 1024**3
 
 
 def device_memory_bytes(default_gb: float = 16.0) -> int:
-    """Memory of the first device where the runtime reports it (GPU / TPU), else ``default_gb``."""
-    stats = jax.devices()[0].memory_stats() or {}
-    return int(stats.get("bytes_limit") or default_gb * GiB)
+    """Memory of the first device: the runtime's limit where it reports one (GPU / TPU); on the CPU,
+    whose device memory is the host's, the host's physical memory (shared with everything else the
+    host runs); else ``default_gb``."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX host
+            pass
+    return int(default_gb * GiB)
+
+
+KV_PLAN_DTYPES = ("bfloat16", "int8")  # the KV dtypes the plan counts tokens for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +57,8 @@ class MemoryPlan:
     params_bytes: int
     cache_bytes: int
     device_bytes: int
+    # tokens of K/V (every layer) one device holds in the memory left after the params, per KV dtype
+    kv_tokens: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -65,7 +82,13 @@ class MemoryPlan:
         return (f"{self.model} {self.weights} mesh {self.mesh} batch {self.batch} x {self.cache_len} slots: "
                 f"per device params {self.params_bytes / GiB:.2f} GiB + KV cache "
                 f"{self.cache_bytes / GiB:.2f} GiB = {self.total_bytes / GiB:.2f} GiB of "
-                f"{self.device_bytes / GiB:.0f} GiB: {verdict}")
+                f"{self.device_bytes / GiB:.0f} GiB: {verdict}"
+                + self._kv_tokens_text())
+
+    def _kv_tokens_text(self) -> str:
+        if not self.kv_tokens:
+            return ""
+        return "; KV tokens per device after the params: " + ", ".join(f"{k} {v:,}" for k, v in self.kv_tokens.items())
 
 
 def _shard_bytes(x, spec: P, sizes: dict[str, int]) -> int:
@@ -111,7 +134,18 @@ def memory_plan(cfg: Qwen3Config, mesh: MeshSpec | str | dict | None = None, *, 
                                cfg.head_dim), dtype)
     cache = 2 * _shard_bytes(kv, logical_spec(CACHE_AXES, rules), sizes)
     weights = f"int8 + {dtype.name}" if int8 else dtype.name
-    return MemoryPlan(name, str(spec), weights, batch, cache_len, params, cache, int(device_gb * GiB))
+    device = int(device_gb * GiB)
+    # The KV heads are split over the mesh axes the cache's head dimension maps to (none when G does
+    # not divide): one token's K/V on a device is its share of the heads.
+    head_parts = math.prod(sizes[a] for a in _axes(logical_spec(CACHE_AXES, rules)[3]))
+    per_token = {k: -(-cache_bytes_per_token(cfg, k, dtype) // head_parts) for k in KV_PLAN_DTYPES}
+    kv_tokens = {k: max(0, device - params) // b for k, b in per_token.items()}
+    return MemoryPlan(name, str(spec), weights, batch, cache_len, params, cache, device, kv_tokens)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,9 +204,11 @@ def _checksums(emb, head_q, head_scale, norm):
 
 
 def fingerprint(model: Qwen3) -> dict:
-    """What heads must match: the shapes they were built for and checksums of the weights they read
-    (the embedding, the LM head and the final norm, one reduction each on device), so heads of
-    another checkpoint of the same shape are refused too."""
+    """What heads must match: the shapes they were built for and checksums of the weights they read,
+    so heads of another checkpoint of the same shape (or of a fine-tune that changed only its LM
+    head or final norm) are refused too: statistics of the embedding, the LM head (as read, int8
+    columns times their scales) and the final norm, one reduction each, and two of the logits the
+    final norm and LM head give a fixed feature. Reduced on device: only numbers reach the host."""
     if model.lm_head is None:  # tied: the LM head is the embedding
         q, scale = model.embed_tokens[...].T, jnp.ones((model.config.vocab_size,), jnp.float32)
     elif hasattr(model.lm_head, "qvalue"):
@@ -214,9 +216,18 @@ def fingerprint(model: Qwen3) -> dict:
     else:
         q, scale = model.lm_head.kernel[...], jnp.ones((model.config.vocab_size,), jnp.float32)
     stats = _checksums(model.embed_tokens[...], q, scale, model.norm.scale[...])
+    probe = jnp.cos(jnp.arange(model.config.hidden_size, dtype=jnp.float32) * 0.37)[None]  # [1, D]
+    logits = head_logits(model, model.norm(probe.astype(model.dtype)))[0]  # [V]
     return {"hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "num_hidden_layers": model.config.num_hidden_layers,
-            **{k: float(v) for k, v in zip(STAT_KEYS, stats)}}
+            **{k: float(v) for k, v in zip(STAT_KEYS, stats)},
+            "head_probe_mean_abs": float(jnp.mean(jnp.abs(logits))), "head_probe_std": float(jnp.std(logits))}
+
+
+_STATISTICS = {"embed_mean_abs": "embedding", "embed_row0_norm": "embedding",
+               "head_probe_mean_abs": "final norm and LM head", "head_probe_std": "final norm and LM head",
+               "lm_head_mean_abs": "LM head", "lm_head_cols_norm": "LM head",
+               "final_norm_mean": "final norm", "final_norm_signed": "final norm"}
 
 
 def check_model(meta: dict, model: Qwen3, where: str) -> None:
@@ -226,13 +237,13 @@ def check_model(meta: dict, model: Qwen3, where: str) -> None:
         if want.get(key) != have[key]:
             raise InputError(f"heads {where} do not match the model: they were trained for {key} "
                              f"{want.get(key)}, the model has {have[key]}")
-    for key in STAT_KEYS:  # older heads carry only the embedding's: what they have is checked
-        if key not in want:
+    for key, what in _STATISTICS.items():
+        if key not in want:  # heads saved before this statistic was recorded
             continue
         w, h = float(want[key]), have[key]
         if abs(w - h) > FINGERPRINT_RTOL * max(abs(w), abs(h), 1e-6):
             raise InputError(f"heads {where} do not match the model: they were trained for another "
-                             f"checkpoint of the same shape ({key} {w:.5g} vs {h:.5g})")
+                             f"model of the same shape ({what}: {key} {w:.5g} vs {h:.5g})")
     ids = meta.get("draft_vocab", {}).get("ids") if isinstance(meta.get("draft_vocab"), dict) else None
     if ids is not None and (min(ids) < 0 or max(ids) >= have["vocab_size"]):
         raise InputError(f"heads {where}: draft_vocab ids outside the model's vocabulary of {have['vocab_size']}")
