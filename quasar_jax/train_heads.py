@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the sequences held out to measure acceptance (default: 0.1)")
     p.add_argument("--tree-nodes", type=positive_int, default=16,
                    help="the tree size decode uses by default (stored with the heads; default: 16)")
+    p.add_argument("--draft-vocab", type=non_negative_int, default=None,
+                   help="the heads score only this many of the target's most frequent generated tokens "
+                        "(default: a quarter of the vocabulary; 0: the full vocabulary)")
     p.add_argument("--gen-batch-size", type=positive_int, default=32,
                    help="rows per generation batch (default: 32)")
     p.add_argument("--checkpoint-every", type=positive_int, default=100,
@@ -166,7 +169,7 @@ def run(args, given: set[str]) -> int:
     from quasar_jax.speculative.engine import Engine
     from quasar_jax.speculative.heads import DraftHeads, heads_meta, write_heads
     from quasar_jax.training.trainer import (Checkpoints, HeadsData, HeadsTrainer, TrainSettings, acceptance,
-                                           batch_rows, generate_data, optimizer, place, plot_curve, put_batch,
+                                           batch_rows, draft_vocab_meta, generate_data, optimizer, place, plot_curve, put_batch,
                                            train_step, tree_meta)
     from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
 
@@ -180,6 +183,9 @@ def run(args, given: set[str]) -> int:
     tokenizer = load_tokenizer(model_dir)
     stop = stop_ids_of(tokenizer, model_dir)
     model = load_model(model_dir, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
+    if args.draft_vocab is not None and args.draft_vocab > model.config.vocab_size:
+        raise InputError(f"--draft-vocab {args.draft_vocab} is more than the model's vocabulary "
+                         f"({model.config.vocab_size})")
     progress = not args.no_progress
     t_start = time.perf_counter()
 
@@ -233,7 +239,10 @@ def run(args, given: set[str]) -> int:
     ckpt.close()
     train_s = log["train_s"]
 
-    acc = acceptance(trainer, val, st.batch_size)
+    vocab = model.config.vocab_size
+    size = vocab // 4 if args.draft_vocab is None else args.draft_vocab
+    draft = draft_vocab_meta(data, vocab, size) if 0 < size < vocab else None
+    acc = acceptance(trainer, val, st.batch_size, None if draft is None else draft["ids"])
     tree = tree_meta(acc, args.tree_nodes)
     seen = st.steps * st.batch_size
     training = {"source": source, "sequences": len(data.tokens), "train_sequences": len(train.tokens),
@@ -245,7 +254,7 @@ def run(args, given: set[str]) -> int:
                 "final_head_acc": np.mean(log["head_acc"][-20:], axis=0).round(4).tolist()}
     meta = heads_meta(trainer.heads, model, tree=tree, acceptance={"top_rank": acc.round(4).tolist(),
                                                                    "top1": acc[:, 0].round(4).tolist()},
-                      training=training)
+                      training=training, **({} if draft is None else {"draft_vocab": draft}))
     with staged_dir(out) as stage:
         write_heads(trainer.heads, meta, stage)
         (stage / "training_log.json").write_text(json.dumps({**log, "training": training}) + "\n")

@@ -31,11 +31,13 @@ from quasar_jax.bench.report import machine_info
 from quasar_jax.cli.prompts import encode, load_questions
 from quasar_jax.speculative.buckets import round_up
 from quasar_jax.speculative.engine import GenerationConfig
-from quasar_jax.speculative.heads import resolve_heads
+from quasar_jax.speculative.heads import LoadedHeads, resolve_heads
 from quasar_jax.speculative.s4c import grow_tree
 from quasar_jax.weights.loading import load, load_model, resolve_model_dir
 
 REFERENCE = {"float": "ar", "int8": "ar-int8"}
+# Heads with a draft vocabulary also run as s4c-full-vocab, s4c-heads-only-full-vocab and
+# s4c-w8a16-full-vocab (the same heads scoring every token): the draft vocabulary's cost in tau.
 
 
 def mode_table(args, heads) -> dict[str, tuple[str, GenerationConfig]]:
@@ -49,6 +51,12 @@ def mode_table(args, heads) -> dict[str, tuple[str, GenerationConfig]]:
              "s4c-heads-only": ("float", GenerationConfig(max_new_tokens=n, num_candidates=0, **s4c)),
              "ar-int8": ("int8", GenerationConfig(max_new_tokens=n, drafter="none", verifier="w8a16")),
              "s4c-w8a16": ("int8", GenerationConfig(max_new_tokens=n, num_candidates=1, verifier="w8a16", **s4c))}
+    if heads.draft_ids is not None:  # the same heads scoring the full vocabulary, beside the draft one
+        full = dict(s4c, heads=full_vocab(heads))
+        modes["s4c-full-vocab"] = ("float", GenerationConfig(max_new_tokens=n, num_candidates=1, **full))
+        modes["s4c-heads-only-full-vocab"] = ("float", GenerationConfig(max_new_tokens=n, num_candidates=0, **full))
+        modes["s4c-w8a16-full-vocab"] = ("int8", GenerationConfig(max_new_tokens=n, num_candidates=1,
+                                                                  verifier="w8a16", **full))
     for nodes in args.sweep:
         for c in (0, 1):
             modes[f"s4c-n{nodes}-c{c}"] = ("float", GenerationConfig(max_new_tokens=n, num_candidates=c,
@@ -56,6 +64,11 @@ def mode_table(args, heads) -> dict[str, tuple[str, GenerationConfig]]:
     chosen = {m: v for m, v in modes.items() if args.modes is None or m in args.modes or m.startswith("s4c-n")}
     refs = {REFERENCE[which] for which, _ in chosen.values()}  # each model's AR reference, first
     return {m: v for m, v in modes.items() if m in refs} | chosen
+
+
+def full_vocab(heads: LoadedHeads) -> LoadedHeads:
+    """``heads`` without their draft vocabulary (they score every token)."""
+    return LoadedHeads(heads.module(), {k: v for k, v in heads.meta.items() if k != "draft_vocab"}, heads.path)
 
 
 def summary(runs) -> dict:
@@ -92,14 +105,16 @@ def verify_cost(model, s: int, lengths: int, tokens=(1, 2, 4, 6, 8, 12, 17, 22, 
 
 
 def draft_cost(model, heads, drafter, calls: int = 20) -> float:
-    """Median ms of growing the S4C tree (the heads' whole drafting work) for one row."""
-    fn = jax.jit(lambda p, h, t: grow_tree(heads.module(p), model, drafter.tree, h, t))
+    """Median ms of growing the S4C tree (the heads' whole drafting work, over their draft
+    vocabulary if they have one) for one row."""
+    fn = jax.jit(lambda p, h, t: grow_tree(heads.module(p[0]), model, drafter.tree, h, t, p[1]))
     h, t = jnp.zeros((1, model.config.hidden_size)), jnp.ones((1,), jnp.int32)
-    jax.block_until_ready(fn(heads.params, h, t))
+    params = drafter.program_params(nnx.split(model)[1])
+    jax.block_until_ready(fn(params, h, t))
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(heads.params, h, t))
+        jax.block_until_ready(fn(params, h, t))
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 

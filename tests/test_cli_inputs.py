@@ -124,6 +124,8 @@ def _cases(model: str):
         ("train_heads", ["--model", model, "--prompt", "x", "--steps", "0", "--out", "new"],
          "--steps: expected a positive integer"),
         ("train_heads", ["--model", model, "--prompt", "   ", "--out", "new"], "--prompt 1: the prompt is empty"),
+        ("train_heads", ["--model", model, "--prompt", "x", "--draft-vocab", "100000", "--out", "new"],
+         "--draft-vocab 100000 is more than the model's vocabulary"),
     ]
 
 

@@ -142,7 +142,7 @@ def test_ngram_candidates_join_the_heads_tree(engine, heads):
     history = jnp.asarray([PROMPTS[0] + [0] * 7, PROMPTS[2] + [0] * 11], jnp.int32)
     lengths = jnp.asarray([13, 9], jnp.int32)
     hidden = jax.random.normal(jax.random.key(4), (2, model.config.hidden_size))
-    bound = drafter.bind(hidden, heads.params)
+    bound = drafter.bind(hidden, drafter.program_params(nnx.split(model)[1]))
     tree, _ = bound.draft_tree(model, history, lengths, None)
     alone = grow_tree(heads.module(), model, drafter.tree, hidden, jnp.asarray([7, 88]))
     shape = drafter.tree

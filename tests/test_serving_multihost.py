@@ -162,6 +162,40 @@ def test_a_killed_follower_ends_the_group_with_one_line(group):
     assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
 
 
+def test_two_process_server_with_s4c_heads_equals_one_device(group, model_dir, tmp_path):
+    """``--drafter s4c`` (heads with a draft vocabulary, whose LM head slice is gathered from the
+    sharded model) and its tree forced (``--speculation 3``): the tokens of one device offline;
+    SIGTERM on process 0 ends both."""
+    from conftest import random_heads
+    from quasar_jax.cli.prompts import stop_ids_of
+    from quasar_jax.speculative.engine import Engine, GenerationConfig
+    from quasar_jax.speculative.heads import LoadedHeads, save_heads
+    from quasar_jax.weights.loading import load_model, load_tokenizer, resolve_model_dir
+
+    model = load_model(model_dir)
+    heads = random_heads(model, num_heads=3)
+    ids = list(range(0, model.config.vocab_size, 2)) + [t for p in PROMPTS for t in p if t % 2]
+    ids = list(dict.fromkeys(ids))
+    meta = {**heads.meta, "draft_vocab": {"size": len(ids), "ids": ids}}
+    save_heads(heads.module(), meta, tmp_path / "heads")
+    g = group("--drafter", "s4c", "--heads", str(tmp_path / "heads"), "--speculation", "3")
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: _complete(g.url, *a), zip(PROMPTS, BUDGETS)))
+    tok = load_tokenizer(model_dir)
+    stop = stop_ids_of(tok, resolve_model_dir(str(model_dir)))
+    engine = Engine(model)
+    loaded = LoadedHeads(heads.module(), meta, None)
+    for prompt, n, out in zip(PROMPTS, BUDGETS, got):
+        want = engine.generate([prompt], GenerationConfig(max_new_tokens=n, drafter="none", stop_ids=stop)).tokens[0]
+        assert out["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+        s4c = engine.generate([prompt], GenerationConfig(max_new_tokens=n, drafter="s4c", heads=loaded, num_draft=3,
+                                                         stop_ids=stop)).tokens[0]
+        assert s4c == want
+    g.procs[0].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=60) for p in g.procs] == [0, 0], g.log(0)[-2000:] + g.log(1)[-2000:]
+    assert "Traceback" not in g.log(0) + g.log(1)
+
+
 def test_two_process_paged_server_equals_one_device(group, model_dir):
     """Pages across processes: process 0's pages decide, the page tables, prefix loads and copies
     travel in the exchange; the same tokens as one device, and the shared prefix is a hit."""

@@ -50,6 +50,13 @@ def test_loss_falls_and_heads_draft_losslessly(trained, tiny_model_dir, capsys):
     assert meta["num_heads"] == 2 and meta["tree"]["default_nodes"] == 6
     assert len(meta["acceptance"]["top_rank"]) == 2 and meta["training"]["steps"] == 30
     assert meta["training"]["generated_tokens"] == 12 * 16  # no EOS in 16 tokens of a random model
+    data = np.load(out / "data.npz")  # the draft vocabulary: the V/4 most generated ids, by count
+    gen = np.arange(data["tokens"].shape[1])[None] >= data["prompt_lens"][:, None]
+    gen &= np.arange(data["tokens"].shape[1])[None] < data["lengths"][:, None]
+    counts = np.bincount(data["tokens"][gen], minlength=meta["vocab_size"])
+    ids = meta["draft_vocab"]["ids"]
+    assert meta["draft_vocab"]["size"] == len(ids) == meta["vocab_size"] // 4
+    assert list(counts[ids]) == sorted(counts[ids], reverse=True) and counts[ids][-1] >= np.delete(counts, ids).max()
     heads = load_heads(out)
     engine = Engine(load_model(tiny_model_dir))
     prompts = [[5, 6, 7, 8, 5, 6, 7], [40, 3, 77, 21]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quasar_jax import sharding
 
@@ -32,10 +33,21 @@ def program_params(params, drafter, mesh=None):
     drafter's own (``drafter.params``; replicated on ``mesh``) when it has any."""
     if not has_params(drafter):
         return params
-    extra = drafter.params
+    own = getattr(drafter, "program_params", None)  # params derived from the model's (S4C's LM head slice)
+    extra = own(params) if callable(own) else drafter.params
     if mesh is not None:
-        extra = jax.device_put(extra, sharding.batch_sharding(mesh, 0))  # replicated
+        extra = jax.tree.map(lambda x: _replicated(x, sharding.batch_sharding(mesh, 0)), extra)
     return params, extra
+
+
+def _replicated(x: jax.Array, where) -> jax.Array:
+    """``x`` replicated on ``where``, also across processes: a process-local array (the heads as
+    each process read them) from its host copy, a global one (derived from the sharded model's
+    params) by a resharding program every process runs."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda a: a, out_shardings=where)(x)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
 
 
 def split_params(params, drafter):

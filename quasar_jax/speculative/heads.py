@@ -18,8 +18,16 @@ last committed token ``x_{t+1}``), so head 1 proposes the token after it (``quas
 A heads directory (``save_heads`` / ``load_heads``)::
 
     heads.json     {"format": 1, "num_heads", "hidden_size", "vocab_size", "rms_norm_eps", "dtype",
-                    "model": fingerprint of the target, "tree": {...}, "acceptance": {...}, ...}
+                    "model": fingerprint of the target, "tree": {...}, "acceptance": {...},
+                    "draft_vocab": {"size": N, "ids": [...], "counted_on": ...} (optional), ...}
     params/        orbax-checkpoint of the heads' parameter pytree
+
+Draft vocabulary: with ``draft_vocab`` the heads score only N target tokens (the most frequent
+ones of the self-distillation corpus, :func:`draft_vocab_ids`) through a gathered slice of the LM
+head (:func:`draft_slice`, ``[D, N]`` or for a tied embedding ``[N, D]``; an int8 head gives its
+int8 columns and their scales), made once per compiled program; top-k ranks over the slice are
+mapped back to token ids. Heads without it (older directories) score the full vocabulary.
+Verification is the target's, so output is unchanged; only proposals outside the N are lost.
 
 Dimension letters: docs/CONVENTIONS.md (H here counts draft heads, not attention heads).
 """
@@ -33,12 +41,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from quasar_jax.cli.errors import InputError
 from quasar_jax.cli.outputs import staged_dir, write_text_atomic
 from quasar_jax.model.modes import QuantMode
-from quasar_jax.model.quant import is_quantized
+from quasar_jax.model.quant import dequantize, is_quantized, quantize_kernel
 from quasar_jax.model.qwen3 import Linear, Qwen3, RMSNorm
 from quasar_jax.weights.loading import DEMO_MODEL_DIR
 
@@ -46,7 +55,7 @@ META = "heads.json"
 FORMAT = 1
 DEFAULT_DIRNAME = "s4c_heads"  # heads saved beside a model: <model dir>/s4c_heads
 DEMO_HEADS_DIR = DEMO_MODEL_DIR / DEFAULT_DIRNAME
-FINGERPRINT_RTOL = 0.02  # embedding statistics may differ this much (float32 vs bfloat16 loads)
+FINGERPRINT_RTOL = 0.02  # weight statistics may differ this much (float32 vs bfloat16 or int8 loads)
 
 
 class HeadBlock(nnx.Module):
@@ -102,6 +111,68 @@ def shift_left(x: jax.Array, i: int) -> jax.Array:
     return jnp.pad(x[:, i:], ((0, 0), (0, i)) + ((0, 0),) * (x.ndim - 2))
 
 
+def draft_slice(model_params, ids, *, int8: bool | None = None) -> dict:
+    """The LM head's columns of the draft vocabulary ``ids [N]`` from the target's parameters
+    (``nnx.split(model)[1]``), gathered once (a run-time input of the compiled program):
+    ``{"ids", "kernel" [D, N]}`` for an untied float head, ``{"ids", "embed" [N, D]}`` for a tied
+    embedding, ``{"ids", "qvalue" [D, N] int8, "scale" [N]}`` for int8 reads. Reads are int8 when
+    ``int8`` (default: when the target is an int8 model, as Quasar's verifier): an int8 LM head
+    gives its own columns and scales, a float one (tied or not) is quantised per column here."""
+    int8 = has_int8(model_params) if int8 is None else bool(int8)
+    return _gather_slice(model_params, jnp.asarray(ids, jnp.int32), int8)  # one program: the params may span processes
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _gather_slice(model_params, ids, int8: bool) -> dict:
+    out = {"ids": ids}
+    head = model_params["lm_head"] if "lm_head" in model_params else None
+    if head is not None and "qvalue" in head:
+        out["qvalue"] = jnp.take(head["qvalue"][...], ids, axis=1)
+        out["scale"] = jnp.take(head["scale"][...], ids, axis=0)
+        return out if int8 else {"ids": ids, "kernel": dequantize(out["qvalue"], out["scale"])}
+    if head is None:
+        cols = jnp.take(model_params["embed_tokens"][...], ids, axis=0)  # [N, D]
+        if not int8:
+            return {**out, "embed": cols}
+        cols = cols.T
+    else:
+        cols = jnp.take(head["kernel"][...], ids, axis=1)  # [D, N]
+        if not int8:
+            return {**out, "kernel": cols}
+    out["qvalue"], out["scale"] = quantize_kernel(cols, name="the draft slice of the LM head")
+    return out
+
+
+def has_int8(model_params) -> bool:
+    """Whether the target's parameters hold int8 weights (an int8 model, Quasar's verifier)."""
+    return any(getattr(k, "key", None) == "qvalue" for path, _ in
+               jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(model_params))[0] for k in path)
+
+
+def slice_logits(model: Qwen3, feat: jax.Array, vocab: dict) -> jax.Array:
+    """Logits ``[..., N]`` float32 of ``feat [..., D]`` over a :func:`draft_slice` (int8 columns:
+    the weight-only product, the float activations times the int8 weights, then the scales)."""
+    x = feat.astype(model.dtype)
+    if "embed" in vocab:
+        y = jnp.einsum("...d,nd->...n", x, vocab["embed"], preferred_element_type=jnp.float32)
+    elif "qvalue" in vocab:
+        y = jnp.einsum("...d,dn->...n", x, vocab["qvalue"].astype(x.dtype), preferred_element_type=jnp.float32)
+        y = y * vocab["scale"].astype(jnp.float32)
+    else:
+        y = jnp.einsum("...d,dn->...n", x, vocab["kernel"], preferred_element_type=jnp.float32)
+    return y.astype(jnp.float32)
+
+
+def draft_vocab_ids(tokens: np.ndarray, mask: np.ndarray, vocab_size: int, size: int) -> np.ndarray:
+    """The ``size`` most frequent ids among ``tokens[mask]`` (ties and unseen ids: smaller id
+    first), in decreasing frequency."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"draft vocabulary size must be in [1, {vocab_size}], got {size}")
+    counts = np.bincount(np.asarray(tokens)[np.asarray(mask, bool)].ravel(), minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))  # by count desc, then id asc
+    return order[:size].astype(np.int32)
+
+
 def head_logits(model: Qwen3, feat: jax.Array) -> jax.Array:
     """The target's LM head on a head feature ``[..., D]`` -> logits ``[..., V]`` float32 (int8
     models: the weight-only path, whatever the verifier)."""
@@ -110,24 +181,53 @@ def head_logits(model: Qwen3, feat: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- model fingerprint
+STAT_KEYS = ("embed_mean_abs", "embed_row0_norm", "lm_head_mean_abs", "lm_head_cols_norm",
+             "final_norm_mean", "final_norm_signed")
+
+
+@jax.jit
+def _checksums(emb, head_q, head_scale, norm):
+    """Statistics of the weights the heads read: the embedding, the LM head (``head_q * head_scale``
+    column-wise: an int8 head is read as such, a float one has scale 1) and the final norm (whose
+    "signed" sum weights its entries by a fixed +-1 pattern, so a permutation shows)."""
+    f32 = jnp.float32
+
+    def signed(x):  # sum of x * (+1, -1, +1, ...) over a fixed flattening, normalised by the size
+        flat = x.reshape(-1).astype(f32)
+        sign = 1.0 - 2.0 * (jnp.arange(flat.shape[0]) % 3 == 1)
+        return jnp.sum(flat * sign) / flat.shape[0] * 100.0
+
+    head = head_q.astype(f32) * head_scale.astype(f32)[None, :]  # [D, V]
+    return (jnp.mean(jnp.abs(emb.astype(f32))), jnp.linalg.norm(emb[0].astype(f32)),
+            jnp.mean(jnp.abs(head)), jnp.linalg.norm(head[:, :8]),
+            jnp.mean(norm.astype(f32)), signed(norm))
+
+
 def fingerprint(model: Qwen3) -> dict:
-    """What heads must match: the shapes they were built for, two statistics of the embedding
-    (which the heads reuse) and two of the logits the final norm and LM head give a fixed feature
-    (the weights every head's scores go through), so heads of another model of the same shape, or
-    of a fine-tune that changed only its head, are refused too. Reduced on device: only numbers
-    reach the host."""
-    emb = model.embed_tokens[...]
+    """What heads must match: the shapes they were built for and checksums of the weights they read,
+    so heads of another checkpoint of the same shape (or of a fine-tune that changed only its LM
+    head or final norm) are refused too: statistics of the embedding, the LM head (as read, int8
+    columns times their scales) and the final norm, one reduction each, and two of the logits the
+    final norm and LM head give a fixed feature. Reduced on device: only numbers reach the host."""
+    if model.lm_head is None:  # tied: the LM head is the embedding
+        q, scale = model.embed_tokens[...].T, jnp.ones((model.config.vocab_size,), jnp.float32)
+    elif hasattr(model.lm_head, "qvalue"):
+        q, scale = model.lm_head.qvalue[...], model.lm_head.scale[...]
+    else:
+        q, scale = model.lm_head.kernel[...], jnp.ones((model.config.vocab_size,), jnp.float32)
+    stats = _checksums(model.embed_tokens[...], q, scale, model.norm.scale[...])
     probe = jnp.cos(jnp.arange(model.config.hidden_size, dtype=jnp.float32) * 0.37)[None]  # [1, D]
     logits = head_logits(model, model.norm(probe.astype(model.dtype)))[0]  # [V]
     return {"hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "num_hidden_layers": model.config.num_hidden_layers,
-            "embed_mean_abs": float(jnp.mean(jnp.abs(emb.astype(jnp.float32)))),
-            "embed_row0_norm": float(jnp.linalg.norm(emb[0].astype(jnp.float32))),
+            **{k: float(v) for k, v in zip(STAT_KEYS, stats)},
             "head_probe_mean_abs": float(jnp.mean(jnp.abs(logits))), "head_probe_std": float(jnp.std(logits))}
 
 
 _STATISTICS = {"embed_mean_abs": "embedding", "embed_row0_norm": "embedding",
-               "head_probe_mean_abs": "final norm and LM head", "head_probe_std": "final norm and LM head"}
+               "head_probe_mean_abs": "final norm and LM head", "head_probe_std": "final norm and LM head",
+               "lm_head_mean_abs": "LM head", "lm_head_cols_norm": "LM head",
+               "final_norm_mean": "final norm", "final_norm_signed": "final norm"}
 
 
 def check_model(meta: dict, model: Qwen3, where: str) -> None:
@@ -141,9 +241,12 @@ def check_model(meta: dict, model: Qwen3, where: str) -> None:
         if key not in want:  # heads saved before this statistic was recorded
             continue
         w, h = float(want[key]), have[key]
-        if abs(w - h) > FINGERPRINT_RTOL * max(abs(w), abs(h), 1e-12):
+        if abs(w - h) > FINGERPRINT_RTOL * max(abs(w), abs(h), 1e-6):
             raise InputError(f"heads {where} do not match the model: they were trained for another "
                              f"model of the same shape ({what}: {key} {w:.5g} vs {h:.5g})")
+    ids = meta.get("draft_vocab", {}).get("ids") if isinstance(meta.get("draft_vocab"), dict) else None
+    if ids is not None and (min(ids) < 0 or max(ids) >= have["vocab_size"]):
+        raise InputError(f"heads {where}: draft_vocab ids outside the model's vocabulary of {have['vocab_size']}")
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -170,6 +273,12 @@ class LoadedHeads:
 
     def check_model(self, model: Qwen3) -> None:
         check_model(self.meta, model, self.where)
+
+    @property
+    def draft_ids(self) -> np.ndarray | None:
+        """[N] token ids the heads score (None: the full vocabulary)."""
+        dv = self.meta.get("draft_vocab")
+        return None if dv is None else np.asarray(dv["ids"], np.int32)
 
     def usable_nodes(self, depth: int) -> int:
         """Nodes of the stored ranked tree at depth <= ``depth`` (any leading part is a tree)."""
@@ -217,6 +326,12 @@ def read_meta(path: Path) -> dict:
     for key in ("num_heads", "hidden_size", "vocab_size", "model", "dtype", "tree"):
         if key not in meta:
             raise InputError(f"{marker} lacks field {key!r}")
+    dv = meta.get("draft_vocab")
+    if dv is not None:
+        ids = dv.get("ids") if isinstance(dv, dict) else None
+        if (not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+                or len(set(ids)) != len(ids) or dv.get("size") != len(ids)):
+            raise InputError(f"{marker}: field 'draft_vocab' must be {{\"size\": N, \"ids\": [N distinct token ids]}}")
     if not (path / "params").is_dir():
         raise InputError(f"heads directory {path} is missing params/")
     return meta
@@ -264,9 +379,16 @@ def _load(path: str, stamp: int, meta_json: str) -> LoadedHeads:
                                                  eps=float(meta.get("rms_norm_eps", 1e-6)),
                                                  dtype=jnp.dtype(meta["dtype"])))
     graphdef, state = nnx.split(abstract)
+    # Every process of a multi-process group reads the whole (small) checkpoint on its own: no
+    # barrier with the others, the arrays on a local device (then replicated by the program).
+    pid, device = jax.process_index(), jax.local_devices()[0]
+    alone = ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid},
+                                               barrier_sync_key_prefix=f"heads-p{pid}")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                          nnx.to_pure_dict(state))
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(p / "params", nnx.to_pure_dict(state))
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckpt:
+            restored = ckpt.restore(p / "params", target)
     except Exception as err:  # orbax reports missing / mismatched arrays in many shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"could not restore heads from {p / 'params'}: {first}") from None

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quasar_jax.speculative.heads import LoadedHeads, head_logits
+from quasar_jax.speculative.heads import LoadedHeads, draft_slice, head_logits, slice_logits
 from quasar_jax.speculative.ngram import check_ngram_args, ngram_candidates
 from quasar_jax.speculative.tree import TreeDraft, build_trie
 
@@ -126,15 +126,19 @@ def choose_tree(acceptance: Sequence[Sequence[float]], num_nodes: int) -> list[t
     return out
 
 
-def grow_tree(heads, model, shape: TreeShape, hidden: jax.Array, last: jax.Array) -> jax.Array:
+def grow_tree(heads, model, shape: TreeShape, hidden: jax.Array, last: jax.Array, vocab: dict | None = None) -> jax.Array:
     """Node tokens ``[B, N]`` of ``shape`` grown by ``heads`` from the root feature ``hidden [B, D]``
-    and root token ``last [B]`` (module docstring)."""
+    and root token ``last [B]`` (module docstring); with ``vocab`` (``heads.draft_slice``) the
+    heads score only its ids."""
     b, n = last.shape[0], shape.num_nodes
     node_tok = jnp.zeros((b, n + 1), jnp.int32).at[:, 0].set(last.astype(jnp.int32))  # index 0 = root
     node_feat = jnp.zeros((b, n + 1, hidden.shape[-1]), jnp.float32).at[:, 0].set(hidden.astype(jnp.float32))
     for d, (parents, k, nodes, slot, rank) in enumerate(shape.levels(), start=1):
         feat = heads.blocks[d - 1](node_feat[:, parents + 1], model.embed(node_tok[:, parents + 1]))  # [B, P, D]
-        top = jax.lax.top_k(head_logits(model, feat), k)[1].astype(jnp.int32)  # [B, P, k]
+        if vocab is None:
+            top = jax.lax.top_k(head_logits(model, feat), k)[1].astype(jnp.int32)  # [B, P, k]
+        else:
+            top = vocab["ids"][jax.lax.top_k(slice_logits(model, feat, vocab), k)[1]]  # [B, P, k] token ids
         node_tok = node_tok.at[:, nodes + 1].set(top[:, slot, rank])
         node_feat = node_feat.at[:, nodes + 1].set(feat[:, slot].astype(jnp.float32))
     return node_tok[:, 1:]
@@ -178,6 +182,12 @@ class S4CDrafter:
     def params(self):
         return self.heads.params
 
+    def program_params(self, model_params):
+        """What the compiled program takes as this drafter's params: the heads' and, with a draft
+        vocabulary, the LM head's slice (gathered here, once per program; ``features``)."""
+        ids = self.heads.draft_ids
+        return self.heads.params, None if ids is None else draft_slice(model_params, ids)
+
     def check_model(self, model) -> None:
         self.heads.check_model(model)
 
@@ -190,8 +200,8 @@ class S4CDrafter:
                                 ngram_max=self.ngram_max, ngram_prefer=self.prefer)
 
     def bind(self, hidden: jax.Array, params) -> "_BoundS4C":
-        """The drafter of one loop step: this step's root features ``hidden [B, D]`` and the heads'
-        parameters (traced arrays)."""
+        """The drafter of one loop step: this step's root features ``hidden [B, D]`` and
+        ``program_params``' pair (traced arrays)."""
         return _BoundS4C(self, hidden, params)
 
 
@@ -201,7 +211,7 @@ class _BoundS4C:
 
     drafter: S4CDrafter
     hidden: jax.Array  # [B, D]
-    params: object
+    params: object  # (heads' params, draft slice or None)
 
     @property
     def num_draft(self) -> int:
@@ -214,7 +224,8 @@ class _BoundS4C:
     def draft_tree(self, model, history, lengths, cache):
         dr = self.drafter
         last = jnp.take_along_axis(history, lengths[:, None] - 1, axis=1)[:, 0]  # [B]
-        tokens = grow_tree(dr.heads.module(self.params), model, dr.tree, self.hidden, last)  # [B, N]
+        heads_params, vocab = self.params
+        tokens = grow_tree(dr.heads.module(heads_params), model, dr.tree, self.hidden, last, vocab)  # [B, N]
         b, n, k = tokens.shape[0], dr.tree.num_nodes, dr.num_draft
         if dr.num_candidates == 0:
             parent = jnp.broadcast_to(jnp.asarray(dr.tree.parent), (b, n))

@@ -33,7 +33,7 @@ from quasar_jax import sharding
 from quasar_jax.cli.outputs import write_text_atomic
 from quasar_jax.model.qwen3 import Qwen3
 from quasar_jax.speculative.engine import Engine, GenerationConfig
-from quasar_jax.speculative.heads import DraftHeads, shift_left
+from quasar_jax.speculative.heads import DraftHeads, draft_vocab_ids, shift_left
 from quasar_jax.speculative.s4c import choose_tree
 
 HEADS = nnx.All(nnx.Param, nnx.PathContains("heads"))  # what is trained (and has optimizer state)
@@ -132,28 +132,47 @@ def head_losses(trainer: HeadsTrainer, tokens, prompt_lens, lengths):
 
 
 @nnx.jit
-def rank_counts(trainer: HeadsTrainer, tokens, prompt_lens, lengths) -> jax.Array:
+def rank_counts(trainer: HeadsTrainer, tokens, prompt_lens, lengths, allowed=None) -> jax.Array:
     """[H, MAX_RANK + 1] counts of the rank of the target's greedy token among each head's logits
-    (last column: rank >= MAX_RANK), teacher forced, over the trained positions."""
+    (last column: rank >= MAX_RANK), teacher forced, over the trained positions. With ``allowed
+    [V]`` (a draft vocabulary) ranks count only allowed tokens and a label outside it is a miss."""
     hidden, logp_t = _target_pass(trainer.target, tokens)
     out = []
     for i, logits in enumerate(trainer.heads.unroll(trainer.target, hidden, tokens), start=1):
         label = jnp.argmax(shift_left(logp_t, i), axis=-1)  # [B, T]
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, -jnp.inf)
         mine = jnp.take_along_axis(logits, label[..., None], axis=-1)
         rank = jnp.minimum(jnp.sum(logits > mine, axis=-1), MAX_RANK)  # [B, T]
+        if allowed is not None:
+            rank = jnp.where(allowed[label], rank, MAX_RANK)
         valid = _valid(prompt_lens, lengths, tokens.shape[1], i)
         out.append(jnp.zeros((MAX_RANK + 1,), jnp.int32).at[rank].add(valid.astype(jnp.int32)))
     return jnp.stack(out)
 
 
-def acceptance(trainer: HeadsTrainer, data: HeadsData, batch_size: int) -> np.ndarray:
-    """``a [H, MAX_RANK]``: the measured probability that head i's rank-r token is the target's."""
-    counts = 0
+def acceptance(trainer: HeadsTrainer, data: HeadsData, batch_size: int, draft_ids=None) -> np.ndarray:
+    """``a [H, MAX_RANK]``: the measured probability that head i's rank-r token is the target's
+    (with ``draft_ids``: rank among the draft vocabulary, a token outside it never accepted)."""
+    counts, allowed = 0, None
+    if draft_ids is not None:
+        allowed = jnp.zeros((trainer.target.config.vocab_size,), bool).at[jnp.asarray(draft_ids)].set(True)
     for s in range(0, len(data.tokens), batch_size):
         part = data.rows(slice(s, s + batch_size))
-        counts = counts + np.asarray(rank_counts(trainer, part.tokens, part.prompt_lens, part.lengths))
+        counts = counts + np.asarray(rank_counts(trainer, part.tokens, part.prompt_lens, part.lengths, allowed))
     counts = np.asarray(counts, np.float64)
     return counts[:, :MAX_RANK] / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+
+
+def draft_vocab_meta(data: HeadsData, vocab_size: int, size: int) -> dict:
+    """``heads.json``'s ``draft_vocab``: the ``size`` ids most frequent among the target's own
+    generated tokens in ``data`` (``heads.draft_vocab_ids``) and the share of them it covers."""
+    pos = np.arange(data.tokens.shape[1])[None, :]
+    gen = (pos >= data.prompt_lens[:, None]) & (pos < data.lengths[:, None])
+    ids = draft_vocab_ids(data.tokens, gen, vocab_size, size)
+    counts = np.bincount(data.tokens[gen].ravel(), minlength=vocab_size)
+    return {"size": int(size), "ids": ids.tolist(), "counted_on": f"{int(gen.sum())} generated tokens",
+            "coverage": round(float(counts[ids].sum() / max(counts.sum(), 1)), 5)}
 
 
 # ----------------------------------------------------------------------------- optimisation
