@@ -1,7 +1,7 @@
-"""The shipped demo heads (with their draft vocabulary) on the demo model: lossless, their head
-nodes accepted beyond what the n-gram candidate alone gives, and held to the acceptance recorded
-in their ``heads.json`` on fixed prompts (seeded windows of the heads' training corpus, as the
-recorded acceptance was measured on held-out windows of it)."""
+"""The shipped demo heads (with their draft vocabulary) held to the acceptance recorded in their
+``heads.json``, teacher-forced on fixed prompts (seeded windows of the heads' training corpus, as
+the recorded acceptance was measured on held-out windows of it). Lossless decoding with head
+nodes accepted beyond the n-gram chain: test_s4c.py."""
 
 from __future__ import annotations
 
@@ -29,24 +29,11 @@ def demo():
     return engine, load_heads("demo"), prompts, ar
 
 
-def tau(res) -> float:
-    return sum(s.new_tokens for s in res.stats) / sum(s.verify_steps for s in res.stats)
-
-
-def test_demo_heads_have_a_draft_vocabulary_and_are_lossless_with_head_nodes_accepted(demo):
-    engine, heads, prompts, ar = demo
-    assert heads.draft_ids is not None and len(heads.draft_ids) == engine.model.config.vocab_size // 4
-    chain = engine.generate(prompts, GenerationConfig(max_new_tokens=NEW, num_draft=5))  # the n-gram candidate alone
-    s4c = engine.generate(prompts, GenerationConfig(max_new_tokens=NEW, drafter="s4c", heads=heads, num_draft=5,
-                                                    num_candidates=1))
-    assert chain.tokens == ar and s4c.tokens == ar
-    assert tau(s4c) > tau(chain) + 0.3, (tau(s4c), tau(chain))
-
-
 def test_demo_heads_hold_their_recorded_acceptance(demo):
     """Teacher-forced top-1 acceptance per head (among the draft vocabulary) on the target's own
     continuations of fixed prompts is at least the recorded one less 0.1 (12 x 64 positions)."""
     engine, heads, prompts, ar = demo
+    assert heads.draft_ids is not None and len(heads.draft_ids) == engine.model.config.vocab_size // 4
     width = max(len(p) for p in prompts) + NEW
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, (p, o) in enumerate(zip(prompts, ar)):
