@@ -358,3 +358,20 @@ def test_demo_moe_files_size_and_transformers_parity():
     with torch.no_grad():
         ref = hf(torch.as_tensor([ids])).logits.numpy()
     np.testing.assert_allclose(_logits(load_model("demo-moe"), np.asarray([ids])), ref, atol=1e-4, rtol=0)
+
+
+def test_demo_moe_s4c_with_trained_heads_is_lossless():
+    """S4C on the MoE demo with the heads ``train_heads`` trained on it (shipped beside the model):
+    greedy float32 tokens equal autoregressive decoding's, with fewer verify steps (tau > 1)."""
+    from quasar_jax.speculative.heads import load_heads
+    from quasar_jax.weights.loading import DEMO_MOE_MODEL_DIR, load_tokenizer
+
+    heads = load_heads(DEMO_MOE_MODEL_DIR)  # <model dir>/s4c_heads, what --drafter s4c picks up
+    assert heads.path == (DEMO_MOE_MODEL_DIR / "s4c_heads").resolve()
+    tok = load_tokenizer("demo-moe")
+    prompts = [tok.encode(p, add_special_tokens=False) for p in ("def fibonacci(n):", "import os\nimport sys\n")]
+    engine = Engine(load_model("demo-moe"))
+    ar = engine.generate(prompts, GenerationConfig(max_new_tokens=24, drafter="none"))
+    sd = engine.generate(prompts, GenerationConfig(max_new_tokens=24, drafter="s4c", heads=heads))
+    assert sd.tokens == ar.tokens
+    assert sd.batch_stats.verify_steps < ar.batch_stats.verify_steps
