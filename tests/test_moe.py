@@ -18,7 +18,6 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import random_heads
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.moe import ExpertLinear, SparseMoeBlock, route
 from quasar_jax.model.quant import Int8ExpertLinear, Int8Linear, quantize_model
@@ -216,12 +215,9 @@ def engines(hf_moe):
     ("int8", "w8a16", "ngram", {}),
     ("int8", "w8a8", "ngram", {"num_candidates": 2}),
     ("int8", "w8a16", "qspec", {}),
-    ("float", "float", "s4c", {}),
-])
+])  # S4C: test_demo_moe_s4c_with_trained_heads_is_lossless (heads trained on an MoE target)
 def test_every_mode_is_lossless_against_autoregressive(engines, weights, verifier, drafter, extra):
     engine = engines[weights]
-    if drafter == "s4c":
-        extra = {"heads": random_heads(engine.model, num_heads=3)}
     ar = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=16, drafter="none", verifier=verifier))
     sd = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=16, drafter=drafter, verifier=verifier,
                                                    num_draft=3, **extra))
@@ -346,8 +342,12 @@ def test_demo_moe_files_size_and_transformers_parity():
     names = {p.name for p in DEMO_MOE_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "training_log.json"} <= names
-    size = sum(p.stat().st_size for p in DEMO_MOE_MODEL_DIR.rglob("*") if p.is_file())
+    files = [p for p in DEMO_MOE_MODEL_DIR.rglob("*") if p.is_file()]
+    heads = DEMO_MOE_MODEL_DIR / "s4c_heads"  # the S4C draft heads shipped beside it, counted apart
+    size = sum(p.stat().st_size for p in files if heads not in p.parents)
     assert size <= 26 * 10**6, f"demo-moe is {size / 1e6:.1f} MB"
+    heads_size = sum(p.stat().st_size for p in files if heads in p.parents)
+    assert heads_size <= 5 * 10**6, f"demo-moe's S4C heads are {heads_size / 1e6:.1f} MB"
     cfg = Qwen3Config.from_json(DEMO_MOE_MODEL_DIR)
     assert cfg.num_experts == 8 and cfg.num_experts_per_tok == 2 and cfg.moe_layers == tuple(range(4))
     # the same tokenizer as the dense demo (same corpus, same training)
@@ -358,3 +358,21 @@ def test_demo_moe_files_size_and_transformers_parity():
     with torch.no_grad():
         ref = hf(torch.as_tensor([ids])).logits.numpy()
     np.testing.assert_allclose(_logits(load_model("demo-moe"), np.asarray([ids])), ref, atol=1e-4, rtol=0)
+
+
+def test_demo_moe_s4c_with_trained_heads_is_lossless():
+    """S4C on the MoE demo with the heads ``train_heads`` trained on it (shipped beside the model):
+    greedy float32 tokens equal autoregressive decoding's, with fewer verify steps (tau > 1)."""
+    from quasar_jax.speculative.heads import load_heads
+    from quasar_jax.weights.loading import DEMO_MOE_MODEL_DIR, load_tokenizer
+
+    heads = load_heads(DEMO_MOE_MODEL_DIR)  # <model dir>/s4c_heads, what --drafter s4c picks up
+    assert heads.path == (DEMO_MOE_MODEL_DIR / "s4c_heads").resolve()
+    tok = load_tokenizer("demo-moe")
+    prompts = [tok.encode(p, add_special_tokens=False) for p in ("def fibonacci(n):", "import os\nimport sys\n")]
+    engine = Engine(load_model("demo-moe"))
+    ar = engine.generate(prompts, GenerationConfig(max_new_tokens=24, drafter="none"))
+    sd = engine.generate(prompts, GenerationConfig(max_new_tokens=24, drafter="s4c", heads=heads,
+                                                  num_draft=heads.num_heads))
+    assert sd.tokens == ar.tokens
+    assert sd.batch_stats.verify_steps < ar.batch_stats.verify_steps

@@ -118,3 +118,7 @@ def test_notebook_runs_on_cpu_with_the_demo_model(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in cells["plot"].outputs)
     stream = _text(cells["stream"])
     assert "\u2502" in stream and "streamed == returned: True" in stream, stream
+    moe = _text(cells["moe-run"])  # the MoE demo: speculative decoding equals its AR reference
+    for mode, ref in (("ngram-sd", "ar"), ("quasar-w8a16", "ar-w8a16")):
+        assert re.search(rf"^{mode} +tau [\d.]+, same tokens as {ref}: True$", moe, re.M), moe
+    assert "experts touched per sparse layer" in moe
