@@ -304,11 +304,16 @@ def make_policy(engine, speculation: str | int, calibration=None):
 def calibrate(engine, busy_counts: Sequence[int] | None = None) -> list[tuple[float, float]]:
     """Seconds per loop iteration of each chunk program with 1 and with all rows busy.
 
-    Runs through ``engine``'s own calls (so every process of a multi-host group takes part) on a
-    repetitive dummy prompt; the slots are free again afterwards.
+    Runs through ``engine``'s own calls (so every process of a multi-host group takes part) on
+    dummy prompts, one per slot: a repeating 7-token pattern (n-gram drafts find matches) of tokens
+    drawn for that slot, so that the rows of a mixture of experts route to different experts as
+    real traffic does (identical rows would route a full batch to as few experts as one row, and
+    time its verify as if it grew with K as one row's does). The slots are free again afterwards.
     """
     counts = busy_counts or (1, engine.b)
-    prompt = [1 + i % 7 for i in range(16)][:max(engine.s // 4, 2)]
+    vocab, length = engine.model.config.vocab_size, min(16, max(engine.s // 4, 2))
+    prompts = [[int(t) for t in np.resize(np.random.default_rng(slot).integers(1, vocab, 7), length)]
+               for slot in range(max(counts))]
     row = engine.row_inputs(engine.s, (), SamplingParams())
     key = engine.key_data(SamplingParams(), 0)
     out = []
@@ -316,8 +321,8 @@ def calibrate(engine, busy_counts: Sequence[int] | None = None) -> list[tuple[fl
         times = []
         for busy in counts:
             engine.reset()
-            stage_prompt(engine, prompt)
             for slot in range(busy):
+                stage_prompt(engine, prompts[slot])
                 engine.admit(slot, row, key)
             engine.chunk(p)  # the first tokens: returns after one step (and warms the program)
             best = float("inf")
