@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from quasar_jax.serving.slots import ChunkResult, SlotEngine
+from quasar_jax.serving.slot_state import ChunkResult
+from quasar_jax.serving.slots import SlotEngine
 
 PIECE = 512  # prompt tokens per EXTEND op at most (fewer in a small buffer: 1/64 of it, so prompts
 # share an exchange with admissions, whose per-row settings take ~620 words with the logit bias)

@@ -75,11 +75,11 @@ class TokenPieces:
     def bytes(self, tid: int) -> bytes:
         if tid not in self._bytes:
             piece = self.tokenizer.convert_ids_to_tokens(tid)
-            if self.byte_level and tid not in self.added and all(c in self.byte_of for c in piece):
+            if piece and self.byte_level and tid not in self.added and all(c in self.byte_of for c in piece):
                 out = bytes(self.byte_of[c] for c in piece)  # byte-level BPE: one character per byte
-            elif m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or ""):
+            elif piece and (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)):
                 out = bytes([int(m.group(1), 16)])  # SentencePiece byte fallback
-            else:
+            else:  # a special token, or an id the tokenizer does not know: what it decodes to
                 out = self.tokenizer.decode([tid], skip_special_tokens=False).encode("utf-8")
             self._bytes[tid] = out
         return self._bytes[tid]

@@ -152,8 +152,7 @@ class Scheduler:
         return self
 
     def submit(self, *reqs: Request) -> None:
-        """Queue ``reqs`` (the prompts of one request, counted as one place of ``max_queue``): all of
-        them, or none (``QueueFull`` when ``max_queue`` requests are waiting already)."""
+        """Queue ``reqs``, one request's prompts (one place of ``max_queue``): all, or none (``QueueFull``)."""
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -168,8 +167,7 @@ class Scheduler:
             self._cond.notify()
 
     def cancel(self, req: Request, index: int | None = None) -> None:
-        """Stop generating for ``req``, or only for its choice ``index`` (idempotent; finished
-        requests and choices are left alone)."""
+        """Stop generating for ``req``, or only its choice ``index`` (idempotent; finished ones stay)."""
         with self._cond:
             if req.finished or req.cancelled or index in req.ended:
                 return
@@ -191,13 +189,11 @@ class Scheduler:
         return len(self._owner)
 
     @property
-    def queued(self) -> int:
-        """Prompts waiting for a slot."""
+    def queued(self) -> int:  # prompts waiting for a slot
         return len(self._queue)
 
     @property
-    def waiting(self) -> int:
-        """Requests waiting (a batch of prompts is one)."""
+    def waiting(self) -> int:  # requests waiting (a batch of prompts is one)
         return len({r.group for r in self._queue})
 
     # ------------------------------------------------------------------ scheduler thread

@@ -1,6 +1,7 @@
 """The device state of the serving slots: ``SlotState`` (the loop's state for B rows and every
-per-row input of ``step``), ``Staging`` (one prompt's prefill), an empty loop state, and the
-row update ``admit`` uses (``quasar_jax.serving.slots``)."""
+per-row input of ``step``), ``Staging`` (one prompt's prefill), an empty loop state, the row
+update ``admit`` uses (``quasar_jax.serving.slots``), and ``ChunkResult`` (the host copy of what
+a chunk produced)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quasar_jax.model.kv_cache import KVCache
 from quasar_jax.model.paged_kv_cache import PagedKVCache
 from quasar_jax.speculative import logits as stage
 from quasar_jax.speculative.engine import LoopState
-from quasar_jax.speculative.logits import LogitsSpec
+from quasar_jax.speculative.logits import LogitsSpec, Logprobs
 from quasar_jax.speculative.results import LENGTH
 from quasar_jax.speculative.sampling import RowSampling
 
@@ -61,3 +63,23 @@ def empty_loop(cfg, dtype, b: int, s: int, k: int, spec: LogitsSpec, *, hidden: 
                      counts=jnp.zeros((b, v), jnp.int32), prompt_ids=jnp.zeros((b, v), bool),
                      logprobs=stage.empty_logprobs(b, s, spec.max_logprobs),
                      hidden=jnp.zeros((b, cfg.hidden_size), dtype) if hidden else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    """Host copy of what one ``chunk`` call produced."""
+
+    tokens: np.ndarray  # [B, N*(K+1)] tokens appended per row (valid: the first appended[b])
+    appended: np.ndarray  # [B] tokens appended in this chunk
+    emits: np.ndarray  # [N, B] tokens appended by each verify step (0 for steps not run / frozen)
+    done: np.ndarray  # [B] bool
+    finish: np.ndarray  # [B] int32 FinishReason code (see results.FINISH_CODES)
+    new_tokens: np.ndarray  # [B]
+    steps: np.ndarray  # [B] verify steps while active
+    iterations: int  # loop iterations run by this chunk
+    logprobs: Logprobs | None = None  # [B, N*(K+1)] (, NL) of ``tokens``, when asked for
+
+    @property
+    def row_steps(self) -> int:
+        """Verify steps summed over the rows that emitted (tau = appended.sum() / row_steps)."""
+        return int(np.sum(self.emits > 0))

@@ -67,32 +67,11 @@ from quasar_jax.speculative.drafters import Drafter
 from quasar_jax.speculative.engine import make_program
 from quasar_jax.speculative.features import program_params, uses_hidden
 from quasar_jax.speculative.logits import MAX_LOGPROBS, LogitsSpec, Logprobs
-from quasar_jax.serving.slot_state import SlotState, Staging, empty_loop, set_row
+from quasar_jax.serving.slot_state import ChunkResult, SlotState, Staging, empty_loop, set_row
 from quasar_jax.speculative.results import CACHE_FULL, STOP
 from quasar_jax.speculative.sampling import RowSampler, RowSampling, SamplingParams, row_keys
 
 SERVING_SPEC = LogitsSpec(processing=True, penalties=True, max_logprobs=MAX_LOGPROBS)  # a server's loop
-
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkResult:
-    """Host copy of what one ``chunk`` call produced."""
-
-    tokens: np.ndarray  # [B, N*(K+1)] tokens appended per row (valid: the first appended[b])
-    appended: np.ndarray  # [B] tokens appended in this chunk
-    emits: np.ndarray  # [N, B] tokens appended by each verify step (0 for steps not run / frozen)
-    done: np.ndarray  # [B] bool
-    finish: np.ndarray  # [B] int32 FinishReason code (see results.FINISH_CODES)
-    new_tokens: np.ndarray  # [B]
-    steps: np.ndarray  # [B] verify steps while active
-    iterations: int  # loop iterations run by this chunk
-    logprobs: Logprobs | None = None  # [B, N*(K+1)] (, NL) of ``tokens``, when asked for
-
-    @property
-    def row_steps(self) -> int:
-        """Verify steps summed over the rows that emitted (tau = appended.sum() / row_steps)."""
-        return int(np.sum(self.emits > 0))
 
 
 def prefill_pieces(n: int, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -132,8 +111,6 @@ def stage_prompt(engine, prompt, *, prefix_pages=(), cached: int = 0) -> None:
         engine.begin(prompt)
     for start, size in prefill_pieces(len(prompt) - 1 - cached, engine.buckets):
         engine.prefill(cached + start, size)
-
-
 
 
 class SlotEngine:
