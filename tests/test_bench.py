@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from conftest import random_heads
 from quasar_jax.bench import cli as bench_cli
 from quasar_jax.bench.metrics import Batch, ModeRun, summarize, truncate_output
 from quasar_jax.bench.modes import resolve_modes
+from quasar_jax.bench.step_cost import draft_bytes, step_cost
 from quasar_jax.cli import prompts
 from quasar_jax.fidelity.metrics import common_prefix, fidelity
+from quasar_jax.model.modes import QuantMode
+from quasar_jax.speculative import features
+from quasar_jax.speculative.drafters import NGramDrafter, QSpecDrafter, make_drafter
+from quasar_jax.speculative.engine import Engine
+from quasar_jax.weights.loading import load_model
+from test_s4c_vocab import with_vocab
 
 
 def _run(mode, outputs, steps, batches, reference="ar-fp"):
@@ -160,6 +169,9 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     assert modes["quasar-w8a8"]["overall"]["exact_match"] == 1.0  # vs ar-w8a8
     assert modes["hf-ar"]["overall"]["tau"] == pytest.approx(1.0)  # one forward per token
     assert modes["hf-ar"]["overall"]["compile_s"] is None
+    assert set(res["step_cost"]) == {"sd-fp", "quasar-w8a8"}  # the drafting modes: r per mode
+    assert all(c["r_bytes"] == 0 and c["r"] > 0 for c in res["step_cost"].values())
+    assert "| quasar-w8a8 | 6 |" in (out / "results.md").read_text()
     assert modes["ar-fp"]["overall"]["compile_s"] > 0
     fid = res["fidelity"]["w8a8"]
     assert {"top1_agreement", "mean_kl", "mean_common_prefix", "categories"} <= set(fid)
@@ -184,3 +196,37 @@ def test_questions_mini_is_the_shipped_set():
 
     assert [q.text for q in prompts.load_questions(["mini"], 1)] == \
         [q.text for q in prompts.load_questions([PROMPTS], 1)]
+
+
+def test_step_cost_counts_the_weights_each_draft_reads(hf_tiny):
+    """r per mode: n-gram drafts read no weights, QSpec reads the int8 model K times, S4C one head
+    block and the LM head (or its draft-vocabulary slice) per tree depth; the verify reads every
+    weight but the (untied) embedding table. Counted by hand from the config."""
+    path = hf_tiny(False, 2)[0]
+    engine = Engine(load_model(path, dtype=jnp.float32))
+    c = engine.model.config
+    d, e, f, v = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
+    layer = d * e * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * d * f + 2 * d + 2 * e
+    weights = 4 * (c.num_hidden_layers * layer + d + v * d)  # float32; the final norm and LM head
+
+    ngram = step_cost(engine, NGramDrafter(num_draft=4), QuantMode.FLOAT, 2, 64, calls=1)
+    assert ngram["verify_bytes"] == weights and ngram["draft_bytes"] == 0 and ngram["r_bytes"] == 0
+    assert ngram["verified_tokens"] == 5 and set(ngram["verify_ms"]) == {"1", "5"}
+    assert ngram["draft_ms"] > 0 and ngram["r"] == ngram["draft_ms"] / ngram["verify_ms"]["1"]
+
+    heads = random_heads(engine.model, num_heads=3)
+    block = sum(x.size * 4 for x in jax.tree.leaves(heads.params)) // 3
+    ids = list(range(0, v, 4))
+    s4c = make_drafter("s4c", heads=with_vocab(heads, ids), num_draft=3)
+    cost = step_cost(engine, s4c, QuantMode.FLOAT, 2, 64, calls=1)
+    depth = s4c.tree.max_depth
+    assert cost["verified_tokens"] == s4c.num_nodes + 1
+    assert cost["draft_bytes"] == depth * (block + 4 * len(ids) * d)
+    full = make_drafter("s4c", heads=heads, num_draft=3)
+    extra = features.split_params(features.program_params(engine.params, full), full)[1]
+    assert draft_bytes(full, engine.params, extra) == depth * (block + 4 * v * d)
+
+    q = Engine(load_model(path, int8=True))
+    qspec = step_cost(q, QSpecDrafter(num_draft=3), QuantMode.W8A16, 1, 64, calls=1)
+    assert qspec["draft_bytes"] == 3 * qspec["verify_bytes"] and qspec["r_bytes"] == 3
+    assert qspec["verify_bytes"] < weights  # int8 layers

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-bucket", type=positive_int, default=None,
                    help="pad prompts to a multiple of N tokens (default: the engine's 32); a "
                         "coarser bucket compiles fewer programs")
+    p.add_argument("--no-step-cost", action="store_true",
+                   help="skip timing each drafting mode's draft against its verify (r per mode)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the float-vs-int8 fidelity pass")
     add_kv_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

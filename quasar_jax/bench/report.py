@@ -122,6 +122,20 @@ def results_markdown(results: dict) -> str:
         for name, res in modes.items():
             vals = [_fmt(res["categories"][k][key], digits) for k in cats]
             lines.append(f"| {name} | " + " | ".join(vals) + f" | {_fmt(res['overall'][key], digits)} |")
+    costs = results.get("step_cost") or {}
+    if costs:
+        lines += ["", "## Draft cost per step (r = draft / verify)", "",
+                  "Each mode's draft and verify forward compiled alone, batch and cache of the run, "
+                  "median; r = draft / verify(1 token) (speed-up = tau / (1 + r) where a verify is flat "
+                  "in its tokens), r_step = draft / verify(T tokens), r_bytes = weights read.", "",
+                  "| mode | T | draft ms | verify(1) ms | verify(T) ms | r | r_step | r_bytes | draft MB | verify MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, sc in costs.items():
+            t = sc["verified_tokens"]
+            lines.append(f"| {name} | {t} | {_fmt(sc['draft_ms'], 3)} | {_fmt(sc['verify_ms']['1'], 3)} "
+                         f"| {_fmt(sc['verify_ms'][str(t)], 3)} | {_fmt(sc['r'], 3)} | {_fmt(sc['r_step'], 3)} "
+                         f"| {_fmt(sc['r_bytes'], 3)} | {_fmt(sc['draft_bytes'] / 1e6, 2)} "
+                         f"| {_fmt(sc['verify_bytes'] / 1e6, 2)} |")
     if fid:
         lines += ["", "## Float vs int8 fidelity (teacher-forced along ar-fp outputs)", "",
                   "| activation mode | top-1 agreement | mean KL(p_fp \\|\\| p_q) nats | mean common "

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from quasar_jax.bench.metrics import ModeRun, make_batches, summarize, truncate_output
 from quasar_jax.bench.modes import AR_OF_QUANT_MODE, BASELINE, SPECS, resolve_modes
 from quasar_jax.bench.report import loadavg, machine_info
+from quasar_jax.bench.step_cost import step_cost
 from quasar_jax.bench.runners import (HFRunner, JaxRunner, hf_generation_config, jax_generation_config,
                                       load_hf_model, shape_key)
 from quasar_jax.cli.prompts import encode, load_questions, stop_ids_of
@@ -144,6 +145,10 @@ def run_benchmark(args, progress: bool = True) -> dict:
                        reference=SPECS[m].reference, auto_added=m in added,
                        deterministic=deterministic[m]) for m in modes}
     summary = summarize(runs, categories)
+    costs = {} if getattr(args, "no_step_cost", False) or mesh is not None else {
+        m: step_cost(runners[m].engine, runners[m].config.make_drafter(), SPECS[m].verifier,
+                     args.batch_size, max_len)
+        for m in modes if SPECS[m].kind == "jax" and SPECS[m].drafter != "none"}
     fid = ({} if model_q is None or args.no_fidelity else
            _fidelity_pass(model_fp, model_q, runs, prompt_ids, categories, bucket))
 
@@ -157,6 +162,6 @@ def run_benchmark(args, progress: bool = True) -> dict:
                   model_config=dataclasses.asdict(model_fp.config),
                   date=datetime.datetime.now().isoformat(timespec="seconds"), prompt_bucket_used=bucket)
     machine = {**machine_info(), "loadavg_1m_before": load_before, "loadavg_1m_after": loadavg()}
-    results = {"machine": machine, "config": config, "modes": summary, "fidelity": fid}
+    results = {"machine": machine, "config": config, "modes": summary, "fidelity": fid, "step_cost": costs}
     return {"results": results, "questions": questions, "prompt_ids": prompt_ids,
             "outputs": outputs, "tokenizer": tokenizer}
