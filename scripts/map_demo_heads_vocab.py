@@ -6,10 +6,13 @@ regenerated for its first ``--count`` prompts; the ``--size`` most frequent gene
 the draft vocabulary (``training.trainer.draft_vocab_meta``). Acceptance is measured again on the
 last ``--val`` sequences (the held-out split), per rank, among the full and among the draft
 vocabulary; the draft one becomes ``acceptance.top_rank`` (what decoding with the draft vocabulary
-sees), the full one is kept as ``acceptance.top_rank_full_vocab``. The heads' weights and tree are
-unchanged; ``heads.json`` is rewritten with the current fingerprint.
+sees), the full one is kept as ``acceptance.top_rank_full_vocab``. The tree is chosen again from the
+draft-vocabulary acceptance (``training.trainer.tree_meta``, as ``train_heads`` does), so its
+estimated tau is what decoding with the draft vocabulary should see. The heads' weights are
+unchanged; ``heads.json`` is rewritten with the current fingerprint. ``--tree-only`` skips the
+regeneration and only chooses the tree again from the recorded acceptance.
 
-    python scripts/map_demo_heads_vocab.py [--count 384 --val 128 --size 2048]
+    python scripts/map_demo_heads_vocab.py [--count 384 --val 128 --size 2048] [--tree-only]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from quasar_jax.cli.outputs import write_text_atomic
 from quasar_jax.speculative.engine import Engine
 from quasar_jax.speculative.heads import DEMO_HEADS_DIR, META, fingerprint, load_heads
 from quasar_jax.train_heads import prompts_of
-from quasar_jax.training.trainer import HeadsTrainer, acceptance, draft_vocab_meta, generate_data
+from quasar_jax.training.trainer import HeadsTrainer, acceptance, draft_vocab_meta, generate_data, tree_meta
 from quasar_jax.cli.prompts import stop_ids_of
 from quasar_jax.weights.loading import DEMO_MODEL_DIR, load_model, load_tokenizer
 
@@ -36,8 +39,13 @@ def main() -> None:
     p.add_argument("--count", type=int, default=384, help="corpus sequences counted (from the first)")
     p.add_argument("--val", type=int, default=128, help="held-out sequences (from the last) for acceptance")
     p.add_argument("--size", type=int, default=2048, help="draft vocabulary size (default: V/4)")
+    p.add_argument("--tree-only", action="store_true",
+                   help="only choose the tree again from the recorded draft-vocabulary acceptance")
     args = p.parse_args()
     meta = json.loads((DEMO_HEADS_DIR / META).read_text())
+    if args.tree_only:
+        write_tree(meta, np.asarray(meta["acceptance"]["top_rank"]))
+        return
     tr = meta["training"]
     tokenizer = load_tokenizer(DEMO_MODEL_DIR)
     stop = stop_ids_of(tokenizer, DEMO_MODEL_DIR)
@@ -62,6 +70,17 @@ def main() -> None:
                           "top_rank_full_vocab": full.round(4).tolist(),
                           "measured_on": f"the last {args.val} held-out sequences (regenerated)"}
     meta["draft_vocab"] = draft
+    write_tree(meta, restricted)
+
+
+def write_tree(meta: dict, acc: np.ndarray) -> None:
+    """``meta`` with the tree chosen from ``acc`` (same default size), written to heads.json."""
+    old = meta["tree"]
+    meta["tree"] = tree_meta(acc, old["default_nodes"])
+    n = meta["tree"]["default_nodes"]
+    same = sorted(map(tuple, old["paths"][:n])) == sorted(map(tuple, meta["tree"]["paths"][:n]))
+    print(f"tree of {n} nodes: {'the same nodes' if same else 'other nodes'}; estimated tau "
+          f"{old['estimated_tau']} -> {meta['tree']['estimated_tau']}")
     write_text_atomic(DEMO_HEADS_DIR / META, json.dumps(meta, indent=1) + "\n")
     print(f"wrote {DEMO_HEADS_DIR / META}")
 
