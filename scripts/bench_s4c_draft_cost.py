@@ -4,10 +4,13 @@ For the demo model (its weights) and random-weight Qwen3-0.6B and Qwen3-8B shape
 at batch 1 and 16, in one process: the compiled draft program (the heads growing the default
 16-node tree over K = 5 depths, ``s4c.grow_tree``) with the full vocabulary and with a draft
 vocabulary of V/4 ids, each with float and int8 reads of the LM head slice; and a verify forward
-of 1 and K+1 = 6 tokens over a cache of 128 committed positions. The big shapes are built with 1
-and 2 decoder layers and the verify time is extrapolated per layer (``t(1) + (L-1)(t(2)-t(1))``);
-drafting does not depend on the layer count. The 8B shape (``--models qwen3-8b``, not a default)
-runs in bfloat16 and skips the full-vocabulary int8 slice, but still needs about 6 GiB.
+of 1 and K+1 = 6 tokens over a cache of 128 committed positions. The random shapes are built with
+1 and 6 decoder layers and the verify time is extrapolated per layer (a line through both); a shape
+of at most 4 GB of weights (the 0.6B one) is also built whole and timed, which checks the
+extrapolation; the 8B one is only extrapolated. Drafting does not depend on the layer count. Every shape runs in float32: XLA:CPU's bfloat16 dots
+run far below the memory bound (one bfloat16 decoder layer of the 8B shape takes about 1 s for a
+1-token verify, under 0.5 GB/s), so CPU times would not track bytes. The 8B shape (``--models
+qwen3-8b``, not a default) skips the full-vocabulary int8 slice and needs about 12 GiB.
 
 Bytes model (weights read per step; KV cache and activations left out): a verify reads every
 decoder layer and the LM head once, whatever its token count on an accelerator; drafting reads,
@@ -41,6 +44,8 @@ from quasar_jax.weights.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 K, NODES, CTX = 5, 16, 128
+FEW = (1, 6)  # decoder layers of the builds a verify per layer is extrapolated from
+WHOLE_BYTES = 4e9  # shapes with at most these weight bytes are also built whole (and timed so)
 
 
 def median_ms(fn, *args, calls: int) -> float:
@@ -94,31 +99,46 @@ def shape_model(cfg: Qwen3Config, layers: int, dtype) -> Qwen3:
     return Qwen3(dataclasses.replace(cfg, num_hidden_layers=layers), dtype=dtype, rngs=nnx.Rngs(0))
 
 
+def weight_bytes(cfg: Qwen3Config, width: int) -> float:
+    d, e, q, g = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    layer = d * e * (2 * q + 2 * g) + 3 * d * cfg.intermediate_size
+    return width * (cfg.num_hidden_layers * layer + cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2))
+
+
+def extrapolate(per: dict, layers: int) -> dict:
+    """Verify times of ``layers`` layers from those of the FEW-layer builds (a line through both)."""
+    (l1, a), (l2, b) = sorted(per.items())
+    return {t: a[t] + (layers - l1) * (b[t] - a[t]) / (l2 - l1) for t in a}
+
+
 def run(name: str, cfg: Qwen3Config, dtype, tree: TreeShape, calls: int, batches) -> dict:
     width = jnp.dtype(dtype).itemsize
     n = cfg.vocab_size // 4
     ids = np.arange(n, dtype=np.int32)  # which ids does not change the cost
+    whole = name == "demo" or weight_bytes(cfg, width) <= WHOLE_BYTES
     out = {"model": name, "dtype": jnp.dtype(dtype).name, "vocab_size": cfg.vocab_size, "draft_vocab": n,
-           "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-           "bytes_model_bf16": bytes_model(cfg, 2, n), "batches": {}}
-    full = name == "demo"
-    models = {cfg.num_hidden_layers: load_model("demo", dtype=dtype)} if full else None
+           "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers, "built_whole": whole,
+           "bytes_model_bf16": bytes_model(cfg, 2, n), "bytes_model_run_dtype": bytes_model(cfg, width, n),
+           "batches": {}}
     heads = DraftHeads(K, cfg.hidden_size, rngs=nnx.Rngs(1))
     for b in batches:
-        row = {}
-        if full:
-            m = models[cfg.num_hidden_layers]
-            row["verify_ms"] = {t: verify_ms(m, b, t, calls) for t in (1, K + 1)}
-        else:
+        row, m = {}, None
+        if name != "demo":  # a verify per layer from FEW-layer builds (for the whole ones: a check)
             per = {}
-            for layers in (1, 2):
+            for layers in sorted(FEW, reverse=True):  # the smallest build last: it may draft
                 m = shape_model(cfg, layers, dtype)
                 per[layers] = {t: verify_ms(m, b, t, calls) for t in (1, K + 1)}
-                if layers == 1:
+                if layers != min(FEW) or whole:
                     del m
+                    m = None
                     gc.collect()
-            row["verify_ms_1_2_layers"] = per
-            row["verify_ms"] = {t: per[1][t] + (cfg.num_hidden_layers - 1) * (per[2][t] - per[1][t]) for t in (1, K + 1)}
+            row["verify_ms_few_layers"] = per
+            row["verify_ms_extrapolated"] = extrapolate(per, cfg.num_hidden_layers)
+        if whole:
+            m = load_model("demo", dtype=dtype) if name == "demo" else shape_model(cfg, cfg.num_hidden_layers, dtype)
+            row["verify_ms"] = {t: verify_ms(m, b, t, calls) for t in (1, K + 1)}
+        else:  # drafting reads the embedding and LM head only: the 1-layer build drafts
+            row["verify_ms"] = row["verify_ms_extrapolated"]
         params = nnx.split(m)[1]
         variants = {"full-float": None, "vocab-float": draft_slice(params, ids, int8=False),
                     "vocab-int8": draft_slice(params, ids, int8=True)}
@@ -130,7 +150,7 @@ def run(name: str, cfg: Qwen3Config, dtype, tree: TreeShape, calls: int, batches
                                   for k in row["draft_ms"]})
         out["batches"][b] = row
         print(name, b, json.dumps(row), flush=True)
-        del variants
+        del variants, m, params
         gc.collect()
     return out
 
@@ -138,9 +158,11 @@ def run(name: str, cfg: Qwen3Config, dtype, tree: TreeShape, calls: int, batches
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["demo", "qwen3-0.6b"],
-                    help="demo, qwen3-0.6b, qwen3-8b (the 8B shape needs ~6 GiB with 2 layers: not a default)")
+                    help="demo, qwen3-0.6b, qwen3-8b (the 8B shape needs ~12 GiB with 6 layers: not a default)")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 16])
-    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=7)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the random-weight shapes' dtype (the demo runs float32)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tree = TreeShape.from_ranked(load_heads(DEMO_HEADS_DIR).meta["tree"]["paths"], NODES, K)
@@ -151,7 +173,7 @@ def main() -> None:
             cfg, dtype = load_model("demo").config, jnp.float32
         else:
             cfg = Qwen3Config.from_json(ROOT / "configs" / f"{name}.json")
-            dtype = jnp.bfloat16 if name == "qwen3-8b" else jnp.float32
+            dtype = jnp.dtype(args.dtype)
         results.append(run(name, cfg, dtype, tree, args.calls, args.batches))
         gc.collect()
         info = machine_info()
