@@ -72,8 +72,8 @@ per category and overall (pooled over prompts, not averaged over per-prompt rati
   predictions, the mean KL(p_fp || p_int8) per position, and the mean common prefix (in tokens)
   of the int8 autoregressive output and the ``ar-fp`` output.
 
-* ``step_cost`` (per drafting mode, :mod:`~quasar_jax.bench.step_cost`; ``--no-step-cost`` skips
-  it): the mode's draft and its verify forward over 1 and T tokens, each compiled alone at the
+* ``step_cost`` (per drafting mode, :mod:`~quasar_jax.bench.step_cost`; ``--no-step-cost`` and
+  ``--mesh`` skip it): the mode's draft and its verify forward over 1 and T tokens, each compiled alone at the
   run's batch and cache; ``r`` = draft / verify(1 token) (speed-up = tau / (1 + r) where a verify
   is flat in its token count, as on an accelerator), ``r_step`` = draft / verify(T) (the draft's
   share of a step here) and ``r_bytes`` = weights the draft reads / weights a verify reads.
