@@ -31,7 +31,7 @@ from quasar_jax.bench.report import machine_info
 from quasar_jax.cli.prompts import encode, load_questions
 from quasar_jax.speculative.buckets import round_up
 from quasar_jax.speculative.engine import GenerationConfig
-from quasar_jax.speculative.heads import LoadedHeads, resolve_heads
+from quasar_jax.speculative.heads import resolve_heads
 from quasar_jax.speculative.s4c import grow_tree
 from quasar_jax.weights.loading import load, load_model, resolve_model_dir
 
@@ -52,7 +52,7 @@ def mode_table(args, heads) -> dict[str, tuple[str, GenerationConfig]]:
              "ar-int8": ("int8", GenerationConfig(max_new_tokens=n, drafter="none", verifier="w8a16")),
              "s4c-w8a16": ("int8", GenerationConfig(max_new_tokens=n, num_candidates=1, verifier="w8a16", **s4c))}
     if heads.draft_ids is not None:  # the same heads scoring the full vocabulary, beside the draft one
-        full = dict(s4c, heads=full_vocab(heads))
+        full = dict(s4c, heads=heads.full_vocab())
         modes["s4c-full-vocab"] = ("float", GenerationConfig(max_new_tokens=n, num_candidates=1, **full))
         modes["s4c-heads-only-full-vocab"] = ("float", GenerationConfig(max_new_tokens=n, num_candidates=0, **full))
         modes["s4c-w8a16-full-vocab"] = ("int8", GenerationConfig(max_new_tokens=n, num_candidates=1,
@@ -64,11 +64,6 @@ def mode_table(args, heads) -> dict[str, tuple[str, GenerationConfig]]:
     chosen = {m: v for m, v in modes.items() if args.modes is None or m in args.modes or m.startswith("s4c-n")}
     refs = {REFERENCE[which] for which, _ in chosen.values()}  # each model's AR reference, first
     return {m: v for m, v in modes.items() if m in refs} | chosen
-
-
-def full_vocab(heads: LoadedHeads) -> LoadedHeads:
-    """``heads`` without their draft vocabulary (they score every token)."""
-    return LoadedHeads(heads.module(), {k: v for k, v in heads.meta.items() if k != "draft_vocab"}, heads.path)
 
 
 def summary(runs) -> dict:

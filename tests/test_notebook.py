@@ -118,6 +118,11 @@ def test_notebook_runs_on_cpu_with_the_demo_model(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in cells["plot"].outputs)
     stream = _text(cells["stream"])
     assert "\u2502" in stream and "streamed == returned: True" in stream, stream
+    s4c = _text(cells["s4c-run"])  # the demo's S4C heads, with and without their draft vocabulary
+    for mode, ref in (("s4c", "ar"), ("s4c-full-vocab", "ar"), ("s4c-w8a16", "ar-w8a16")):
+        assert re.search(rf"^ *{mode}: tau [\d.]+, +[\d.]+ tokens/s, same tokens as {ref}: True$", s4c, re.M), s4c
+    assert re.search(r"^ *qspec \| +[\d.]+ \| +[\d.]+ \| +[\d.]+ \| +5\.00$", s4c, re.M), s4c  # K int8 forwards
+    assert re.search(r"^ *ngram-sd \| .* \| +0\.00$", s4c, re.M), s4c  # n-gram lookup reads no weights
     moe = _text(cells["moe-run"])  # the MoE demo: speculative decoding equals its AR reference
     for mode, ref in (("ngram-sd", "ar"), ("quasar-w8a16", "ar-w8a16")):
         assert re.search(rf"^{mode} +tau [\d.]+, same tokens as {ref}: True$", moe, re.M), moe

@@ -280,6 +280,11 @@ class LoadedHeads:
         dv = self.meta.get("draft_vocab")
         return None if dv is None else np.asarray(dv["ids"], np.int32)
 
+    def full_vocab(self) -> "LoadedHeads":
+        """These heads scoring every token (their draft vocabulary dropped): the draft
+        vocabulary's cost in tau shows as the difference."""
+        return LoadedHeads(self.module(), {k: v for k, v in self.meta.items() if k != "draft_vocab"}, self.path)
+
     def usable_nodes(self, depth: int) -> int:
         """Nodes of the stored ranked tree at depth <= ``depth`` (any leading part is a tree)."""
         return sum(1 for p in self.meta["tree"]["paths"] if len(p) <= depth)
