@@ -13,7 +13,9 @@ median of ``calls`` runs after compiling. The cache is dense and half full.
   whatever the batch): n-gram lookup reads none; QSpec's K single-token W8A8 steps read the int8
   model K times; S4C reads, per tree depth, one head block and the LM head (its draft-vocabulary
   slice when the heads carry one, int8 with its scales for an int8 target). The embedding table
-  counts only as a tied LM head (a forward gathers B x T of its rows).
+  counts only as a tied LM head (a forward gathers B x T of its rows). For a mixture of experts
+  every expert counts, as a verify of many rows touches most of them; what one verify touches is
+  ``quasar_jax.bench.experts``' measurement.
 """
 
 from __future__ import annotations
