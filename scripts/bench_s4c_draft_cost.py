@@ -27,7 +27,6 @@ import dataclasses
 import gc
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -36,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from quasar_jax.bench.report import machine_info
+from quasar_jax.bench.step_cost import median_ms
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.qwen3 import Qwen3
 from quasar_jax.speculative.heads import DEMO_HEADS_DIR, DraftHeads, draft_slice, load_heads
@@ -48,16 +48,6 @@ FEW = (1, 6)  # decoder layers of the builds a verify per layer is extrapolated 
 WHOLE_BYTES = 4e9  # shapes with at most these weight bytes are also built whole (and timed so)
 
 
-def median_ms(fn, *args, calls: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
-
-
 def verify_ms(model: Qwen3, b: int, t: int, calls: int) -> float:
     graphdef, params = nnx.split(model)
 
@@ -68,7 +58,7 @@ def verify_ms(model: Qwen3, b: int, t: int, calls: int) -> float:
         return m(ids, pos, cache)[0]
 
     cache = model.init_cache(b, CTX + 16).replace(lengths=jnp.full((b,), CTX, jnp.int32))
-    return median_ms(fwd, params, jnp.ones((b, t), jnp.int32), cache, calls=calls)
+    return median_ms(fwd, (params, jnp.ones((b, t), jnp.int32), cache), calls)
 
 
 def draft_ms(model: Qwen3, heads: DraftHeads, tree: TreeShape, vocab, b: int, calls: int) -> float:
@@ -76,7 +66,7 @@ def draft_ms(model: Qwen3, heads: DraftHeads, tree: TreeShape, vocab, b: int, ca
     mdef, mp = nnx.split(model)  # the model's weights are an input, not constants of the program
     fn = jax.jit(lambda mp, hp, v, h, t: grow_tree(nnx.merge(graphdef, hp), nnx.merge(mdef, mp), tree, h, t, v))
     h = jax.random.normal(jax.random.key(0), (b, model.config.hidden_size))
-    return median_ms(fn, mp, hp, vocab, h, jnp.ones((b,), jnp.int32), calls=calls)
+    return median_ms(fn, (mp, hp, vocab, h, jnp.ones((b,), jnp.int32)), calls)
 
 
 def bytes_model(cfg: Qwen3Config, width: int, n: int) -> dict:

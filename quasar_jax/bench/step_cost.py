@@ -60,12 +60,13 @@ def draft_bytes(drafter, params, extra) -> int:
     return 0  # n-gram lookup: the row's own history, no weights
 
 
-def _median_ms(compiled, args, calls: int) -> float:
-    jax.block_until_ready(compiled(*args))
+def median_ms(fn, args, calls: int) -> float:
+    """Median wall milliseconds of ``fn(*args)`` over ``calls`` runs, after one untimed run."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
@@ -106,10 +107,10 @@ def step_cost(engine: Engine, drafter, verifier: QuantMode, batch: int, cache_le
     draft_args = (params, history, lengths, cache, hidden)
     draft = jax.jit(_draft_program(engine.graphdef, drafter)).lower(*draft_args).compile()
     verify = jax.jit(_verify_program(engine.graphdef, verifier))
-    out = {"verified_tokens": t, "draft_ms": _median_ms(draft, draft_args, calls), "verify_ms": {}}
+    out = {"verified_tokens": t, "draft_ms": median_ms(draft, draft_args, calls), "verify_ms": {}}
     for n in sorted({1, t}):
         args = (model_params, history[:, fill - n:fill], cache)
-        out["verify_ms"][str(n)] = _median_ms(verify.lower(*args).compile(), args, calls)
+        out["verify_ms"][str(n)] = median_ms(verify.lower(*args).compile(), args, calls)
     out["draft_bytes"] = draft_bytes(drafter, model_params, extra)
     out["verify_bytes"] = verify_bytes(model_params)
     out["r"] = out["draft_ms"] / out["verify_ms"]["1"]
