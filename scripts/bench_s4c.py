@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -28,6 +27,7 @@ from flax import nnx
 
 from bench_tree import run_mode
 from quasar_jax.bench.report import machine_info
+from quasar_jax.bench.step_cost import median_ms, verify_program
 from quasar_jax.cli.prompts import encode, load_questions
 from quasar_jax.speculative.buckets import round_up
 from quasar_jax.speculative.engine import GenerationConfig
@@ -78,25 +78,9 @@ def summary(runs) -> dict:
 def verify_cost(model, s: int, lengths: int, tokens=(1, 2, 4, 6, 8, 12, 17, 22, 33, 49), calls: int = 20) -> dict:
     """Median ms of one verify forward of T tokens over a cache of ``lengths`` committed slots."""
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def fwd(params, ids, cache):
-        m = nnx.merge(graphdef, params)
-        pos = cache.lengths[:, None] + jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        return m(ids, pos, cache)[0]
-
+    fwd = jax.jit(verify_program(graphdef))
     cache = model.init_cache(1, s).replace(lengths=jnp.full((1,), lengths, jnp.int32))
-    out = {}
-    for t in tokens:
-        ids = jnp.ones((1, t), jnp.int32)
-        jax.block_until_ready(fwd(params, ids, cache))
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fwd(params, ids, cache))
-            times.append(time.perf_counter() - t0)
-        out[t] = 1e3 * float(np.median(times))
-    return out
+    return {t: median_ms(fwd, (params, jnp.ones((1, t), jnp.int32), cache), calls) for t in tokens}
 
 
 def draft_cost(model, heads, drafter, calls: int = 20) -> float:
@@ -105,13 +89,7 @@ def draft_cost(model, heads, drafter, calls: int = 20) -> float:
     fn = jax.jit(lambda p, h, t: grow_tree(heads.module(p[0]), model, drafter.tree, h, t, p[1]))
     h, t = jnp.zeros((1, model.config.hidden_size)), jnp.ones((1,), jnp.int32)
     params = drafter.program_params(nnx.split(model)[1])
-    jax.block_until_ready(fn(params, h, t))
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(params, h, t))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return median_ms(fn, (params, h, t), calls)
 
 
 def main(argv=None) -> None:

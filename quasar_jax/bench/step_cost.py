@@ -77,15 +77,18 @@ def _draft_program(graphdef, drafter):
         model = nnx.merge(graphdef, model_params)
         bound = features.bind(drafter, hidden, extra)
         if is_tree_drafter(bound):
-            return bound.draft_tree(model, history, lengths, cache)
-        return bound.draft(model, history, lengths, cache)
+            return bound.draft_tree(model, history, lengths, cache)[0]
+        return bound.draft(model, history, lengths, cache)[:2]  # the cache dropped, as in verify_program
     return run
 
 
-def _verify_program(graphdef, mode: QuantMode):
+def verify_program(graphdef, mode: QuantMode = QuantMode.FLOAT):
+    """``run(params, tokens [B, T], cache) -> logits``: one verify forward of T tokens after the
+    cache's committed slots (causal), to be jitted. The updated cache is dropped: returning it
+    would time a copy of the whole cache, which the decode loop updates in place."""
     def run(params, tokens, cache):
         pos = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        return nnx.merge(graphdef, params)(tokens, pos, cache, mode=mode)
+        return nnx.merge(graphdef, params)(tokens, pos, cache, mode=mode)[0]
     return run
 
 
@@ -106,7 +109,7 @@ def step_cost(engine: Engine, drafter, verifier: QuantMode, batch: int, cache_le
     t = (drafter.num_nodes if tree else drafter.num_draft) + 1
     draft_args = (params, history, lengths, cache, hidden)
     draft = jax.jit(_draft_program(engine.graphdef, drafter)).lower(*draft_args).compile()
-    verify = jax.jit(_verify_program(engine.graphdef, verifier))
+    verify = jax.jit(verify_program(engine.graphdef, verifier))
     out = {"verified_tokens": t, "draft_ms": median_ms(draft, draft_args, calls), "verify_ms": {}}
     for n in sorted({1, t}):
         args = (model_params, history[:, fill - n:fill], cache)
