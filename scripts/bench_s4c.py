@@ -27,7 +27,7 @@ from flax import nnx
 
 from bench_tree import run_mode
 from quasar_jax.bench.report import machine_info
-from quasar_jax.bench.step_cost import median_ms, verify_program
+from quasar_jax.bench.step_cost import carried_ms, median_ms, verify_program
 from quasar_jax.cli.prompts import encode, load_questions
 from quasar_jax.speculative.buckets import round_up
 from quasar_jax.speculative.engine import GenerationConfig
@@ -78,9 +78,9 @@ def summary(runs) -> dict:
 def verify_cost(model, s: int, lengths: int, tokens=(1, 2, 4, 6, 8, 12, 17, 22, 33, 49), calls: int = 20) -> dict:
     """Median ms of one verify forward of T tokens over a cache of ``lengths`` committed slots."""
     graphdef, params = nnx.split(model)
-    fwd = jax.jit(verify_program(graphdef))
-    cache = model.init_cache(1, s).replace(lengths=jnp.full((1,), lengths, jnp.int32))
-    return {t: median_ms(fwd, (params, jnp.ones((1, t), jnp.int32), cache), calls) for t in tokens}
+    fwd = verify_program(graphdef)
+    cache = lambda: model.init_cache(1, s).replace(lengths=jnp.full((1,), lengths, jnp.int32))  # donated: one per T
+    return {t: carried_ms(fwd, (params, jnp.ones((1, t), jnp.int32)), cache(), calls) for t in tokens}
 
 
 def draft_cost(model, heads, drafter, calls: int = 20) -> float:

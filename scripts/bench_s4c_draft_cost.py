@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from quasar_jax.bench.report import machine_info
-from quasar_jax.bench.step_cost import median_ms, verify_program
+from quasar_jax.bench.step_cost import carried_ms, median_ms, verify_program
 from quasar_jax.model.config import Qwen3Config
 from quasar_jax.model.qwen3 import Qwen3
 from quasar_jax.speculative.heads import DEMO_HEADS_DIR, DraftHeads, draft_slice, load_heads
@@ -51,7 +51,7 @@ WHOLE_BYTES = 4e9  # shapes with at most these weight bytes are also built whole
 def verify_ms(model: Qwen3, b: int, t: int, calls: int) -> float:
     graphdef, params = nnx.split(model)
     cache = model.init_cache(b, CTX + 16).replace(lengths=jnp.full((b,), CTX, jnp.int32))
-    return median_ms(jax.jit(verify_program(graphdef)), (params, jnp.ones((b, t), jnp.int32), cache), calls)
+    return carried_ms(verify_program(graphdef), (params, jnp.ones((b, t), jnp.int32)), cache, calls)
 
 
 def draft_ms(model: Qwen3, heads: DraftHeads, tree: TreeShape, vocab, b: int, calls: int) -> float:

@@ -4,7 +4,10 @@ For every JAX mode that drafts, at the benchmark's batch size and cache length a
 mode's own drafter, verifier and model: the draft alone (the drafter's ``draft`` / ``draft_tree``,
 one compiled program) and the verify forward over 1 token and over the T tokens one step verifies
 (K + 1 for a chain, N + 1 for a tree; causal, which costs what a tree's mask costs), each the
-median of ``calls`` runs after compiling. The cache is dense and half full.
+median of ``calls`` runs after compiling, its KV cache donated and carried from call to call
+(updated in place, as in the decode loop). The history is the run's cache length, half of it
+committed; the cache is dense with just the committed slots and T more (what a paged cache's
+attention reads).
 
 * ``r = draft / verify(1)``: the accelerator figure. Where a verify step is flat in its token
   count (memory bound), speed-up over autoregressive decoding = tau / (1 + r).
@@ -29,6 +32,7 @@ from flax import nnx
 
 from quasar_jax.model.modes import QuantMode
 from quasar_jax.speculative import features
+from quasar_jax.speculative.buckets import round_up
 from quasar_jax.speculative.drafters import QSpecDrafter, is_tree_drafter
 from quasar_jax.speculative.engine import Engine
 from quasar_jax.speculative.s4c import S4CDrafter
@@ -71,25 +75,40 @@ def median_ms(fn, args, calls: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def _draft_program(graphdef, drafter):
-    def run(params, history, lengths, cache, hidden):
+def carried_ms(fn, args, cache, calls: int) -> float:
+    """``median_ms`` of ``fn(*args, cache) -> (out, cache)`` whose cache is donated and carried from
+    call to call: updated in place, as the decode loop does (a program that took the cache without
+    donating it would time a copy of the whole cache as well)."""
+    out, cache = jax.block_until_ready(fn(*args, cache))
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        out, cache = jax.block_until_ready(fn(*args, cache))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def draft_program(graphdef, drafter):
+    """``run(params, history, lengths, hidden, cache) -> (draft, cache)``: the drafter's own draft
+    (``draft`` or ``draft_tree``) as the decode loop calls it, jitted with the cache donated."""
+    def run(params, history, lengths, hidden, cache):
         model_params, extra = features.split_params(params, drafter)
         model = nnx.merge(graphdef, model_params)
         bound = features.bind(drafter, hidden, extra)
         if is_tree_drafter(bound):
-            return bound.draft_tree(model, history, lengths, cache)[0]
-        return bound.draft(model, history, lengths, cache)[:2]  # the cache dropped, as in verify_program
-    return run
+            return bound.draft_tree(model, history, lengths, cache)
+        draft, n_draft, cache = bound.draft(model, history, lengths, cache)
+        return (draft, n_draft), cache
+    return jax.jit(run, donate_argnums=4)
 
 
 def verify_program(graphdef, mode: QuantMode = QuantMode.FLOAT):
-    """``run(params, tokens [B, T], cache) -> logits``: one verify forward of T tokens after the
-    cache's committed slots (causal), to be jitted. The updated cache is dropped: returning it
-    would time a copy of the whole cache, which the decode loop updates in place."""
+    """``run(params, tokens [B, T], cache) -> (logits, cache)``: one verify forward of T tokens
+    after the cache's committed slots (causal), jitted with the cache donated (``carried_ms``)."""
     def run(params, tokens, cache):
         pos = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        return nnx.merge(graphdef, params)(tokens, pos, cache, mode=mode)[0]
-    return run
+        return nnx.merge(graphdef, params)(tokens, pos, cache, mode=mode)
+    return jax.jit(run, donate_argnums=2)
 
 
 def step_cost(engine: Engine, drafter, verifier: QuantMode, batch: int, cache_len: int, *,
@@ -103,17 +122,21 @@ def step_cost(engine: Engine, drafter, verifier: QuantMode, batch: int, cache_le
     period = rng.integers(0, model.config.vocab_size, 7)  # a repeating history: n-gram lookups hit
     history = jnp.asarray(np.resize(period, (batch, cache_len)), jnp.int32)
     lengths = jnp.full((batch,), fill, jnp.int32)
-    cache = model.init_cache(batch, cache_len).replace(lengths=lengths - 1)
     hidden = jax.random.normal(jax.random.key(0), (batch, model.config.hidden_size), model.dtype)
+
     tree = is_tree_drafter(drafter)
     t = (drafter.num_nodes if tree else drafter.num_draft) + 1
-    draft_args = (params, history, lengths, cache, hidden)
-    draft = jax.jit(_draft_program(engine.graphdef, drafter)).lower(*draft_args).compile()
-    verify = jax.jit(verify_program(engine.graphdef, verifier))
-    out = {"verified_tokens": t, "draft_ms": median_ms(draft, draft_args, calls), "verify_ms": {}}
+    slots = round_up(fill + t, 16)  # attention over the committed slots, as a paged cache reads them
+
+    def cache():  # a fresh one per program: a donated cache is gone
+        return model.init_cache(batch, slots).replace(lengths=lengths - 1)
+
+    draft = draft_program(engine.graphdef, drafter)
+    out = {"verified_tokens": t, "verify_ms": {},
+           "draft_ms": carried_ms(draft, (params, history, lengths, hidden), cache(), calls)}
+    verify = verify_program(engine.graphdef, verifier)
     for n in sorted({1, t}):
-        args = (model_params, history[:, fill - n:fill], cache)
-        out["verify_ms"][str(n)] = median_ms(verify.lower(*args).compile(), args, calls)
+        out["verify_ms"][str(n)] = carried_ms(verify, (model_params, history[:, fill - n:fill]), cache(), calls)
     out["draft_bytes"] = draft_bytes(drafter, model_params, extra)
     out["verify_bytes"] = verify_bytes(model_params)
     out["r"] = out["draft_ms"] / out["verify_ms"]["1"]
