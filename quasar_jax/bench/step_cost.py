@@ -112,7 +112,7 @@ def verify_program(graphdef, mode: QuantMode = QuantMode.FLOAT):
 
 
 def step_cost(engine: Engine, drafter, verifier: QuantMode, batch: int, cache_len: int, *,
-              calls: int = 5) -> dict:
+              calls: int = 11) -> dict:
     """Draft and verify times and bytes of one mode (module docstring) -> a JSON-able dict."""
     model = engine.model
     params = features.program_params(engine.params, drafter)
