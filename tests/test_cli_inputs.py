@@ -132,20 +132,27 @@ def _cases(model: str):
 CASE_IDS = [f"{c[0]}-{i}" for i, c in enumerate(_cases("m"))]
 
 
+def one_line_exit_2(main, command: str, argv, capsys) -> str:
+    """Run ``main(argv)`` of ``python -m quasar_jax.<command>``; assert exit 2 with one error line
+    (no traceback) and return that line."""
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse refuses a flag value before main's body runs
+        rc = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"python -m quasar_jax.{command}: error: "), err
+    return err
+
+
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(index, workdir, tiny_model_dir, capsys, monkeypatch):
     command, argv, message = _cases(str(tiny_model_dir))[index]
     monkeypatch.chdir(workdir)
     before = _snapshot(workdir)
     model_before = _snapshot(tiny_model_dir)
-    try:
-        rc = MAINS[command](argv)
-    except SystemExit as exit_:  # argparse refuses a flag value before main's body runs
-        rc = exit_.code
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith(f"python -m quasar_jax.{command}: error: ") and message in err, err
+    assert message in one_line_exit_2(MAINS[command], command, argv, capsys)
     assert _snapshot(workdir) == before
     assert _snapshot(tiny_model_dir) == model_before
 

@@ -13,20 +13,13 @@ from flax import nnx
 
 from quasar_jax.decode import main as decode_main
 from quasar_jax.serve import main as serve_main
+from test_cli_inputs import one_line_exit_2
 
 MAINS = {"decode": decode_main, "serve": serve_main}
 
 
 def _one_line_exit_2(command, argv, capsys) -> str:
-    try:
-        rc = MAINS[command](argv)
-    except SystemExit as exit_:  # argparse refuses a flag value before main's body runs
-        rc = exit_.code
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith(f"python -m quasar_jax.{command}: error: "), err
-    return err
+    return one_line_exit_2(MAINS[command], command, argv, capsys)
 
 
 @pytest.mark.parametrize("command,argv,message", [

@@ -24,6 +24,7 @@ from quasar_jax.model.quant import Int8ExpertLinear, Int8Linear, quantize_model
 from quasar_jax.model.qwen3 import Linear
 from quasar_jax.speculative.engine import Engine, GenerationConfig
 from quasar_jax.weights.loading import load_model
+from test_sharding import decode_in_two_processes
 
 TINY_MOE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -310,23 +311,9 @@ def test_experts_touched_and_bytes_model(hf_moe):
 
 def test_two_processes_decode_like_one_device(hf_moe):
     """Experts split over a mesh that spans two processes (4 CPU devices each, gloo collectives)."""
-    from test_sharding import ROOT, _free_port, _python_env
-
     ckpt = hf_moe("x8k3_kv1")[0]
     config = dict(max_new_tokens=12, num_draft=3)
-    port, request = _free_port(), json.dumps({"prompts": PROMPTS, "config": config})
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(ckpt), str(port),
-                               str(pid), "data=2,model=4", request], cwd=ROOT, env=_python_env(4),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
-    outs = []
-    for proc in procs:
-        try:
-            outs.append(proc.communicate(timeout=300))
-        finally:
-            proc.kill()
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-4000:]
-    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    got = json.loads(decode_in_two_processes(ckpt, PROMPTS, config)[0].strip().splitlines()[-1])
     assert got["processes"] == 2 and got["devices"] == 8
     assert got["tokens"] == Engine(load_model(ckpt)).generate(PROMPTS, GenerationConfig(**config)).tokens
 

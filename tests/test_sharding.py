@@ -152,15 +152,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_decode_like_one_device(tmp_path):
-    """Two processes x 4 CPU devices = one data=2,model=4 mesh (jax.distributed, gloo)."""
-    ckpt = tmp_path / "ckpt"
-    make_hf_checkpoint(ckpt, **SHAPE)
-    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [40, 3, 77, 21, 9, 60, 2, 15, 88], [50]]
-    config = dict(max_new_tokens=12, num_draft=3)
+def decode_in_two_processes(ckpt, prompts, config: dict, mesh: str = "data=2,model=4") -> list[str]:
+    """``tests/multihost_worker.py`` decoding ``prompts`` in two processes x 4 CPU devices (one
+    ``mesh``); asserts both exit 0 and returns their standard outputs."""
     port, request = _free_port(), json.dumps({"prompts": prompts, "config": config})
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(ckpt),
-                               str(port), str(pid), "data=2,model=4", request], cwd=ROOT, env=_python_env(4),
+                               str(port), str(pid), mesh, request], cwd=ROOT, env=_python_env(4),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
     outs = []
     for proc in procs:
@@ -170,8 +167,18 @@ def test_two_processes_decode_like_one_device(tmp_path):
             proc.kill()
     for proc, (out, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-4000:]
-    assert outs[1][0] == ""  # only process 0 prints
-    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    return [out for out, _ in outs]
+
+
+def test_two_processes_decode_like_one_device(tmp_path):
+    """Two processes x 4 CPU devices = one data=2,model=4 mesh (jax.distributed, gloo)."""
+    ckpt = tmp_path / "ckpt"
+    make_hf_checkpoint(ckpt, **SHAPE)
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [40, 3, 77, 21, 9, 60, 2, 15, 88], [50]]
+    config = dict(max_new_tokens=12, num_draft=3)
+    outs = decode_in_two_processes(ckpt, prompts, config)
+    assert outs[1] == ""  # only process 0 prints
+    got = json.loads(outs[0].strip().splitlines()[-1])
     assert got["processes"] == 2 and got["devices"] == 8
     expected = Engine(load_model(ckpt, dtype=jnp.float32)).generate(prompts, GenerationConfig(**config))
     assert got["tokens"] == expected.tokens
